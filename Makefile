@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (set up, run the main job) and `make test` (set up, run the suite).
+# Both create .venv on first use. With no torch in it, torch $(TORCH_VERSION) is installed first (the CPU
+# build on a CPU machine); on a CUDA cluster install your CUDA torch into .venv beforehand and it is kept.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: demo test clean
+
+demo: $(VENV)/.installed
+	$(BIN)/megatron-refine demo
+
+test: $(VENV)/.installed
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: the suite is missing" >&2; fi; \
+	exit $$rc
+
+$(VENV)/.installed: pyproject.toml setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -e ".[test]"
+	@touch $@
+
+clean:
+	rm -rf $(VENV) demo_output build *.egg-info

@@ -1,0 +1,1 @@
+"""Fast-weight ops (DeltaNet delta rule, LaCT SwiGLU): math only, no Megatron."""

@@ -1,0 +1,22 @@
+"""Distributed runtime: process groups, Megatron parallel state and RNG on CUDA (NCCL) or CPU (gloo)."""
+
+from megatron_refine.runtime import cpu_compat
+from megatron_refine.runtime.distributed import (
+    ParallelLayout,
+    Runtime,
+    destroy,
+    initialize,
+    set_random_seed,
+)
+from megatron_refine.runtime.launch import RankFailed, spawn
+
+__all__ = [
+    "ParallelLayout",
+    "RankFailed",
+    "Runtime",
+    "cpu_compat",
+    "destroy",
+    "initialize",
+    "set_random_seed",
+    "spawn",
+]

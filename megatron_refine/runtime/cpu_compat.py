@@ -1,0 +1,212 @@
+"""megatron-core on hosts without CUDA: the few patches that let it run on gloo.
+
+megatron-core 0.16.1 has no CPU path. Its collectives work on gloo, but it allocates buffers on
+`torch.cuda.current_device()` or on a literal ``device="cuda"``, synchronizes CUDA streams, and keeps its
+RNG states in the CUDA generator. On a CPU build of torch each of those raises. The patches below turn
+exactly those calls into their CPU equivalents and nothing else: `apply()` is a no-op when CUDA is
+available, so on GPU the stock Megatron path runs untouched.
+
+Every patch names the Megatron code it serves and why; `PATCHES` lists them and tests cover each one
+(tests/runtime/test_cpu_compat.py). When a megatron-core upgrade makes a patch unnecessary, delete it here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+@dataclass(frozen=True)
+class Patch:
+    target: str  # "module:attr.path" that is replaced
+    reason: str
+    make: Callable[[Any], Any]  # original -> replacement
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _noop(*args, **kwargs) -> None:
+    return None
+
+
+class _CudaLiteralsOnCpu(TorchFunctionMode):
+    """Inside a few Megatron functions, map ``device="cuda"`` allocations and ``Tensor.cuda()`` to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def _with_cuda_literals_on_cpu(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _CudaLiteralsOnCpu():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _get_cpu_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _tracker_add_cpu(self, name: str, seed: int) -> None:
+    """CudaRNGStatesTracker.add with the CPU generator: same seed bookkeeping, CPU state."""
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    self.seeds_.add(seed)
+    if name in self.states_:
+        raise Exception(f"rng state {name} already exists")
+    self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+
+def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """clip_grads.clip_grad_by_total_norm_fp32 without its `grad.type() == 'torch.cuda.FloatTensor'` assert."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    if any(g.dtype not in (torch.float32, torch.bfloat16) for g in grads):
+        raise TypeError("clip_grad_by_total_norm_fp32 expects fp32 (or bf16 decoupled) gradients")
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+_RANDOM = "megatron.core.tensor_parallel.random"
+_OPTIMIZER = "megatron.core.optimizer.optimizer"
+_CLIP_GRADS = "megatron.core.optimizer.clip_grads"
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        "torch.cuda:current_device",
+        "megatron-core allocates on torch.cuda.current_device() in the sequence-parallel gathers and "
+        "reduce-scatters (tensor_parallel.mappings._gather_along_first_dim, "
+        "_reduce_scatter_along_first_dim), the global memory buffer (utils.GlobalMemoryBuffer.get_tensor, "
+        "used by LinearWithGradAccumulationAndAsyncCommunication under SP), the DDP grad buffers "
+        "(distributed.param_and_grad_buffer._ParamAndGradBuffer) and dist_checkpointing; a CPU build raises.",
+        lambda orig: _cpu_current_device,
+    ),
+    Patch(
+        "torch.cuda:synchronize",
+        "dist_checkpointing.strategies (filesystem_async, async_utils, fully_parallel) and "
+        "DistributedDataParallel.offload_grad_buffers synchronize CUDA streams; nothing to wait for on CPU.",
+        lambda orig: _noop,
+    ),
+    Patch(
+        f"{_RANDOM}:_get_cuda_rng_state",
+        "CudaRNGStatesTracker.fork and activation recompute (CheckpointFunction) read the CUDA generator; "
+        "on CPU the tracked state is the CPU generator's.",
+        lambda orig: _get_cpu_rng_state,
+    ),
+    Patch(
+        f"{_RANDOM}:_set_cuda_rng_state",
+        "Counterpart of _get_cuda_rng_state: restores the CPU generator.",
+        lambda orig: _set_cpu_rng_state,
+    ),
+    Patch(
+        f"{_RANDOM}:CudaRNGStatesTracker.add",
+        "model_parallel_cuda_manual_seed registers the data-, tensor- and expert-parallel seeds with "
+        "torch.cuda.get_rng_state(); on CPU each seed gets a CPU generator state.",
+        lambda orig: _tracker_add_cpu,
+    ),
+    Patch(
+        f"{_OPTIMIZER}:FP32Optimizer.__init__",
+        "allocates its loss scale with device='cuda' (a literal the current_device patch cannot reach).",
+        _with_cuda_literals_on_cpu,
+    ),
+    Patch(
+        f"{_OPTIMIZER}:MixedPrecisionOptimizer.__init__",
+        "allocates found_inf and the loss-scale constants with device='cuda'.",
+        _with_cuda_literals_on_cpu,
+    ),
+    # clip_grads functions are patched where they are defined and where the optimizer imported them.
+    *(
+        Patch(
+            f"{module}:{name}",
+            f"clip_grads.{name} allocates its norm and zero-count buffers with device='cuda'.",
+            _with_cuda_literals_on_cpu,
+        )
+        for name in ("get_grad_norm_fp32", "count_zeros_fp32")
+        for module in (_CLIP_GRADS, _OPTIMIZER)
+    ),
+    *(
+        Patch(
+            f"{module}:clip_grad_by_total_norm_fp32",
+            "asserts every grad is a 'torch.cuda.FloatTensor' and allocates its overflow flag on 'cuda'.",
+            lambda orig: _clip_grad_by_total_norm_fp32_cpu,
+        )
+        for module in (_CLIP_GRADS, _OPTIMIZER)
+    ),
+)
+
+_originals: dict[str, Any] = {}
+
+
+def _resolve(target: str) -> tuple[Any, str]:
+    module_name, attr_path = target.split(":")
+    owner: Any = importlib.import_module(module_name)
+    *parents, attr = attr_path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    return owner, attr
+
+
+def needed() -> bool:
+    """The patches apply only where CUDA is absent."""
+    return not torch.cuda.is_available()
+
+
+def is_applied() -> bool:
+    return bool(_originals)
+
+
+def apply() -> bool:
+    """Apply every patch (idempotent). Returns whether patches are in place; on CUDA does nothing."""
+    if not needed():
+        return False
+    if is_applied():
+        return True
+    for patch in PATCHES:
+        owner, attr = _resolve(patch.target)
+        original = getattr(owner, attr)
+        _originals[patch.target] = original
+        setattr(owner, attr, patch.make(original))
+    return True
+
+
+def revert() -> None:
+    """Restore megatron-core and torch exactly as shipped."""
+    for target, original in reversed(list(_originals.items())):
+        owner, attr = _resolve(target)
+        setattr(owner, attr, original)
+    _originals.clear()
+
+
+@contextlib.contextmanager
+def applied():
+    """Context manager form, for tests: the patches hold inside the block only."""
+    was_applied = is_applied()
+    apply()
+    try:
+        yield
+    finally:
+        if not was_applied:
+            revert()

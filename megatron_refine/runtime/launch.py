@@ -1,0 +1,124 @@
+"""Run a function on N local ranks with torchrun's environment: the tests' and the demo's launcher.
+
+`spawn(fn, nprocs)` starts N processes (from a forkserver that has torch and megatron-core imported once,
+so each rank starts in well under a second), gives each RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT on a free local port, runs `fn(*args, **kwargs)` and returns the per-rank results. A failing
+rank's traceback is re-raised in the caller; a rank that hangs past `timeout` stops all of them.
+Multi-node runs use torchrun (or the NeMo-Run recipes) directly.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+_PRELOAD = [
+    "torch",
+    "megatron_refine.runtime",
+    "megatron.core.distributed",
+    "megatron.core.optimizer",
+    "megatron.core.dist_checkpointing",
+]
+
+
+class RankFailed(RuntimeError):
+    """A rank raised, died or timed out; the message carries its traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _context() -> mp.context.BaseContext:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _run_rank(fn, rank, nprocs, port, threads, args, kwargs, results) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_WORLD_SIZE=str(nprocs),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import torch
+
+    from megatron_refine.runtime import distributed
+
+    torch.set_num_threads(threads)
+    try:
+        results.put((rank, True, fn(*args, **kwargs)))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        distributed.destroy()
+
+
+def spawn(
+    fn: Callable[..., Any],
+    nprocs: int = 2,
+    *args: Any,
+    timeout: float = 300.0,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run `fn(*args, **kwargs)` on `nprocs` local ranks and return their results, ordered by rank.
+
+    `fn` must be picklable (a module-level function). Each rank gets an equal share of the CPU threads.
+    """
+    if nprocs < 1:
+        raise ValueError(f"nprocs must be >= 1, got {nprocs}")
+    ctx = _context()
+    results = ctx.Queue()
+    port = free_port()
+    threads = max(1, (os.cpu_count() or 1) // nprocs)
+    procs = [
+        ctx.Process(
+            target=_run_rank,
+            args=(fn, rank, nprocs, port, threads, args, kwargs, results),
+            name=f"rank{rank}",
+        )
+        for rank in range(nprocs)
+    ]
+    for p in procs:
+        p.start()
+
+    outputs: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outputs) < nprocs:
+            try:
+                rank, ok, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RankFailed(
+                        f"{dead[0].name} of {fn.__name__} died with exit code {dead[0].exitcode} "
+                        "before reporting (killed, out of memory or a crash in native code)"
+                    ) from None
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(nprocs)) - set(outputs))
+                    raise RankFailed(
+                        f"{fn.__name__} timed out after {timeout:.0f}s waiting for ranks {missing} "
+                        "(a collective that not every rank entered?)"
+                    ) from None
+                continue
+            if not ok:
+                raise RankFailed(f"rank {rank} of {fn.__name__} failed:\n{value}")
+            outputs[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10.0 if len(outputs) == nprocs else 0.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outputs[r] for r in range(nprocs)]

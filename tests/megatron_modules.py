@@ -1,0 +1,31 @@
+"""Tiny megatron-core modules for the runtime tests (built on the current parallel state)."""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+
+HIDDEN, FFN = 16, 32
+
+
+def tiny_config(tp: int = 1, sequence_parallel: bool = False) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        num_attention_heads=2,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+    )
+
+
+def swiglu_mlp(config: TransformerConfig) -> MLP:
+    """Megatron's own MLP with local (non-TE) parallel linears: fc1 fuses gate and up."""
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return MLP(config, submodules, ffn_hidden_size=config.ffn_hidden_size)
