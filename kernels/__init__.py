@@ -1,1 +1,31 @@
-"""Fast-weight ops (DeltaNet delta rule, LaCT SwiGLU): math only, no Megatron."""
+"""Fast-weight ops: math only, no Megatron. Layout [B, T, H, D] (fla's).
+
+- `delta_rule`, `delta_rule_step`, `recurrent_delta_rule`: DeltaNet (fla's Triton kernel on CUDA, PyTorch elsewhere).
+- `lact_swiglu`, `lact_swiglu_step`, `LaCTState`: LaCT's large-chunk fast-weight SwiGLU.
+Both take `states_at=[B, P]` positions and return, differentiably, the states after those tokens.
+"""
+
+from megatron_refine.kernels.delta_rule import delta_rule, delta_rule_step, fla_available, recurrent_delta_rule
+from megatron_refine.kernels.lact import (
+    LACT_NS_COEFFICIENTS,
+    MUON_NS_COEFFICIENTS,
+    LaCTState,
+    lact_swiglu,
+    lact_swiglu_step,
+    low_rank_fast_weight,
+    zeropower_via_newtonschulz5,
+)
+
+__all__ = [
+    "LACT_NS_COEFFICIENTS",
+    "MUON_NS_COEFFICIENTS",
+    "LaCTState",
+    "delta_rule",
+    "delta_rule_step",
+    "fla_available",
+    "lact_swiglu",
+    "lact_swiglu_step",
+    "low_rank_fast_weight",
+    "recurrent_delta_rule",
+    "zeropower_via_newtonschulz5",
+]

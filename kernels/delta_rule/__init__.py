@@ -1,0 +1,132 @@
+"""DeltaNet's delta rule: `delta_rule` (chunked, training and prefill) and `delta_rule_step` (decoding).
+
+Layout `[B, T, H, D]` (fla's); fast-weight state `[B, H, K, V]`; q and k L2-normalised by the caller;
+scale defaults to K^-0.5. On CUDA with fla installed and a bf16/fp16 input, `delta_rule` runs fla's Triton
+`chunk_delta_rule`; everywhere else (and with `use_reference=True`, or when `states_at` is asked for) it
+runs the PyTorch chunked algorithm in `chunk.py`, accumulating in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from megatron_refine.kernels.delta_rule.chunk import chunk_delta_rule_torch
+from megatron_refine.kernels.delta_rule.recurrent import delta_rule_step_torch, recurrent_delta_rule_torch
+from megatron_refine.kernels.utils import check_finite, check_positions, check_rank, check_shape
+
+__all__ = ["delta_rule", "delta_rule_step", "recurrent_delta_rule", "fla_available"]
+
+
+@functools.cache
+def _fla_chunk_delta_rule():
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return chunk_delta_rule
+
+
+def fla_available(x: torch.Tensor) -> bool:
+    """Whether fla's Triton kernel can take this input (CUDA, half precision, fla importable)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _fla_chunk_delta_rule() is not None
+
+
+def _check(q, k, v, beta, initial_state) -> None:
+    check_rank("q", q, 4, "[B, T, H, K]")
+    check_rank("k", k, 4, "[B, T, H, K]")
+    check_rank("v", v, 4, "[B, T, H, V]")
+    check_rank("beta", beta, 3, "[B, T, H]")
+    B, T, H, K = q.shape
+    check_shape("k", k, (B, T, H, K), "[B, T, H, K]")
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(
+            f"v has shape {tuple(v.shape)}; its [B, T, H] must match q's {(B, T, H)} "
+            "(same batch, length and number of heads)"
+        )
+    check_shape("beta", beta, (B, T, H), "[B, T, H]")
+    if initial_state is not None:
+        check_shape("initial_state", initial_state, (B, H, K, v.shape[-1]), "[B, H, K, V]")
+    check_finite("beta", beta)
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    states_at: torch.Tensor | None = None,
+    use_reference: bool = False,
+):
+    """The delta rule over a whole sequence.
+
+    Args:
+        q, k: [B, T, H, K], L2-normalised over K.  v: [B, T, H, V].  beta: [B, T, H], in (0, 1) usually.
+        scale: query scale, default K^-0.5.
+        initial_state: [B, H, K, V] state before the first token.
+        output_final_state: also return the state after the last token (fp32).
+        chunk_size: chunk length of the PyTorch path (fla's kernel uses its own).
+        states_at: [B, P] positions; also return the states after those tokens, [B, P, H, K, V], computed
+            from the chunk-start states plus the writes inside one chunk and differentiable w.r.t. all inputs.
+        use_reference: force the PyTorch path even where fla's kernel could run.
+
+    Returns:
+        (o [B, T, H, V], final_state [B, H, K, V] or None), plus the position states when `states_at` is given.
+    """
+    _check(q, k, v, beta, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if states_at is not None:
+        check_positions(states_at, q.shape[0], q.shape[1])
+    elif not use_reference and fla_available(q):
+        return _fla_chunk_delta_rule()(
+            q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        )
+    o, final_state, states = chunk_delta_rule_torch(
+        q, k, v, beta, scale, initial_state, output_final_state, chunk_size, states_at
+    )
+    return (o, final_state) if states_at is None else (o, final_state, states)
+
+
+def delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step: q, k [B, H, K], v [B, H, V], beta [B, H], state [B, H, K, V] -> (o [B, H, V], state)."""
+    check_rank("q", q, 3, "[B, H, K]")
+    check_rank("state", state, 4, "[B, H, K, V]")
+    B, H, K = q.shape
+    check_shape("k", k, (B, H, K), "[B, H, K]")
+    check_shape("beta", beta, (B, H), "[B, H]")
+    check_shape("state", state, (B, H, K, v.shape[-1]), "[B, H, K, V]")
+    check_finite("beta", beta)
+    o, state = delta_rule_step_torch(q, k, v, beta, state, K**-0.5 if scale is None else scale)
+    return o.to(v.dtype), state
+
+
+def recurrent_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`delta_rule_step` looped over T (same contract as `delta_rule`): the token-by-token baseline."""
+    _check(q, k, v, beta, initial_state)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return recurrent_delta_rule_torch(q, k, v, beta, scale, initial_state, output_final_state)

@@ -1,0 +1,279 @@
+"""LaCT's large-chunk fast-weight SwiGLU in PyTorch: chunked forward, decode step, states after positions.
+
+Per head the fast weights are w0, w2 [Dh, D] and w1 [D, Dh]; f(x) = w1 (silu(w0 x) * (w2 x)).
+Block-causal, apply-then-update: the tokens of chunk n read the weights left by chunks 0..n-1, then the
+chunk's keys and values update them by one step of gradient descent on -<f(k), v>, each token's gradient
+weighted by its own learning rate (one per weight), summed over the chunk. Options: momentum (the chunk's
+mean momentum coefficient times the previous update), Muon (Newton-Schulz-5 of the update), and weight norm
+(each row rescaled back to its initial L2 norm). A chunk's update fires when its last token arrives, so the
+state after token p is (weights after the chunks completed by p, the partial chunk's keys / values / rates).
+All math in fp32 (fp64 inputs stay fp64); internally heads fold into the batch: [M = N * H, ...].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron_refine.kernels.lact.muon import zeropower_via_newtonschulz5
+from megatron_refine.kernels.utils import compute_dtype
+
+Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_NORM_EPS = 1e-5
+
+
+@dataclass
+class LaCTState:
+    """The memory of one LaCT layer for N rows (sequences, or branches of them)."""
+
+    w0: torch.Tensor  # [N, H, Dh, D]
+    w1: torch.Tensor  # [N, H, D, Dh]
+    w2: torch.Tensor  # [N, H, Dh, D]
+    k: torch.Tensor  # [N, C, H, D], the partial chunk's keys (zero past `length`)
+    v: torch.Tensor  # [N, C, H, D]
+    lr: torch.Tensor  # [N, C, H, 3], per-token rates for w0, w1, w2
+    length: torch.Tensor  # [N], tokens in the partial chunk
+    norms: Weights | None = None  # initial row norms [N, H, rows, 1], when weight norm is on
+    dw: Weights | None = None  # the previous update, when momentum is on
+    momentum: torch.Tensor | None = None  # [N, C, H], the partial chunk's momentum coefficients
+
+    @property
+    def chunk_size(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def initial(
+        cls,
+        w0: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        batch_size: int,
+        chunk_size: int,
+        *,
+        use_momentum: bool = False,
+        weight_norm: bool = True,
+    ) -> "LaCTState":
+        """The state before the first token: learned initial weights ([H, ...]) copied per row."""
+        w = tuple(x.to(compute_dtype(x)).expand(batch_size, *x.shape) for x in (w0, w1, w2))
+        H, D = w1.shape[0], w1.shape[1]
+        zeros = w[0].new_zeros
+        return cls(
+            *w,
+            k=zeros(batch_size, chunk_size, H, D),
+            v=zeros(batch_size, chunk_size, H, D),
+            lr=zeros(batch_size, chunk_size, H, 3),
+            length=torch.zeros(batch_size, dtype=torch.long, device=w0.device),
+            norms=tuple(x.norm(dim=-1, keepdim=True) for x in w) if weight_norm else None,
+            dw=tuple(torch.zeros_like(x) for x in w) if use_momentum else None,
+            momentum=zeros(batch_size, chunk_size, H) if use_momentum else None,
+        )
+
+
+def swiglu_apply(w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """f(x) for x [M, L, D] with weights [M, Dh, D], [M, D, Dh], [M, Dh, D] -> [M, L, D]."""
+    return (F.silu(x @ w0.mT) * (x @ w2.mT)) @ w1.mT
+
+
+def swiglu_update(
+    w: Weights,
+    k: torch.Tensor,  # [M, L, D]
+    v: torch.Tensor,  # [M, L, D]
+    lr: torch.Tensor,  # [M, L, 3]
+    momentum: torch.Tensor | None,  # [M, L]
+    dw_prev: Weights | None,
+    norms: Weights | None,
+    use_muon: bool,
+    ns_coefficients: Sequence[tuple[float, float, float]],
+) -> tuple[Weights, Weights | None]:
+    """One chunk's update: gradient ascent on sum_t lr_t <f(k_t), v_t>, per weight, written out by hand."""
+    w0, w1, w2 = w
+    gate = k @ w0.mT  # [M, L, Dh]
+    hidden = k @ w2.mT
+    sig = torch.sigmoid(gate)
+    act = gate * sig
+    dh = v @ w1  # d<h w1^T, v>/dh, [M, L, Dh]
+    d_hidden = dh * act
+    d_gate = dh * hidden * sig * (1 + gate * (1 - sig))  # silu'(x) = sig(x) (1 + x (1 - sig(x)))
+    dw = (
+        d_gate.mT @ (k * lr[..., 0:1]),  # [M, Dh, D]
+        (v * lr[..., 1:2]).mT @ (act * hidden),  # [M, D, Dh]
+        d_hidden.mT @ (k * lr[..., 2:3]),  # [M, Dh, D]
+    )
+    if momentum is not None:
+        coef = momentum.mean(dim=1)[:, None, None]  # [M, 1, 1]
+        dw = tuple(d + coef * p for d, p in zip(dw, dw_prev))
+    step = tuple(zeropower_via_newtonschulz5(d, ns_coefficients) for d in dw) if use_muon else dw
+    w = tuple(wi + si for wi, si in zip(w, step))
+    if norms is not None:
+        w = tuple(wi / (wi.norm(dim=-1, keepdim=True) + _NORM_EPS) * ni for wi, ni in zip(w, norms))
+    return w, (dw if momentum is not None else None)
+
+
+def _fold(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, L, H, ...] -> [N * H, L, ...]: heads into the batch."""
+    N, L, H = x.shape[:3]
+    return x.to(dtype).transpose(1, 2).reshape(N * H, L, *x.shape[3:])
+
+
+def _fold_weights(x: torch.Tensor) -> torch.Tensor:
+    """[N, H, a, b] -> [N * H, a, b]."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def lact_swiglu_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,  # [B, T, H, 3]
+    weights: Weights,  # each [B, H, ...]
+    momentum: torch.Tensor | None,  # [B, T, H]
+    chunk_size: int,
+    use_muon: bool,
+    weight_norm: bool,
+    ns_coefficients: Sequence[tuple[float, float, float]],
+    output_final_state: bool,
+    states_at: torch.Tensor | None,
+) -> tuple[torch.Tensor, LaCTState | None, LaCTState | None]:
+    B, T, H, D = q.shape
+    C = chunk_size
+    acc = compute_dtype(q)
+    qf, kf, vf, lrf = (_fold(x, acc) for x in (q, k, v, lr))
+    mf = None if momentum is None else _fold(momentum, acc)
+    w = tuple(_fold_weights(x.to(acc)) for x in weights)
+    norms = tuple(x.norm(dim=-1, keepdim=True) for x in w) if weight_norm else None
+    dw = tuple(torch.zeros_like(x) for x in w) if momentum is not None else None
+
+    requests = [] if states_at is None else [states_at]
+    if output_final_state:
+        requests.append(torch.full((B, 1), T - 1, dtype=torch.long, device=q.device))
+    wanted = set() if not requests else set(((torch.cat(requests, 1) + 1) // C).unique().tolist())
+    snapshots = {0: (w, dw)} if 0 in wanted else {}
+
+    n_chunks = math.ceil(T / C)
+    outputs = []
+    for n in range(n_chunks):
+        s, e = n * C, min(T, (n + 1) * C)
+        outputs.append(swiglu_apply(*w, qf[:, s:e]))
+        if e - s == C and (n < n_chunks - 1 or n + 1 in wanted):
+            w, dw = swiglu_update(
+                w, kf[:, s:e], vf[:, s:e], lrf[:, s:e], None if mf is None else mf[:, s:e],
+                dw, norms, use_muon, ns_coefficients,
+            )
+            if n + 1 in wanted:
+                snapshots[n + 1] = (w, dw)
+    o = torch.cat(outputs, dim=1).view(B, H, T, D).transpose(1, 2).to(v.dtype)
+
+    def states(positions: torch.Tensor) -> LaCTState:
+        return _states_after(positions, snapshots, norms, k, v, lr, momentum, C, acc)
+
+    final = states(requests[-1]) if output_final_state else None
+    return o, final, (states(states_at) if states_at is not None else None)
+
+
+def _states_after(
+    positions: torch.Tensor,  # [B, P]
+    snapshots: dict[int, tuple[Weights, Weights | None]],  # completed chunks -> (weights, dw), [B*H, ...]
+    norms: Weights | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: torch.Tensor | None,
+    C: int,
+    dtype: torch.dtype,
+) -> LaCTState:
+    """States after each position, as B * P rows ordered (b, p)."""
+    B, P = positions.shape
+    T, H = k.shape[1], k.shape[2]
+    device = positions.device
+    order = sorted(snapshots)
+    slot_of = torch.zeros(max(order) + 1, dtype=torch.long, device=device)
+    slot_of[torch.tensor(order, device=device)] = torch.arange(len(order), device=device)
+    completed = (positions + 1) // C  # [B, P]
+    b = torch.arange(B, device=device)[:, None].expand(B, P)
+    slot = slot_of[completed]
+
+    def pick(get) -> torch.Tensor:  # per snapshot [B*H, a, c] -> [B*P, H, a, c]
+        stacked = torch.stack([get(snapshots[n]).view(B, H, *get(snapshots[n]).shape[1:]) for n in order], 1)
+        return stacked[b, slot].reshape(B * P, H, *stacked.shape[3:])
+
+    def per_row(x: torch.Tensor) -> torch.Tensor:  # [B*H, a, c] -> [B*P, H, a, c]
+        return x.view(B, H, *x.shape[1:])[b].reshape(B * P, H, *x.shape[1:])
+
+    start = completed * C
+    length = positions + 1 - start  # [B, P], in [0, C)
+    offsets = torch.arange(C, device=device)
+    index = (start[..., None] + offsets).clamp(max=T - 1)  # [B, P, C]
+    valid = (offsets < length[..., None]).to(dtype)  # [B, P, C]
+
+    def partial(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, ...] -> [B*P, C, H, ...]
+        g = x.to(dtype)[b[..., None], index]  # [B, P, C, H, ...]
+        g = g * valid.view(B, P, C, *([1] * (g.ndim - 3)))
+        return g.reshape(B * P, C, *x.shape[2:])
+
+    has_momentum = momentum is not None
+    return LaCTState(
+        w0=pick(lambda s: s[0][0]),
+        w1=pick(lambda s: s[0][1]),
+        w2=pick(lambda s: s[0][2]),
+        k=partial(k),
+        v=partial(v),
+        lr=partial(lr),
+        length=length.reshape(-1),
+        norms=tuple(per_row(n) for n in norms) if norms is not None else None,
+        dw=tuple(pick(lambda s, i=i: s[1][i]) for i in range(3)) if has_momentum else None,
+        momentum=partial(momentum) if has_momentum else None,
+    )
+
+
+def lact_swiglu_step_torch(
+    q: torch.Tensor,  # [N, H, D]
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,  # [N, H, 3]
+    momentum: torch.Tensor | None,  # [N, H]
+    state: LaCTState,
+    use_muon: bool,
+    ns_coefficients: Sequence[tuple[float, float, float]],
+) -> tuple[torch.Tensor, LaCTState]:
+    """Read with the current weights, append the token to the partial chunk, update rows whose chunk completes."""
+    N, H, D = q.shape
+    C = state.chunk_size
+    acc = state.w0.dtype
+    w = tuple(_fold_weights(x) for x in (state.w0, state.w1, state.w2))
+    o = swiglu_apply(*w, q.to(acc).reshape(N * H, 1, D)).view(N, H, D)
+
+    slot = F.one_hot(state.length, C).to(acc)  # [N, C]
+    kb = state.k + slot[..., None, None] * k.to(acc)[:, None]
+    vb = state.v + slot[..., None, None] * v.to(acc)[:, None]
+    lrb = state.lr + slot[..., None, None] * lr.to(acc)[:, None]
+    mb = None if momentum is None else state.momentum + slot[..., None] * momentum.to(acc)[:, None]
+    length = state.length + 1
+    dw = None if state.dw is None else tuple(_fold_weights(x) for x in state.dw)
+
+    full = length == C  # [N]
+    if bool(full.any()):
+        norms = None if state.norms is None else tuple(_fold_weights(x) for x in state.norms)
+        new_w, new_dw = swiglu_update(
+            w, _fold(kb, acc), _fold(vb, acc), _fold(lrb, acc), None if mb is None else _fold(mb, acc),
+            dw, norms, use_muon, ns_coefficients,
+        )
+        fired = full.repeat_interleave(H)[:, None, None]  # [N*H, 1, 1]
+        w = tuple(torch.where(fired, a, b) for a, b in zip(new_w, w))
+        if dw is not None:
+            dw = tuple(torch.where(fired, a, b) for a, b in zip(new_dw, dw))
+        keep = (~full).to(acc)
+        kb, vb, lrb = (x * keep[:, None, None, None] for x in (kb, vb, lrb))
+        mb = None if mb is None else mb * keep[:, None, None]
+        length = torch.where(full, torch.zeros_like(length), length)
+
+    unfold = lambda x: x.view(N, H, *x.shape[1:])  # noqa: E731
+    return o, replace(
+        state,
+        w0=unfold(w[0]), w1=unfold(w[1]), w2=unfold(w[2]),
+        k=kb, v=vb, lr=lrb, length=length, momentum=mb,
+        dw=None if dw is None else tuple(unfold(x) for x in dw),
+    )
