@@ -29,3 +29,22 @@ def swiglu_mlp(config: TransformerConfig) -> MLP:
     """Megatron's own MLP with local (non-TE) parallel linears: fc1 fuses gate and up."""
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     return MLP(config, submodules, ffn_hidden_size=config.ffn_hidden_size)
+
+
+VOCAB = 37
+
+
+def tiny_fast_weight_model(name: str, **overrides):
+    """A tiny DeltaNet / LaCT model on the current parallel state (weights on CPU)."""
+    from megatron.core import parallel_state
+
+    from megatron_refine.models import build_model, get_config
+
+    overrides.setdefault("tensor_model_parallel_size", parallel_state.get_tensor_model_parallel_world_size())
+    overrides.setdefault("pipeline_model_parallel_size", parallel_state.get_pipeline_model_parallel_world_size())
+    config = get_config(name, use_cpu_initialization=True, **overrides)
+    return build_model(config, VOCAB)
+
+
+def token_batch(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))

@@ -77,6 +77,28 @@ def _tracker_add_cpu(self, name: str, seed: int) -> None:
     self.states_[name] = torch.Generator().manual_seed(seed).get_state()
 
 
+@contextlib.contextmanager
+def _tracker_fork_cpu(self, name: str = "model-parallel-rng"):
+    """CudaRNGStatesTracker.fork on the CPU generator, without its "CPU RNG state changed" check: on CPU
+    the tracked stream is the CPU generator, so the check would fire on every fork."""
+    if name not in self.states_:
+        raise Exception(f"rng state {name} is not added")
+    orig_state = torch.get_rng_state()
+    orig_name = self._current_state_name
+    if orig_name != "default-rng":
+        self.states_[orig_name] = orig_state
+    torch.set_rng_state(self.states_[name])
+    self._current_state_name = name
+    try:
+        yield
+    finally:
+        if self._current_state_name != name:
+            raise Exception(f"current state name {self._current_state_name} is not the desired state name {name}")
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(self.states_[orig_name] if orig_name != "default-rng" else orig_state)
+        self._current_state_name = orig_name
+
+
 def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """clip_grads.clip_grad_by_total_norm_fp32 without its `grad.type() == 'torch.cuda.FloatTensor'` assert."""
     if isinstance(parameters, torch.Tensor):
@@ -112,7 +134,7 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         f"{_RANDOM}:_get_cuda_rng_state",
-        "CudaRNGStatesTracker.fork and activation recompute (CheckpointFunction) read the CUDA generator; "
+        "activation recompute (CheckpointFunction) and get_all_rng_states read the CUDA generator; "
         "on CPU the tracked state is the CPU generator's.",
         lambda orig: _get_cpu_rng_state,
     ),
@@ -126,6 +148,12 @@ PATCHES: tuple[Patch, ...] = (
         "model_parallel_cuda_manual_seed registers the data-, tensor- and expert-parallel seeds with "
         "torch.cuda.get_rng_state(); on CPU each seed gets a CPU generator state.",
         lambda orig: _tracker_add_cpu,
+    ),
+    Patch(
+        f"{_RANDOM}:CudaRNGStatesTracker.fork",
+        "forks the CUDA generator and warns when the CPU generator moved inside the fork; on CPU the "
+        "tracked stream is the CPU generator itself.",
+        lambda orig: _tracker_fork_cpu,
     ),
     Patch(
         f"{_OPTIMIZER}:FP32Optimizer.__init__",

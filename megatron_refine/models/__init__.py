@@ -1,0 +1,33 @@
+"""DeltaNet and LaCT as megatron-core layer specs, the model builder, cached decoding and branch states."""
+
+from megatron_refine.models.config import PRESETS, PUBLISHED_VOCAB_SIZE, FastWeightConfig, get_config
+from megatron_refine.models.deltanet import DeltaNetCache, DeltaNetMixer, DeltaNetSubmodules
+from megatron_refine.models.generation import generate, sample_tokens
+from megatron_refine.models.inference import BranchRequest, DecodeRequest, InferenceCache
+from megatron_refine.models.lact import LaCTCache, LaCTMixer, LaCTSubmodules
+from megatron_refine.models.model import BranchOutput, FastWeightGPTModel, build_model
+from megatron_refine.models.specs import get_block_spec, get_deltanet_layer_spec, get_lact_layer_spec
+
+__all__ = [
+    "PRESETS",
+    "PUBLISHED_VOCAB_SIZE",
+    "BranchOutput",
+    "BranchRequest",
+    "DecodeRequest",
+    "DeltaNetCache",
+    "DeltaNetMixer",
+    "DeltaNetSubmodules",
+    "FastWeightConfig",
+    "FastWeightGPTModel",
+    "InferenceCache",
+    "LaCTCache",
+    "LaCTMixer",
+    "LaCTSubmodules",
+    "build_model",
+    "generate",
+    "get_block_spec",
+    "get_config",
+    "get_deltanet_layer_spec",
+    "get_lact_layer_spec",
+    "sample_tokens",
+]

@@ -1,0 +1,181 @@
+"""`FastWeightConfig`: megatron-core's TransformerConfig plus the DeltaNet and LaCT mixer fields.
+
+Defaults follow ../shared/specs/architectures.md (fla's DeltaNet, the authors' `lact_swiglu`). The
+Megatron fields a fast-weight LM needs are fixed here too: RMSNorm (eps 1e-6), SwiGLU MLP, no biases, no
+dropout, no Megatron position embedding (LaCT applies its own RoPE inside the mixer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+MIXERS = ("deltanet", "lact")
+
+
+def fla_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
+    """fla's default MLP width: 256 * ceil(int(h * hidden_ratio * 2/3) / 256)."""
+    return 256 * math.ceil(int(hidden_size * hidden_ratio * 2 / 3) / 256)
+
+
+@dataclass
+class FastWeightConfig(TransformerConfig):
+    """A TransformerConfig whose token mixer is DeltaNet or LaCT. `num_attention_heads` is the number of
+    DeltaNet heads, or of LaCT's sliding-window attention heads."""
+
+    mixer: str = "deltanet"
+
+    # DeltaNet (fla DeltaNetConfig names)
+    expand_k: float = 1.0
+    expand_v: float = 1.0
+    use_short_conv: bool = True
+    conv_size: int = 4
+    use_beta: bool = True
+    qk_norm: str = "l2"
+    qk_activation: str = "silu"
+    use_output_norm: bool = True
+    use_gate: bool = False
+    allow_neg_eigval: bool = False
+    delta_rule_chunk_size: int = 64
+
+    # LaCT (the authors' lact_swiglu names)
+    num_lact_heads: int = 4
+    lact_chunk_size: int = 2048
+    window_size: int = 2048
+    inter_multi: float = 1.0
+    w0_w2_low_rank: int = 32  # <= 0: full-rank w0 and w2
+    use_momentum: bool = True
+    use_muon: bool = True
+    rope_theta: float = 1e6
+    learnable_ttt_scale: bool = True
+    qkv_silu: bool = True
+    ttt_nope: bool = False
+    lact_base_lr: float = 1e-3
+    fw_init_gain: float = 0.5
+
+    # Megatron fields with the fast-weight models' values.
+    normalization: str = "RMSNorm"
+    layernorm_epsilon: float = 1e-6
+    gated_linear_unit: bool = True
+    activation_func: callable = F.silu
+    add_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    bias_activation_fusion: bool = False
+    masked_softmax_fusion: bool = False
+    apply_rope_fusion: bool = False
+    persist_layer_norm: bool = False
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    params_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = fla_intermediate_size(self.hidden_size)
+        tp = self.tensor_model_parallel_size
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        heads = self.num_attention_heads
+        if heads < 1 or self.hidden_size < 1 or self.num_layers < 1:
+            raise ValueError("num_layers, hidden_size and num_attention_heads must be set (>= 1)")
+        if heads % tp != 0:
+            raise ValueError(
+                f"num_attention_heads ({heads}) must be divisible by tensor_model_parallel_size ({tp}): "
+                f"use a TP size that divides {heads}, or change the head count"
+            )
+        if self.mixer == "deltanet":
+            self._check_deltanet()
+        else:
+            self._check_lact()
+        super().__post_init__()
+
+    def _check_deltanet(self) -> None:
+        for name, dim in (("key", self.key_dim), ("value", self.value_dim)):
+            if dim % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"DeltaNet {name} dim hidden_size * expand_{name[0]} = {dim} must be divisible by "
+                    f"num_attention_heads ({self.num_attention_heads})"
+                )
+        if self.qk_norm not in ("l2", "sum"):
+            raise ValueError(f"qk_norm must be 'l2' or 'sum', got {self.qk_norm!r}")
+        if self.qk_activation not in ("silu", "relu", "elu", "identity"):
+            raise ValueError(f"qk_activation must be silu, relu, elu or identity, got {self.qk_activation!r}")
+        if self.use_short_conv and self.conv_size < 1:
+            raise ValueError(f"conv_size must be >= 1 with use_short_conv, got {self.conv_size}")
+
+    def _check_lact(self) -> None:
+        tp, h = self.tensor_model_parallel_size, self.hidden_size
+        if self.num_lact_heads % tp != 0:
+            raise ValueError(
+                f"num_lact_heads ({self.num_lact_heads}) must be divisible by tensor_model_parallel_size "
+                f"({tp}): LaCT's fast-weight heads are split across TP ranks"
+            )
+        for name, n in (("num_attention_heads", self.num_attention_heads), ("num_lact_heads", self.num_lact_heads)):
+            if h % n != 0:
+                raise ValueError(f"hidden_size ({h}) must be divisible by {name} ({n})")
+        if self.lact_head_dim % self.attention_head_dim != 0:
+            raise ValueError(
+                f"the LaCT head dim ({self.lact_head_dim}) must be a multiple of the attention head dim "
+                f"({self.attention_head_dim}): RoPE is applied to the fast path per attention-head slice"
+            )
+        if self.lact_chunk_size < 1 or self.window_size < 1:
+            raise ValueError("lact_chunk_size and window_size must be >= 1")
+
+    @property
+    def key_dim(self) -> int:
+        return round(self.hidden_size * self.expand_k)
+
+    @property
+    def value_dim(self) -> int:
+        return round(self.hidden_size * self.expand_v)
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def lact_head_dim(self) -> int:
+        return self.hidden_size // self.num_lact_heads
+
+
+# Published models (architectures.md) and tiny CPU ones. Values are overrides of FastWeightConfig.
+PRESETS: dict[str, dict] = {
+    # fla-hub/delta_net-1.3B-100B
+    "deltanet_1p3b": dict(
+        mixer="deltanet", num_layers=24, hidden_size=2048, num_attention_heads=16,
+        ffn_hidden_size=fla_intermediate_size(2048),
+    ),
+    # LaCT-760M (lact_swiglu)
+    "lact_760m": dict(
+        mixer="lact", num_layers=24, hidden_size=1536, num_attention_heads=24, num_lact_heads=4,
+        ffn_hidden_size=fla_intermediate_size(1536), lact_chunk_size=2048, window_size=2048,
+        w0_w2_low_rank=32, use_momentum=True, use_muon=True, rope_theta=1e6,
+    ),
+    "deltanet_tiny": dict(
+        mixer="deltanet", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        delta_rule_chunk_size=16,
+    ),
+    "lact_tiny": dict(
+        mixer="lact", num_layers=2, hidden_size=64, num_attention_heads=4, num_lact_heads=2,
+        ffn_hidden_size=128, lact_chunk_size=16, window_size=12, w0_w2_low_rank=4,
+    ),
+}
+PUBLISHED_VOCAB_SIZE = 32000
+
+
+def get_config(name: str, **overrides) -> FastWeightConfig:
+    """A preset by name, with field overrides (e.g. tensor_model_parallel_size=2)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model config {name!r}; available: {', '.join(PRESETS)}")
+    known = {f.name for f in fields(FastWeightConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}; see megatron_refine.models.FastWeightConfig")
+    return FastWeightConfig(**{**PRESETS[name], **overrides})
+
+
+__all__ = ["FastWeightConfig", "PRESETS", "PUBLISHED_VOCAB_SIZE", "fla_intermediate_size", "get_config"]

@@ -1,0 +1,167 @@
+"""DeltaNet token mixer (fla's `DeltaNet` layer) as a tensor- and sequence-parallel Megatron module.
+
+Parallel layout (TP size t): heads split across ranks.
+    in_proj   column-parallel  h -> [q key_dim | k key_dim | v value_dim | beta H | gate value_dim], each piece /t
+    conv1d    depthwise over this rank's q|k|v channels, no communication
+    o_norm    one weight of the value head dim shared by all heads (gradient all-reduced over TP)
+    out_proj  row-parallel     value_dim -> h
+Under sequence parallelism the input is [s/t, b, h]: in_proj gathers the sequence, out_proj reduce-scatters it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+from megatron_refine.kernels import delta_rule, delta_rule_step
+from megatron_refine.kernels.utils import compute_dtype
+from megatron_refine.models.common import causal_conv1d, param_device, split_fused
+from megatron_refine.models.config import FastWeightConfig
+from megatron_refine.models.inference import BranchRequest, DecodeRequest, gather_window
+from megatron_refine.models.norm import HeadRMSNorm
+
+
+@dataclass
+class DeltaNetSubmodules:
+    in_proj: ModuleSpec | type = IdentityOp
+    out_proj: ModuleSpec | type = IdentityOp
+
+
+@dataclass
+class DeltaNetCache:
+    """One layer's decoding state for N rows (this TP rank's heads and channels)."""
+
+    state: torch.Tensor  # [N, H/t, K, V], fp32
+    conv: torch.Tensor | None  # [N, W-1, conv channels / t]: the last W-1 pre-conv q|k|v inputs
+
+
+def l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """fla's l2norm: x / sqrt(sum(x^2) + 1e-6), in fp32 (fp64 kept)."""
+    xf = x.to(compute_dtype(x))
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+class DeltaNetMixer(MegatronModule):
+    def __init__(
+        self,
+        config: FastWeightConfig,
+        submodules: DeltaNetSubmodules,
+        layer_number: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.tp = tp = parallel_state.get_tensor_model_parallel_world_size()
+        H = config.num_attention_heads
+        self.num_heads = H // tp
+        self.head_k_dim, self.head_v_dim = config.key_dim // H, config.value_dim // H
+        self.pieces = [("query", config.key_dim), ("key", config.key_dim), ("value", config.value_dim)]
+        self.pieces += [("beta", H)] if config.use_beta else []
+        self.pieces += [("gate", config.value_dim)] if config.use_gate else []
+        self.local_sizes = [size // tp for _, size in self.pieces]
+        self.conv_channels = sum(self.local_sizes[:3])
+
+        self.in_proj = build_module(
+            submodules.in_proj, config.hidden_size, sum(size for _, size in self.pieces), config=config,
+            init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name="qkv",
+        )
+        if config.use_short_conv:
+            self.conv1d = torch.nn.Conv1d(
+                self.conv_channels, self.conv_channels, config.conv_size, groups=self.conv_channels,
+                bias=False, device=param_device(config), dtype=config.params_dtype,
+            )
+            set_tensor_model_parallel_attributes(self.conv1d.weight, is_parallel=True, dim=0, stride=1)
+            if config.perform_initialization:
+                with get_cuda_rng_tracker().fork():  # channels differ per TP rank
+                    torch.nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        if config.use_output_norm:
+            self.o_norm = HeadRMSNorm(config, self.head_v_dim, eps=config.layernorm_epsilon)
+        self.out_proj = build_module(
+            submodules.out_proj, config.value_dim, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
+        )
+        self.request: BranchRequest | DecodeRequest | None = None  # set by the model for one call
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+        """[s(/t), b, h] -> ([s(/t), b, h], bias). In decoding the rows are the sequence dim: [N(/t), 1, h]."""
+        cfg, request = self.config, self.request
+        decoding = isinstance(request, DecodeRequest)
+        x, _ = self.in_proj(hidden_states)
+        x = x if decoding else x.transpose(0, 1)  # [B, T, in/t]; decoding: B = rows, T = 1
+        B, T = x.shape[:2]
+        qkv, rest = x[..., : self.conv_channels], x[..., self.conv_channels :]
+        cache: DeltaNetCache | None = request.cache.layers.get(self.layer_number) if decoding else None
+
+        conv_tail = None
+        if cfg.use_short_conv:
+            qkv_in = qkv
+            qkv, conv_tail = causal_conv1d(qkv, self.conv1d.weight[:, 0], cache.conv if cache else None)
+        q, k, v = qkv.split(self.local_sizes[:3], dim=-1)
+        if cfg.qk_activation == "silu":
+            q, k = F.silu(q), F.silu(k)
+        v = F.silu(v)
+        q = q.reshape(B, T, self.num_heads, self.head_k_dim)
+        k = k.reshape(B, T, self.num_heads, self.head_k_dim)
+        v = v.reshape(B, T, self.num_heads, self.head_v_dim)
+        if cfg.qk_activation == "relu":
+            q, k = q.relu(), k.relu()
+        elif cfg.qk_activation == "elu":
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+        if cfg.qk_norm == "l2":
+            q, k = l2_norm(q), l2_norm(k)
+        else:
+            q, k = (F.normalize(t.to(compute_dtype(t)), p=1, dim=-1, eps=1e-6).to(t.dtype) for t in (q, k))
+        extra = rest.split(self.local_sizes[3:], dim=-1) if rest.shape[-1] else ()
+        beta = extra[0].sigmoid() if cfg.use_beta else torch.ones_like(q[..., 0])
+        if cfg.allow_neg_eigval:
+            beta = beta * 2.0
+
+        if decoding:
+            state = cache.state if cache else q.new_zeros(B, self.num_heads, self.head_k_dim, self.head_v_dim, dtype=compute_dtype(q))
+            o, state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state)
+            o = o[:, None]  # [N, 1, H, V]
+            request.cache.layers[self.layer_number] = DeltaNetCache(state, conv_tail)
+        elif isinstance(request, BranchRequest):
+            o, _, states = delta_rule(q, k, v, beta, chunk_size=cfg.delta_rule_chunk_size, states_at=request.positions)
+            tails = gather_window(qkv_in, request.positions, cfg.conv_size - 1)[0] if cfg.use_short_conv else None
+            request.states[self.layer_number] = DeltaNetCache(states.flatten(0, 1), tails)
+        else:
+            o, _ = delta_rule(q, k, v, beta, chunk_size=cfg.delta_rule_chunk_size)
+
+        if cfg.use_output_norm:
+            gate = extra[-1].reshape(B, T, self.num_heads, self.head_v_dim) if cfg.use_gate else None
+            o = self.o_norm(o, gate)
+        o = o.reshape(B, T, -1)
+        o = o if decoding else o.transpose(0, 1)
+        return self.out_proj(o.contiguous())
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state = {}
+        for name, module in self.named_children():
+            if name == "conv1d":
+                state.update(make_sharded_tensors_for_checkpoint(
+                    module.state_dict(prefix="", keep_vars=True), f"{prefix}conv1d.", {"weight": 0}, sharded_offsets
+                ))
+            else:
+                state.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        split_fused(state, f"{prefix}in_proj.weight", self.pieces, self.tp)
+        if self.config.use_short_conv:
+            split_fused(state, f"{prefix}conv1d.weight", self.pieces[:3], self.tp)
+        return state

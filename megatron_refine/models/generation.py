@@ -1,0 +1,69 @@
+"""Batched generation on the cached decoder: greedy, or sampled with temperature and top-p."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_refine.models.model import FastWeightGPTModel
+
+
+def sample_tokens(
+    logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [N, V] -> tokens [N]. top_p keeps the smallest set of tokens whose probability reaches p."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already reaches p
+        sorted_probs = sorted_probs.masked_fill(outside, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _same_on_tp_ranks(tokens: torch.Tensor) -> torch.Tensor:
+    """Every TP rank must feed the same tokens: take tensor-parallel rank 0's."""
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(
+            tokens, parallel_state.get_tensor_model_parallel_src_rank(),
+            group=parallel_state.get_tensor_model_parallel_group(),
+        )
+    return tokens
+
+
+@torch.no_grad()
+def generate(
+    model: FastWeightGPTModel,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """prompts [B, T] -> new tokens [B, max_new_tokens]: one prefill forward, then one cached step per token."""
+    B, T = prompts.shape
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pad = (-B) % tp if model.config.sequence_parallel else 0  # decoding rows split over TP under SP
+    if pad:
+        prompts = torch.cat([prompts, prompts[-1:].expand(pad, T)])
+    last = torch.full((prompts.shape[0], 1), T - 1, device=prompts.device)
+    out = model.forward_with_branch_states(prompts, last)
+    logits, cache = out.logits[:, -1], out.cache
+    tokens = []
+    for i in range(max_new_tokens):
+        full = gather_from_tensor_model_parallel_region(logits)
+        next_tokens = _same_on_tp_ranks(
+            sample_tokens(full, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator)
+        )
+        tokens.append(next_tokens)
+        if i + 1 < max_new_tokens:
+            logits, _ = model.step(next_tokens, cache)
+    return torch.stack(tokens, dim=1)[:B]

@@ -1,0 +1,78 @@
+"""Inference state of a fast-weight model: per-layer caches, and the requests the model hands its mixers.
+
+A mixer runs in one of three ways, chosen by the request the model sets on it for one call:
+- none: the training forward over full sequences;
+- `BranchRequest(positions [B, P])`: the training forward, and each mixer also leaves its decoding state
+  after those positions (B * P rows, ordered (b, p)) in `request.states`, differentiably;
+- `DecodeRequest(cache)`: one token per row; each mixer reads and replaces its layer's entry in the cache.
+Every cache tensor has the rows as its first dimension, so caches can be indexed and repeated per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply `fn` to every tensor in a (nested) dataclass / tuple / dict, keeping the structure."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj)})
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(x, fn) for x in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class InferenceCache:
+    """Decoding state of N rows: each layer's cache (by Megatron layer number) and each row's next position."""
+
+    positions: torch.Tensor  # [N], the position the next token will have
+    layers: dict[int, Any] = field(default_factory=dict)  # empty before the first token
+
+    @property
+    def num_rows(self) -> int:
+        return self.positions.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "InferenceCache":
+        return map_tensors(self, lambda t: t[rows])
+
+    def repeat_interleave(self, n: int) -> "InferenceCache":
+        """Each row n times in a row (n rollouts per branch)."""
+        return map_tensors(self, lambda t: t.repeat_interleave(n, dim=0))
+
+    def detach(self) -> "InferenceCache":
+        return map_tensors(self, torch.Tensor.detach)
+
+
+@dataclass
+class BranchRequest:
+    positions: torch.Tensor  # [B, P]
+    states: dict[int, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DecodeRequest:
+    cache: InferenceCache
+
+
+def gather_window(x: torch.Tensor, positions: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `width` steps of x [B, T, ...] ending at each position [B, P] -> ([B*P, width, ...], valid [B*P, width]).
+
+    Steps before the start of the sequence are zeros and marked invalid.
+    """
+    B, P = positions.shape
+    offsets = torch.arange(width - 1, -1, -1, device=positions.device)  # oldest first
+    index = positions[..., None] - offsets  # [B, P, width]
+    valid = index >= 0
+    b = torch.arange(B, device=positions.device)[:, None, None]
+    window = x[b, index.clamp(min=0)]  # [B, P, width, ...]
+    window = window * valid.view(B, P, width, *([1] * (x.ndim - 2))).to(window.dtype)
+    return window.reshape(B * P, width, *x.shape[2:]), valid.reshape(B * P, width)

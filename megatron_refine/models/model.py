@@ -1,0 +1,127 @@
+"""`FastWeightGPTModel`: megatron-core's GPTModel over a DeltaNet or LaCT stack, with cached decoding and
+branch states.
+
+The training forward is GPTModel's own (pipeline stages, sequence parallelism, Megatron schedules).
+Two more entry points, for a whole model on one pipeline stage:
+- `forward_with_branch_states(input_ids, positions)`: the same forward, also returning every layer's
+  decoding state after the chosen positions, differentiably (REFINE branches its rollouts from these);
+- `step(input_ids, cache)`: one token for each of N rows, from an `InferenceCache`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+from megatron_refine.models.config import FastWeightConfig
+from megatron_refine.models.inference import BranchRequest, DecodeRequest, InferenceCache
+from megatron_refine.models.specs import get_block_spec
+
+
+@dataclass
+class BranchOutput:
+    logits: torch.Tensor  # [B, T, V/t], vocab-parallel
+    hidden: torch.Tensor  # [B, T, h], last layer after the final norm
+    cache: InferenceCache  # B * P rows, ordered (b, p), positioned after each chosen token
+
+
+class FastWeightGPTModel(GPTModel):
+    def __init__(
+        self,
+        config: FastWeightConfig,
+        vocab_size: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        use_te: bool | None = None,
+        vp_stage: int | None = None,
+    ):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=get_block_spec(config, use_te, vp_stage),
+            vocab_size=vocab_size,
+            max_sequence_length=config.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=config.tie_word_embeddings,
+            position_embedding_type="none",
+            vp_stage=vp_stage,
+        )
+
+    @property
+    def mixers(self) -> list[torch.nn.Module]:
+        return [layer.self_attention for layer in self.decoder.layers]
+
+    @contextmanager
+    def _request(self, request):
+        for mixer in self.mixers:
+            mixer.request = request
+        try:
+            yield request
+        finally:
+            for mixer in self.mixers:
+                mixer.request = None
+
+    def _whole_model_forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [b, s] -> (vocab-parallel logits [s, b, V/t], final hidden [s, b, h] on every TP rank)."""
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError(
+                "decoding and branch states need the whole model on one pipeline stage: "
+                "use pipeline_model_parallel_size=1 for REFINE steps and generation"
+            )
+        hidden = self.embedding(input_ids=input_ids, position_ids=None)
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        if self.config.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return logits, hidden
+
+    def forward_with_branch_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> BranchOutput:
+        """input_ids [B, T]; positions [B, P] -> logits, hidden states, and the decoding state after each position."""
+        with self._request(BranchRequest(positions)) as request:
+            logits, hidden = self._whole_model_forward(input_ids)
+        cache = InferenceCache(positions=(positions + 1).flatten(), layers=request.states)
+        return BranchOutput(logits.transpose(0, 1), hidden.transpose(0, 1), cache)
+
+    def step(self, input_ids: torch.Tensor, cache: InferenceCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row: input_ids [N] -> (vocab-parallel logits [N, V/t], hidden [N, h]); updates `cache`.
+
+        The rows travel along Megatron's sequence dimension, so under sequence parallelism each TP rank
+        embeds N/t of them and the mixers see all N (N must then be a multiple of the TP size).
+        """
+        N = input_ids.shape[0]
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if self.config.sequence_parallel and N % tp != 0:
+            raise ValueError(f"with sequence parallelism the number of decoding rows ({N}) must be a multiple of TP ({tp})")
+        if cache.num_rows != N:
+            raise ValueError(f"cache has {cache.num_rows} rows, got {N} tokens")
+        with self._request(DecodeRequest(cache)):
+            logits, hidden = self._whole_model_forward(input_ids.view(1, N))
+        cache.positions = cache.positions + 1
+        return logits[:, 0], hidden[:, 0]
+
+    def empty_cache(self, rows: int, device: torch.device | None = None) -> InferenceCache:
+        """The state before any token (each layer fills its entry on the first step)."""
+        device = device or next(self.parameters()).device
+        return InferenceCache(positions=torch.zeros(rows, dtype=torch.long, device=device))
+
+
+def build_model(
+    config: FastWeightConfig,
+    vocab_size: int,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    use_te: bool | None = None,
+) -> FastWeightGPTModel:
+    """The model for this rank's pipeline stage (pre/post process from Megatron's parallel state)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    return FastWeightGPTModel(config, vocab_size, pre_process=pre_process, post_process=post_process, use_te=use_te)

@@ -1,0 +1,77 @@
+"""Megatron layer specs for the fast-weight stacks: DeltaNet or LaCT mixer + SwiGLU MLP, pre-RMSNorm.
+
+Local megatron-core parallel linears by default; Transformer-Engine modules (TEColumnParallelLinear,
+TERowParallelLinear, TENorm) when TE imports and CUDA is available, unless `use_te=False`.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_refine.models.config import FastWeightConfig
+from megatron_refine.models.deltanet import DeltaNetMixer, DeltaNetSubmodules
+from megatron_refine.models.lact import LaCTMixer, LaCTSubmodules
+from megatron_refine.models.norm import RMSNorm
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _modules(use_te: bool | None):
+    """(column-parallel linear, row-parallel linear, norm) for the chosen backend."""
+    if use_te is None:
+        use_te = te_available()
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm, TERowParallelLinear
+
+        return TEColumnParallelLinear, TERowParallelLinear, TENorm
+    return ColumnParallelLinear, RowParallelLinear, RMSNorm
+
+
+def _layer_spec(mixer: ModuleSpec, column, row, norm) -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=mixer,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def get_deltanet_layer_spec(use_te: bool | None = None) -> ModuleSpec:
+    column, row, norm = _modules(use_te)
+    mixer = ModuleSpec(module=DeltaNetMixer, submodules=DeltaNetSubmodules(in_proj=column, out_proj=row))
+    return _layer_spec(mixer, column, row, norm)
+
+
+def get_lact_layer_spec(use_te: bool | None = None) -> ModuleSpec:
+    column, row, norm = _modules(use_te)
+    mixer = ModuleSpec(
+        module=LaCTMixer,
+        submodules=LaCTSubmodules(qkv=column, lr_proj=column, momentum_proj=column, ttt_scale_proj=column, out_proj=row),
+    )
+    return _layer_spec(mixer, column, row, norm)
+
+
+def get_block_spec(config: FastWeightConfig, use_te: bool | None = None, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The layers this pipeline stage builds, plus the final norm."""
+    layer = get_deltanet_layer_spec(use_te) if config.mixer == "deltanet" else get_lact_layer_spec(use_te)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=_modules(use_te)[2])
