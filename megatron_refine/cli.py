@@ -39,6 +39,23 @@ def _demo(args: argparse.Namespace) -> None:
     run(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
 
 
+def _model_info(args: argparse.Namespace) -> None:
+    """Build a model config on the meta device and print its parameter counts."""
+    from megatron_refine.models import PUBLISHED_VOCAB_SIZE, get_config
+    from megatron_refine.models.summary import parameter_counts
+    from megatron_refine.runtime import destroy, initialize
+
+    config = get_config(args.config)  # a bad name fails here, before any process group exists
+    initialize()
+    try:
+        counts = parameter_counts(config, args.vocab_size or PUBLISHED_VOCAB_SIZE)
+    finally:
+        destroy()
+    print(f"{args.config}: {config.mixer}, {config.num_layers} layers, hidden {config.hidden_size}")
+    for name, n in counts.items():
+        print(f"  {name:<14} {n:>15,d}  ({n / 1e9:.3f}B)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-refine",
@@ -52,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, help="local processes (default 2)")
     demo.add_argument("--out-dir", dest="out_dir", help="where outputs go (default demo_output)")
     demo.set_defaults(func=_demo)
+
+    model_info = sub.add_parser("model-info", help="parameter counts of a model config (built on the meta device)")
+    model_info.add_argument(
+        "--config", required=True, help="model config name: deltanet_1p3b, lact_760m, deltanet_tiny, lact_tiny"
+    )
+    model_info.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default 32000, the published models')")
+    model_info.set_defaults(func=_model_info)
 
     info = sub.add_parser("info", help="show versions, CUDA and the fast paths available")
     info.set_defaults(func=_info)

@@ -34,3 +34,9 @@ def test_demo_trains_at_tp2_and_reloads_at_tp1(tmp_path):
     assert result["eval_loss"] < 2 * best_loss(DemoConfig.vocab_size)
     assert abs(result["reloaded_eval_loss"] - result["eval_loss"]) < 1e-4
     assert (tmp_path / "checkpoint" / "metadata.json").exists()
+
+
+def test_model_info_rejects_an_unknown_config():
+    args = build_parser().parse_args(["model-info", "--config", "gpt5"])
+    with pytest.raises(ValueError, match="unknown model config 'gpt5'; available: deltanet_1p3b"):
+        args.func(args)

@@ -5,7 +5,7 @@ from megatron_refine.models.deltanet import DeltaNetCache, DeltaNetMixer, DeltaN
 from megatron_refine.models.generation import generate, sample_tokens
 from megatron_refine.models.inference import BranchRequest, DecodeRequest, InferenceCache
 from megatron_refine.models.lact import LaCTCache, LaCTMixer, LaCTSubmodules
-from megatron_refine.models.model import BranchOutput, FastWeightGPTModel, build_model
+from megatron_refine.models.model import BranchOutput, FastWeightGPTModel, build_model, padded_vocab_size
 from megatron_refine.models.specs import get_block_spec, get_deltanet_layer_spec, get_lact_layer_spec
 
 __all__ = [
@@ -29,5 +29,6 @@ __all__ = [
     "get_config",
     "get_deltanet_layer_spec",
     "get_lact_layer_spec",
+    "padded_vocab_size",
     "sample_tokens",
 ]

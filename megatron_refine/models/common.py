@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.ssm.gated_delta_net import _split_tensor_factory  # names the pieces of a fused weight
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
 
 
-def param_device(config: TransformerConfig) -> torch.device:
-    """Where a mixer's own parameters live: where megatron-core's parallel linears put theirs."""
-    if config.use_cpu_initialization or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+def param_device(config: TransformerConfig) -> torch.device | None:
+    """Where a mixer's own parameters live: where megatron-core's parallel linears put theirs (the default
+    device with use_cpu_initialization, so `with torch.device("meta")` builds a model without memory)."""
+    if config.use_cpu_initialization:
+        return None
+    return torch.device(torch.cuda.current_device())
 
 
 def causal_conv1d(
@@ -38,3 +45,33 @@ def split_fused(sharded_state_dict: dict, key: str, pieces: list[tuple[str, int]
     sharded_state_dict[key] = _split_tensor_factory(
         sharded_state_dict[key], [size // tp for _, size in pieces], [name for name, _ in pieces], 0
     )
+
+
+def mixer_sharded_state_dict(
+    module: torch.nn.Module,
+    prefix: str,
+    sharded_offsets: tuple,
+    metadata: dict | None,
+    own_tp_axes: dict[str, int],
+    child_tp_axes: dict[str, dict[str, int]],
+) -> dict:
+    """A mixer's sharded state dict: its own parameters with their TP axes (`own_tp_axes`, by name), plain
+    children (`child_tp_axes`: child name -> {param: axis}) likewise, and every other child through
+    megatron-core. The TP group is passed explicitly: with only the metadata's DP group, megatron-core
+    0.16.1 would give replicated tensors (o_norm, ttt_norm) replica id 0 on every TP rank."""
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    groups = dict(tp_group=parallel_state.get_tensor_model_parallel_group(), dp_cp_group=metadata["dp_cp_group"])
+    own = {}
+    module._save_to_state_dict(own, "", keep_vars=True)
+    state = make_sharded_tensors_for_checkpoint(own, prefix, own_tp_axes, sharded_offsets, **groups)
+    for name, child in module.named_children():
+        if name in child_tp_axes:
+            state.update(make_sharded_tensors_for_checkpoint(
+                child.state_dict(prefix="", keep_vars=True), f"{prefix}{name}.", child_tp_axes[name],
+                sharded_offsets, **groups,
+            ))
+        else:
+            state.update(sharded_state_dict_default(
+                child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=groups["tp_group"]
+            ))
+    return state

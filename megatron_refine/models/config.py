@@ -76,6 +76,8 @@ class FastWeightConfig(TransformerConfig):
     def __post_init__(self):
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = fla_intermediate_size(self.hidden_size)
+        if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
+            self.pipeline_dtype = self.params_dtype  # the dtype of activations sent between stages
         tp = self.tensor_model_parallel_size
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")

@@ -21,15 +21,10 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.utils import (
-    ensure_metadata_has_dp_cp_group,
-    make_sharded_tensors_for_checkpoint,
-    sharded_state_dict_default,
-)
 
 from megatron_refine.kernels import delta_rule, delta_rule_step
 from megatron_refine.kernels.utils import compute_dtype
-from megatron_refine.models.common import causal_conv1d, param_device, split_fused
+from megatron_refine.models.common import causal_conv1d, mixer_sharded_state_dict, param_device, split_fused
 from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.inference import BranchRequest, DecodeRequest, gather_window
 from megatron_refine.models.norm import HeadRMSNorm
@@ -152,15 +147,7 @@ class DeltaNetMixer(MegatronModule):
         return self.out_proj(o.contiguous())
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        state = {}
-        for name, module in self.named_children():
-            if name == "conv1d":
-                state.update(make_sharded_tensors_for_checkpoint(
-                    module.state_dict(prefix="", keep_vars=True), f"{prefix}conv1d.", {"weight": 0}, sharded_offsets
-                ))
-            else:
-                state.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        state = mixer_sharded_state_dict(self, prefix, sharded_offsets, metadata, {}, {"conv1d": {"weight": 0}})
         split_fused(state, f"{prefix}in_proj.weight", self.pieces, self.tp)
         if self.config.use_short_conv:
             split_fused(state, f"{prefix}conv1d.weight", self.pieces[:3], self.tp)

@@ -59,7 +59,7 @@ def generate(
     logits, cache = out.logits[:, -1], out.cache
     tokens = []
     for i in range(max_new_tokens):
-        full = gather_from_tensor_model_parallel_region(logits)
+        full = gather_from_tensor_model_parallel_region(logits)[:, : model.tokenizer_vocab_size]
         next_tokens = _same_on_tp_ranks(
             sample_tokens(full, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator)
         )

@@ -24,11 +24,6 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.utils import (
-    ensure_metadata_has_dp_cp_group,
-    make_sharded_tensors_for_checkpoint,
-    sharded_state_dict_default,
-)
 
 from megatron_refine.kernels import LaCTState, lact_swiglu, lact_swiglu_step, low_rank_fast_weight
 from megatron_refine.kernels.utils import compute_dtype
@@ -38,7 +33,7 @@ from megatron_refine.models.attention import (
     sliding_window_attention,
     window_attention_step,
 )
-from megatron_refine.models.common import param_device, split_fused
+from megatron_refine.models.common import mixer_sharded_state_dict, param_device, split_fused
 from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.deltanet import l2_norm
 from megatron_refine.models.inference import BranchRequest, DecodeRequest, gather_window
@@ -215,18 +210,10 @@ class LaCTMixer(MegatronModule):
         return self.out_proj(o.contiguous())
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        own = {}
-        self._save_to_state_dict(own, "", keep_vars=True)  # qk_scale, qk_offset, w1 (and full-rank w0, w2)
-        state = make_sharded_tensors_for_checkpoint(own, prefix, {name: 0 for name in own}, sharded_offsets)
-        for name, module in self.named_children():
-            if isinstance(module, LowRankFastWeight):
-                state.update(make_sharded_tensors_for_checkpoint(
-                    module.state_dict(prefix="", keep_vars=True), f"{prefix}{name}.",
-                    {"w_left": 0, "w_right": 0}, sharded_offsets,
-                ))
-            else:
-                state.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        # qk_scale, qk_offset, w1 (and full-rank w0, w2) are sharded along dim 0, as are low-rank factors.
+        own = {name: 0 for name, _ in self.named_parameters(recurse=False)}
+        low_rank = {n: {"w_left": 0, "w_right": 0} for n, c in self.named_children() if isinstance(c, LowRankFastWeight)}
+        state = mixer_sharded_state_dict(self, prefix, sharded_offsets, metadata, own, low_rank)
         h = self.config.hidden_size
         split_fused(state, f"{prefix}qkv.weight", [("query", h), ("key", h), ("value", h)], self.tp)
         return state

@@ -10,6 +10,7 @@ Two more entry points, for a whole model on one pipeline stage:
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ class FastWeightGPTModel(GPTModel):
             position_embedding_type="none",
             vp_stage=vp_stage,
         )
+        self.tokenizer_vocab_size = vocab_size
 
     @property
     def mixers(self) -> list[torch.nn.Module]:
@@ -111,17 +113,37 @@ class FastWeightGPTModel(GPTModel):
         return InferenceCache(positions=torch.zeros(rows, dtype=torch.long, device=device))
 
 
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tp: int = 1) -> int:
+    """Megatron pads the embedding so every TP rank holds an equal shard. The padding does not depend on
+    the TP size (unlike Megatron-LM's), so a checkpoint reshards across TP sizes."""
+    padded = math.ceil(vocab_size / make_vocab_size_divisible_by) * make_vocab_size_divisible_by
+    if padded % tp != 0:
+        raise ValueError(
+            f"padded vocab size {padded} is not divisible by TP={tp}: set make_vocab_size_divisible_by "
+            f"to a multiple of {tp}"
+        )
+    return padded
+
+
 def build_model(
     config: FastWeightConfig,
     vocab_size: int,
     *,
+    make_vocab_size_divisible_by: int = 128,
     pre_process: bool | None = None,
     post_process: bool | None = None,
     use_te: bool | None = None,
 ) -> FastWeightGPTModel:
-    """The model for this rank's pipeline stage (pre/post process from Megatron's parallel state)."""
+    """The model for this rank's pipeline stage (pre/post process from Megatron's parallel state).
+
+    `vocab_size` is the tokenizer's; the embedding is padded (see `padded_vocab_size`) and
+    `model.tokenizer_vocab_size` keeps the real size (generation never samples the padding).
+    """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    return FastWeightGPTModel(config, vocab_size, pre_process=pre_process, post_process=post_process, use_te=use_te)
+    padded = padded_vocab_size(vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size)
+    model = FastWeightGPTModel(config, padded, pre_process=pre_process, post_process=post_process, use_te=use_te)
+    model.tokenizer_vocab_size = vocab_size
+    return model

@@ -68,7 +68,7 @@ def _branch_gradients_equal_prefix_rerun(name):
     ids = token_batch(1, T, seed=7)
     p, k = 17, 4
     rollout = token_batch(1, k, seed=8)
-    weights = torch.randn(1, k, VOCAB, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    weights = torch.randn(1, k, model.vocab_size, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     params = [q for q in model.parameters()]
 
     # Branch: one forward over the whole document, then k cached steps from the state after p.
@@ -106,7 +106,7 @@ def _generation(name):
     seq = prompts
     for _ in range(6):
         with torch.no_grad():
-            seq = torch.cat([seq, model(seq, None, None)[:, -1].argmax(-1, keepdim=True)], dim=1)
+            seq = torch.cat([seq, model(seq, None, None)[:, -1, :VOCAB].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(greedy, seq[:, 9:])
     g = torch.Generator().manual_seed(0)
     sampled = generate(model, prompts, 6, temperature=1.0, top_p=0.9, generator=g)

@@ -1,0 +1,54 @@
+"""FastWeightConfig validation, presets, and the published models' sizes (built on the meta device)."""
+
+import pytest
+
+from megatron_refine.models import PRESETS, PUBLISHED_VOCAB_SIZE, get_config
+from megatron_refine.models.config import fla_intermediate_size
+from megatron_refine.runtime import initialize, spawn
+
+
+def test_fla_default_mlp_width():
+    assert fla_intermediate_size(2048) == 5632  # DeltaNet-1.3B's intermediate size
+    assert fla_intermediate_size(64) == 256
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("deltanet_tiny", dict(tensor_model_parallel_size=3), r"num_attention_heads \(4\) must be divisible by tensor_model_parallel_size \(3\)"),
+        ("deltanet_tiny", dict(expand_k=0.75, num_attention_heads=5, hidden_size=64), "key dim .* must be divisible"),
+        ("deltanet_tiny", dict(qk_norm="l1"), "qk_norm must be"),
+        ("lact_tiny", dict(num_lact_heads=3), r"hidden_size \(64\) must be divisible by num_lact_heads \(3\)"),
+        ("lact_tiny", dict(num_lact_heads=1, tensor_model_parallel_size=2), r"num_lact_heads \(1\) must be divisible by tensor_model_parallel_size \(2\)"),
+        ("lact_tiny", dict(num_attention_heads=2, num_lact_heads=4), "multiple of the attention head dim"),
+        ("deltanet_tiny", dict(mixer="mamba"), "mixer must be one of"),
+        ("deltanet_tiny", dict(hidden_sizes=3), r"unknown config fields \['hidden_sizes'\]"),
+        ("deltanet_2b", {}, "unknown model config 'deltanet_2b'"),
+    ],
+)
+def test_bad_configs_say_what_to_change(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        get_config(name, **overrides)
+
+
+def test_presets_build_their_configs():
+    for name in PRESETS:
+        config = get_config(name)
+        assert config.mixer in ("deltanet", "lact")
+        assert config.add_bias_linear is False and config.layernorm_epsilon == 1e-6
+    assert get_config("deltanet_1p3b").ffn_hidden_size == 5632
+
+
+def _published_sizes():
+    from megatron_refine.models.summary import parameter_counts
+
+    initialize()
+    return {name: parameter_counts(get_config(name), PUBLISHED_VOCAB_SIZE) for name in ("deltanet_1p3b", "lact_760m")}
+
+
+def test_published_configs_have_the_published_sizes():
+    sizes = spawn(_published_sizes, 1)[0]
+    deltanet, lact = sizes["deltanet_1p3b"], sizes["lact_760m"]
+    assert 1.30e9 < deltanet["total"] < 1.40e9  # fla-hub/delta_net-1.3B: 1.37B with untied embeddings
+    assert deltanet["embedding"] == deltanet["output_layer"] == 32000 * 2048
+    assert 0.74e9 < lact["total"] < 0.82e9  # "LaCT-760M" (0.80B with fla's default MLP width)
