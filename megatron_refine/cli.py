@@ -56,6 +56,12 @@ def _model_info(args: argparse.Namespace) -> None:
         print(f"  {name:<14} {n:>15,d}  ({n / 1e9:.3f}B)")
 
 
+def _preprocess(args: argparse.Namespace) -> None:
+    from megatron_refine.data.preprocess import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-refine",
@@ -69,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, help="local processes (default 2)")
     demo.add_argument("--out-dir", dest="out_dir", help="where outputs go (default demo_output)")
     demo.set_defaults(func=_demo)
+
+    from megatron_refine.data.preprocess import add_arguments as add_preprocess_arguments
+
+    preprocess = sub.add_parser("preprocess", help="text / jsonl (or the built-in corpus) -> tokenized webdataset shards")
+    add_preprocess_arguments(preprocess)
+    preprocess.set_defaults(func=_preprocess)
 
     model_info = sub.add_parser("model-info", help="parameter counts of a model config (built on the meta device)")
     model_info.add_argument(

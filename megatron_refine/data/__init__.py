@@ -1,0 +1,23 @@
+"""Data: tokenizers, the built-in synthetic corpus, tokenized webdataset shards, the packed loader."""
+
+from megatron_refine.data.corpus import RecallExample, generate_documents, key_value_recall_examples
+from megatron_refine.data.loader import LoaderState, PackedLoader
+from megatron_refine.data.preprocess import preprocess, write_builtin_corpus
+from megatron_refine.data.shards import DataError, ShardedDataset
+from megatron_refine.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_from_metadata
+
+__all__ = [
+    "ByteTokenizer",
+    "DataError",
+    "HFTokenizer",
+    "LoaderState",
+    "PackedLoader",
+    "RecallExample",
+    "ShardedDataset",
+    "generate_documents",
+    "key_value_recall_examples",
+    "load_tokenizer",
+    "preprocess",
+    "tokenizer_from_metadata",
+    "write_builtin_corpus",
+]
