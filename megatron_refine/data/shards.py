@@ -21,6 +21,10 @@ METADATA = "metadata.json"
 FORMAT_VERSION = 1
 
 
+def _whole(urls):
+    return urls
+
+
 class DataError(ValueError):
     """Bad data on disk; the message names the file and the fix."""
 
@@ -99,7 +103,10 @@ class ShardedDataset:
         expected = self._documents_per_shard[shard]
         read = 0
         try:
-            for read, sample in enumerate(wds.WebDataset(str(path), shardshuffle=False, empty_check=False), 1):
+            # The loader assigns shards to DP ranks itself: read exactly this shard, unsplit.
+            samples = wds.WebDataset(str(path), shardshuffle=False, empty_check=False,
+                                     nodesplitter=_whole, workersplitter=_whole)
+            for read, sample in enumerate(samples, 1):
                 if read <= skip:
                     continue
                 tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)

@@ -113,6 +113,7 @@ def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_deco
 
 
 _RANDOM = "megatron.core.tensor_parallel.random"
+_SCHEDULES = "megatron.core.pipeline_parallel.schedules"
 _OPTIMIZER = "megatron.core.optimizer.optimizer"
 _CLIP_GRADS = "megatron.core.optimizer.clip_grads"
 
@@ -164,6 +165,18 @@ PATCHES: tuple[Patch, ...] = (
         f"{_OPTIMIZER}:MixedPrecisionOptimizer.__init__",
         "allocates found_inf and the loss-scale constants with device='cuda'.",
         _with_cuda_literals_on_cpu,
+    ),
+    *(
+        Patch(
+            f"{_SCHEDULES}:{name}",
+            "allocates its token counter with device='cuda' (get_forward_backward_func returns it by name).",
+            _with_cuda_literals_on_cpu,
+        )
+        for name in (
+            "forward_backward_no_pipelining",
+            "forward_backward_pipelining_without_interleaving",
+            "forward_backward_pipelining_with_interleaving",
+        )
     ),
     # clip_grads functions are patched where they are defined and where the optimizer imported them.
     *(

@@ -1,0 +1,208 @@
+"""NTP pretraining with megatron-core: read top to bottom.
+
+setup: process groups -> data -> model (GPTModel over the fast-weight stack) -> DDP -> optimizer ->
+scheduler -> loader -> optional checkpoint load. Each step: `num_microbatches` packed micro-batches through
+Megatron's forward-backward schedule (pipeline schedules when PP > 1), a DP-averaged loss, a skipped step
+when it is NaN/Inf, else the optimizer and scheduler step. bf16 on GPU, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_refine.data import PackedLoader, ShardedDataset
+from megatron_refine.models import FastWeightGPTModel, build_model, get_config
+from megatron_refine.runtime import Runtime, initialize
+from megatron_refine.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_refine.training.config import TrainConfig
+from megatron_refine.training.logger import MetricsLogger
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    skipped: bool
+
+
+@dataclass
+class TrainResult:
+    model: FastWeightGPTModel  # the unwrapped module
+    losses: list[float] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    skipped_steps: int = 0
+    checkpoint: str | None = None
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    runtime: Runtime
+    model: DistributedDataParallel
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    loader: PackedLoader
+    num_microbatches: int
+    start_step: int = 0
+
+    @property
+    def module(self) -> FastWeightGPTModel:
+        return self.model.module
+
+
+def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
+    par, data, opt = cfg.parallel, cfg.data, cfg.optimizer
+    rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed)
+    dataset = ShardedDataset.open(data.path)
+    dp = rt.layout.data_parallel_size
+    if data.global_batch_size % (data.micro_batch_size * dp) != 0:
+        raise ValueError(
+            f"global_batch_size {data.global_batch_size} must be a multiple of micro_batch_size x data-parallel size "
+            f"= {data.micro_batch_size} x {dp}"
+        )
+    decay_steps = opt.lr_decay_steps or cfg.train_steps
+    if opt.warmup_steps >= decay_steps:
+        raise ValueError(
+            f"optimizer.warmup_steps ({opt.warmup_steps}) must be smaller than the decay steps ({decay_steps}: "
+            "optimizer.lr_decay_steps, default train_steps); lower the warmup or train longer"
+        )
+    if par.sequence_parallel and data.seq_length % par.tensor_model_parallel_size != 0:
+        raise ValueError(f"with sequence parallelism seq_length ({data.seq_length}) must be divisible by TP")
+    cuda = torch.cuda.is_available()
+    dtype = dict(params_dtype=torch.bfloat16, bf16=True) if cuda else dict(params_dtype=torch.float32)
+    model_config = get_config(
+        cfg.model.config, tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size, sequence_parallel=par.sequence_parallel,
+        use_cpu_initialization=not cuda, **dtype, **cfg.model.overrides,
+    )
+    module = build_model(model_config, dataset.vocab_size)
+    if cuda:
+        module.cuda()
+    distributed_optimizer = cuda if opt.use_distributed_optimizer is None else opt.use_distributed_optimizer
+    model = DistributedDataParallel(
+        model_config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer),
+        module,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2, clip_grad=opt.clip_grad, bf16=cuda, params_dtype=dtype["params_dtype"],
+            use_distributed_optimizer=distributed_optimizer,
+        ),
+        [model],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr, lr_warmup_steps=opt.warmup_steps,
+        lr_decay_steps=decay_steps, lr_decay_style=opt.lr_decay_style,
+        start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=cfg.train_steps, wd_incr_style="constant",
+    )
+    # Hooks Megatron's schedules call: DP no-sync for all but the last micro-batch, grad finalisation
+    # (DP reduce, SP norm reduce, PP embedding sync), loss scaling.
+    model_config.no_sync_func = model.no_sync
+    model_config.finalize_model_grads_func = finalize_model_grads
+    model_config.grad_scale_func = optimizer.scale_loss
+    loader = PackedLoader(dataset, data.seq_length, data.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
+                          dp_size=dp, seed=data.seed)
+    trainer = Trainer(cfg, rt, model, optimizer, scheduler, loader, data.global_batch_size // (data.micro_batch_size * dp))
+
+    ckpt = cfg.checkpoint
+    if ckpt.load:
+        if ckpt.finetune:
+            load_checkpoint(ckpt.load, module, expected_vocab_size=dataset.vocab_size)
+        else:
+            trainer.start_step = load_checkpoint(ckpt.load, module, optimizer, scheduler, loader,
+                                                 expected_vocab_size=dataset.vocab_size)
+    return trainer
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    output = model(batch["tokens"].to(device), None, None, labels=batch["labels"].to(device))
+
+    def loss_func(per_token_loss):  # called on the last pipeline stage only
+        loss = per_token_loss.float().mean()
+        # A copy: the schedule divides the returned loss in place by the number of micro-batches.
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def _reduce_loss(losses: list[dict], device: torch.device) -> float:
+    """Mean over micro-batches on the last stage, shared with the other stages, averaged over DP."""
+    value = torch.stack([d["lm loss"].float() for d in losses]).mean().reshape(1) if losses else torch.zeros(1, device=device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(value, parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+    return value.item() / parallel_state.get_data_parallel_world_size()
+
+
+def train_step(trainer: Trainer, batches: list[dict]) -> StepResult:
+    model, optimizer = trainer.model, trainer.optimizer
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    tokens = batches[0]["tokens"]
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+        seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=False,
+    )
+    loss = _reduce_loss(losses, next(model.parameters()).device)
+    if not math.isfinite(loss):  # every rank sees the same DP-averaged loss, so all skip together
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        return StepResult(loss, None, skipped=True)
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        trainer.scheduler.step(increment=1)
+    return StepResult(loss, grad_norm, skipped=not ok)
+
+
+def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
+    trainer = setup(cfg, runtime)
+    ckpt, log = cfg.checkpoint, cfg.logging
+    logger = MetricsLogger(cfg.train_steps, log.tensorboard_dir, log.wandb_project, cfg.to_dict())
+    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
+    result = TrainResult(trainer.module)
+    rates = []
+    if trainer.start_step and trainer.runtime.is_main:
+        print(f"resumed from {ckpt.load} at step {trainer.start_step}", flush=True)
+    for step in range(trainer.start_step + 1, cfg.train_steps + 1):
+        batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
+        start = time.perf_counter()
+        out = train_step(trainer, batches)
+        rates.append(tokens_per_step / (time.perf_counter() - start))
+        result.losses.append(out.loss)
+        result.skipped_steps += out.skipped
+        if out.skipped and trainer.runtime.is_main:
+            print(f"step {step}: loss is {out.loss}; skipped the update (skipped so far: {result.skipped_steps})", flush=True)
+        metrics = {"loss": out.loss, "lr": trainer.optimizer.param_groups[0]["lr"], "tokens_per_s": rates[-1],
+                   "skipped_steps": result.skipped_steps}
+        if out.grad_norm is not None:
+            metrics["grad_norm"] = out.grad_norm
+        logger.log(step, metrics, console=step % log.log_interval == 0 or step == cfg.train_steps)
+        exiting = bool(cfg.exit_interval) and step % cfg.exit_interval == 0
+        if ckpt.save and (exiting or (ckpt.save_interval and step % ckpt.save_interval == 0) or step == cfg.train_steps):
+            path = save_checkpoint(ckpt.save, step, trainer.module, trainer.optimizer, trainer.scheduler,
+                                   trainer.loader, cfg.to_dict(), ckpt.keep_last)
+            result.checkpoint = str(path)
+        if exiting:
+            if trainer.runtime.is_main:
+                print(f"exit_interval {cfg.exit_interval}: stopping after step {step}", flush=True)
+            break
+    logger.close()
+    result.tokens_per_s = sorted(rates)[len(rates) // 2] if rates else 0.0
+    return result
+
+
+__all__ = ["StepResult", "TrainResult", "Trainer", "setup", "train", "train_step"]

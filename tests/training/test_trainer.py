@@ -1,0 +1,165 @@
+"""The NTP trainer on gloo: parallel layouts agree, resume is exact, checkpoints are atomic, NaN steps skip."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_refine.runtime import RankFailed, spawn
+from megatron_refine.training import load_config, save_checkpoint, setup, train, train_step
+from megatron_refine.training.checkpointing import MARKER, latest_iteration
+
+SEQ = 32
+
+
+def _config(corpus, *extra):
+    return load_config("tiny-deltanet", [
+        f"data.path={corpus}", f"data.seq_length={SEQ}", "data.micro_batch_size=2", "data.global_batch_size=4",
+        "optimizer.warmup_steps=0", "optimizer.lr=3e-3", "logging.log_interval=100", *extra,
+    ])
+
+
+def _global_batches(steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 257, (4, SEQ + 1), generator=g) for _ in range(steps)]
+
+
+def _my_micro_batches(trainer, global_batch):
+    """This DP rank's micro-batches of a global batch [4, SEQ+1] (rank-major, as the loader shards)."""
+    dp, rank = trainer.runtime.layout.data_parallel_size, torch.distributed.get_rank() // (
+        trainer.runtime.world_size // trainer.runtime.layout.data_parallel_size)
+    mine = global_batch.chunk(dp)[rank]
+    return [{"tokens": m[:, :-1], "labels": m[:, 1:]} for m in mine.chunk(trainer.num_microbatches)]
+
+
+def _steps(corpus, layout, root, load=None):
+    cfg = _config(corpus, *layout, *(["checkpoint.load=" + load, "checkpoint.finetune=true"] if load else []))
+    trainer = setup(cfg)
+    if load is None:  # the reference run publishes its initial weights for the other layouts
+        save_checkpoint(root, 0, trainer.module, trainer.optimizer, trainer.scheduler, trainer.loader, {})
+    results = [train_step(trainer, _my_micro_batches(trainer, b)) for b in _global_batches(3)]
+    return [(r.loss, r.grad_norm) for r in results]
+
+
+@pytest.mark.parametrize("layout, nproc", [
+    (["parallel.tensor_model_parallel_size=1"], 2),  # DP=2
+    (["parallel.tensor_model_parallel_size=2"], 2),  # TP=2
+    (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2),  # TP=2 + SP
+    (["parallel.pipeline_model_parallel_size=2"], 2),  # PP=2 (pipeline schedule on gloo)
+], ids=["dp2", "tp2", "tp2-sp", "pp2"])
+def test_parallel_training_steps_match_one_rank(corpus, tmp_path, layout, nproc):
+    (reference,) = spawn(_steps, 1, corpus, [], tmp_path)
+    for steps in spawn(_steps, nproc, corpus, layout, tmp_path, str(tmp_path)):
+        for (loss, norm), (ref_loss, ref_norm) in zip(steps, reference):
+            assert math.isclose(loss, ref_loss, rel_tol=1e-5), (steps, reference)
+            assert math.isclose(norm, ref_norm, rel_tol=1e-4), (steps, reference)
+    assert reference[-1][0] < reference[0][0]
+
+
+def _train(corpus, root, steps, load, *extra):
+    cfg = _config(corpus, f"train_steps={steps}", f"checkpoint.save={root}", "optimizer.warmup_steps=2",
+                  *([f"checkpoint.load={root}"] if load else []), *extra)
+    result = train(cfg)
+    return result.losses, {n: p.detach().clone() for n, p in result.model.named_parameters()}
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
+    full_losses, full_params = spawn(_train, 2, corpus, tmp_path / "a", 6, False)[0]
+    spawn(_train, 2, corpus, tmp_path / "b", 6, False, "exit_interval=3")  # stops after step 3's checkpoint
+    resumed_losses, resumed_params = spawn(_train, 2, corpus, tmp_path / "b", 6, True)[0]
+    assert len(resumed_losses) == 3
+    torch.testing.assert_close(torch.tensor(resumed_losses), torch.tensor(full_losses[3:]), rtol=1e-5, atol=1e-6)
+    for name, p in full_params.items():
+        torch.testing.assert_close(resumed_params[name], p, rtol=1e-5, atol=1e-6)
+    assert latest_iteration(tmp_path / "b") == 6
+
+
+def _crash_during_save(corpus, root):
+    import megatron_refine.training.checkpointing as checkpointing
+
+    trainer = setup(_config(corpus))
+    train_step(trainer, [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)])
+    save_checkpoint(root, 1, trainer.module, trainer.optimizer, trainer.scheduler, trainer.loader, {})
+    real_save = checkpointing.dist_checkpointing.save
+
+    def dies_halfway(state, path, **kw):
+        (Path(path) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    checkpointing.dist_checkpointing.save = dies_halfway
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(root, 2, trainer.module, trainer.optimizer, trainer.scheduler, trainer.loader, {})
+    checkpointing.dist_checkpointing.save = real_save
+    assert (root / MARKER).read_text() == "1" and not (root / "iter_0000002").exists()
+    fresh = setup(_config(corpus, f"checkpoint.load={root}"))
+    assert fresh.start_step == 1
+    # The next save clears the leftover and completes.
+    save_checkpoint(root, 2, trainer.module, trainer.optimizer, trainer.scheduler, trainer.loader, {})
+    assert latest_iteration(root) == 2 and not (root / "iter_0000002.tmp").exists()
+
+
+def test_a_crash_during_a_checkpoint_write_leaves_latest_on_the_previous_one(corpus, tmp_path):
+    spawn(_crash_during_save, 1, corpus, tmp_path)
+
+
+def _nan_step(corpus):
+    import megatron_refine.training.trainer as trainer_module
+
+    trainer = setup(_config(corpus))
+    batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
+    before = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+    real = trainer_module._forward_step
+
+    def nan_forward(data_iterator, model):
+        output, loss_func = real(data_iterator, model)
+        return output * float("nan"), loss_func
+
+    trainer_module._forward_step = nan_forward
+    result = train_step(trainer, batches)
+    trainer_module._forward_step = real
+    assert result.skipped and math.isnan(result.loss)
+    for n, p in trainer.module.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert not train_step(trainer, batches).skipped
+
+
+def test_a_nan_loss_skips_the_update(corpus):
+    spawn(_nan_step, 1, corpus)
+
+
+def _setup(cfg):
+    setup(cfg)
+
+
+def test_bad_input_fails_before_any_step(corpus, tmp_path):
+    with pytest.raises(RankFailed, match="does not exist: run `megatron-refine preprocess`"):
+        spawn(_setup, 1, _config(str(tmp_path / "missing")))
+    with pytest.raises(RankFailed, match="global_batch_size 5 must be a multiple of micro_batch_size"):
+        spawn(_setup, 1, _config(corpus, "data.global_batch_size=5"))
+    with pytest.raises(RankFailed, match=r"warmup_steps \(2\) must be smaller than the decay steps \(1"):
+        spawn(_train, 1, corpus, tmp_path / "ck", 1, False)
+    spawn(_train, 1, corpus, tmp_path / "ck", 3, False)
+    meta = json.loads((Path(corpus) / "metadata.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    for shard in meta["shards"]:
+        (other / shard["name"]).write_bytes((Path(corpus) / shard["name"]).read_bytes())
+    (other / "metadata.json").write_text(json.dumps({**meta, "vocab_size": 300}))
+    with pytest.raises(RankFailed, match="tokenizer of 257 tokens, the data has 300"):
+        spawn(_setup, 1, _config(str(other), f"checkpoint.load={tmp_path / 'ck'}"))
+
+
+def test_config_yaml_and_set_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  config: lact_tiny\noptimizer:\n  lr: 0.01\ntrain_steps: 7\n")
+    cfg = load_config(str(path), ["optimizer.lr=2e-3", "model.overrides.num_layers=3"])
+    assert (cfg.model.config, cfg.optimizer.lr, cfg.train_steps, cfg.model.overrides) == ("lact_tiny", 2e-3, 7, {"num_layers": 3})
+    assert load_config(None, ["optimizer.min_lr=1e-5"]).optimizer.min_lr == 1e-5  # YAML 1.1 reads 1e-5 as a string
+    with pytest.raises(ValueError, match="optimizer.lr expects a float, got 'fast'"):
+        load_config(None, ["optimizer.lr=fast"])
+    with pytest.raises(ValueError, match=r"unknown config keys \['optimizer.learning_rate'\]"):
+        load_config(None, ["optimizer.learning_rate=1"])
+    with pytest.raises(ValueError, match="neither a YAML file nor one of"):
+        load_config("no-such-config")
