@@ -17,12 +17,17 @@ import time
 import traceback
 from typing import Any, Callable
 
+# Imported once in the forkserver, so every rank starts with them loaded (megatron_refine.models alone pulls
+# in megatron-core's GPT stack, fla and triton: several seconds per fresh interpreter).
 _PRELOAD = [
     "torch",
     "megatron_refine.runtime",
     "megatron.core.distributed",
     "megatron.core.optimizer",
     "megatron.core.dist_checkpointing",
+    "megatron_refine.models",
+    "megatron_refine.data",
+    "megatron_refine.training",
 ]
 
 

@@ -11,6 +11,7 @@ Model weights load at any TP / PP / DP layout; the optimizer, RNG and data posit
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import random
 import shutil
@@ -78,9 +79,22 @@ def _per_rank_objects(rng, data) -> dict:
     }
 
 
+def start_write_results_queue() -> None:
+    """megatron-core's filesystem writer collects write results through a multiprocessing Manager that it
+    starts with the spawn method: a fresh interpreter that re-imports torch and megatron (about 6 s), and
+    that hangs forever when the launching script lacks an `if __name__ == "__main__":` guard. A Manager
+    forked from this process serves the same queue without either problem (the forked child runs only the
+    Manager's pure-Python server loop)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+
+
 def save_checkpoint(root: str | Path, iteration: int, model, optimizer, scheduler, loader, config: dict,
                     keep_last: int = 3) -> Path:
     """Save atomically; returns the checkpoint folder. `model` is the unwrapped Megatron module."""
+    start_write_results_queue()
     root = Path(root)
     final, tmp = checkpoint_dir(root, iteration), checkpoint_dir(root, iteration).with_suffix(".tmp")
     if torch.distributed.get_rank() == 0:

@@ -8,6 +8,7 @@ from megatron_modules import VOCAB, token_batch
 from megatron_refine.models import build_model, get_config
 from megatron_refine.models.specs import te_available
 from megatron_refine.runtime import initialize, spawn
+from megatron_refine.training.checkpointing import start_write_results_queue
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -20,6 +21,7 @@ def _bf16_model(name, use_te):
 def _te_matches_local(name, root):
     initialize(seed=1)
     local = _bf16_model(name, use_te=False)
+    start_write_results_queue()
     dist_checkpointing.save(local.sharded_state_dict(), str(root))
     te = _bf16_model(name, use_te=True)
     te.load_state_dict(dist_checkpointing.load(te.sharded_state_dict(), str(root)), strict=False)

@@ -11,6 +11,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron_modules import tiny_fast_weight_model, token_batch
 
 from megatron_refine.runtime import initialize, spawn
+from megatron_refine.training.checkpointing import start_write_results_queue
 
 MIXERS = ["deltanet_tiny", "lact_tiny"]
 B, T = 2, 24
@@ -20,6 +21,7 @@ def _save(model, path):
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True)
     torch.distributed.barrier()
+    start_write_results_queue()
     dist_checkpointing.save(model.sharded_state_dict(), str(path))
 
 

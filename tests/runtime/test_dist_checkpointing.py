@@ -6,6 +6,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from megatron_modules import HIDDEN, swiglu_mlp, tiny_config
 
 from megatron_refine.runtime import initialize, spawn
+from megatron_refine.training.checkpointing import start_write_results_queue
 
 SEQ, BATCH = 4, 2
 
@@ -35,6 +36,7 @@ def _sharded_state_dict(model):
 def _save_tp2(ckpt_dir: str) -> torch.Tensor:
     initialize(tp=2, seed=21)
     model = swiglu_mlp(tiny_config(tp=2, sequence_parallel=True))
+    start_write_results_queue()
     dist_checkpointing.save(_sharded_state_dict(model), ckpt_dir)
     return _full_output(model, sequence_parallel=True)
 
