@@ -56,6 +56,39 @@ def _model_info(args: argparse.Namespace) -> None:
         print(f"  {name:<14} {n:>15,d}  ({n / 1e9:.3f}B)")
 
 
+def _train_and_report(cfg) -> None:
+    from megatron_refine.training import train
+
+    result = train(cfg)
+    if torch_rank() == 0:
+        print(f"done: {len(result.losses)} steps, final loss {result.losses[-1]:.4f}, "
+              f"{result.tokens_per_s:,.0f} tokens/s, skipped {result.skipped_steps}, checkpoint {result.checkpoint}")
+
+
+def torch_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _train(args: argparse.Namespace) -> None:
+    """Runs in this process under torchrun; `--nproc N` starts N local ranks itself."""
+    import os
+
+    from megatron_refine.runtime import spawn
+    from megatron_refine.training import load_config
+
+    flags = [f"checkpoint.load={args.load}"] if args.load else []
+    flags += ["checkpoint.finetune=true"] if args.finetune else []
+    cfg = load_config(args.config, [*args.set, *flags])
+    if cfg.checkpoint.finetune and not cfg.checkpoint.load:
+        raise SystemExit("--finetune needs --load PATH (the checkpoint folder to take the weights from)")
+    if args.nproc > 1 and "RANK" not in os.environ:
+        spawn(_train_and_report, args.nproc, cfg, timeout=7 * 24 * 3600)
+    else:
+        _train_and_report(cfg)
+
+
 def _preprocess(args: argparse.Namespace) -> None:
     from megatron_refine.data.preprocess import run
 
@@ -70,11 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data (the README's main job)")
-    demo.add_argument("--steps", type=int, help="training steps (default 60)")
-    demo.add_argument("--tp", type=int, help="tensor-parallel size (default 2)")
-    demo.add_argument("--nproc", type=int, help="local processes (default 2)")
+    demo.add_argument("--steps", type=int, help="training steps (default 240)")
+    demo.add_argument("--nproc", type=int, help="local data-parallel processes (default 2)")
+    demo.add_argument("--documents", type=int, help="documents in the built-in corpus (default 6000)")
     demo.add_argument("--out-dir", dest="out_dir", help="where outputs go (default demo_output)")
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="NTP pretraining (REFINE stages come with --stage)")
+    train.add_argument("--config", help="a YAML file or a built-in name (tiny-deltanet, tiny-lact); default: defaults")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field, e.g. --set optimizer.lr=1e-3 --set data.path=shards/")
+    train.add_argument("--load", help="resume from this checkpoint folder (checkpoint.load)")
+    train.add_argument("--finetune", action="store_true", help="with --load: model weights only, from step 0")
+    train.add_argument("--nproc", type=int, default=1, help="local processes to start (without torchrun)")
+    train.set_defaults(func=_train)
 
     from megatron_refine.data.preprocess import add_arguments as add_preprocess_arguments
 
