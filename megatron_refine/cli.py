@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import importlib.util
+import os
 import warnings
+
+# Expected on CPU machines (and without TE / apex): said once per process at import, noise in every rank.
+QUIET_WARNINGS = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "Triton is not supported on current platform",
+    "full scope is deprecated",
+)
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -73,8 +83,6 @@ def torch_rank() -> int:
 
 def _train(args: argparse.Namespace) -> None:
     """Runs in this process under torchrun; `--nproc N` starts N local ranks itself."""
-    import os
-
     from megatron_refine.runtime import spawn
     from megatron_refine.training import load_config
 
@@ -136,8 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_expected_warnings() -> None:
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    # Local ranks start from a fresh interpreter (the launcher's forkserver), which reads PYTHONWARNINGS.
+    filters = [f"ignore:{m}" for m in QUIET_WARNINGS]
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *filters]))
+
+
 def main(argv: list[str] | None = None) -> None:
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    _quiet_expected_warnings()
     args = build_parser().parse_args(argv)
     args.func(args)
 

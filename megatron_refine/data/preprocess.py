@@ -127,7 +127,7 @@ def write_builtin_corpus(out_dir: str | Path, num_documents: int, seed: int, sha
     """Generate the built-in corpus as jsonl under out_dir/source and preprocess it into out_dir."""
     source = Path(out_dir) / "source"
     source.mkdir(parents=True, exist_ok=True)
-    jsonl = source / f"builtin-{seed}.jsonl"
+    jsonl = source / f"builtin-seed{seed}-{num_documents}.jsonl"
     if not jsonl.is_file():
         tmp = jsonl.with_suffix(".tmp")
         with open(tmp, "w") as f:

@@ -13,6 +13,8 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
+from megatron_refine.kernels.utils import compute_dtype
+
 
 def param_device(config: TransformerConfig) -> torch.device | None:
     """Where a mixer's own parameters live: where megatron-core's parallel linears put theirs (the default
@@ -20,6 +22,12 @@ def param_device(config: TransformerConfig) -> torch.device | None:
     if config.use_cpu_initialization:
         return None
     return torch.device(torch.cuda.current_device())
+
+
+def l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """fla's l2norm over the last dim: x / sqrt(sum(x^2) + 1e-6), in fp32 (fp64 kept)."""
+    xf = x.to(compute_dtype(x))
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + 1e-6)).to(x.dtype)
 
 
 def causal_conv1d(

@@ -24,7 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_refine.kernels import delta_rule, delta_rule_step
 from megatron_refine.kernels.utils import compute_dtype
-from megatron_refine.models.common import causal_conv1d, mixer_sharded_state_dict, param_device, split_fused
+from megatron_refine.models.common import causal_conv1d, l2_norm, mixer_sharded_state_dict, param_device, split_fused
 from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.inference import BranchRequest, DecodeRequest, gather_window
 from megatron_refine.models.norm import HeadRMSNorm
@@ -42,12 +42,6 @@ class DeltaNetCache:
 
     state: torch.Tensor  # [N, H/t, K, V], fp32
     conv: torch.Tensor | None  # [N, W-1, conv channels / t]: the last W-1 pre-conv q|k|v inputs
-
-
-def l2_norm(x: torch.Tensor) -> torch.Tensor:
-    """fla's l2norm: x / sqrt(sum(x^2) + 1e-6), in fp32 (fp64 kept)."""
-    xf = x.to(compute_dtype(x))
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + 1e-6)).to(x.dtype)
 
 
 class DeltaNetMixer(MegatronModule):

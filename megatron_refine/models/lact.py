@@ -33,9 +33,8 @@ from megatron_refine.models.attention import (
     sliding_window_attention,
     window_attention_step,
 )
-from megatron_refine.models.common import mixer_sharded_state_dict, param_device, split_fused
+from megatron_refine.models.common import l2_norm, mixer_sharded_state_dict, param_device, split_fused
 from megatron_refine.models.config import FastWeightConfig
-from megatron_refine.models.deltanet import l2_norm
 from megatron_refine.models.inference import BranchRequest, DecodeRequest, gather_window
 from megatron_refine.models.norm import HeadRMSNorm
 

@@ -42,9 +42,8 @@ class MetricsLogger:
                 if name in metrics:
                     value = metrics[name]
                     line += f" | {name.replace('_', ' ')} " + (f"{value:.2e}" if name == "lr" else f"{value:.4g}")
-            for name, value in metrics.items():
-                if name.startswith("skipped"):
-                    line += f" | {name} {int(value)}"
+            if metrics.get("skipped_steps"):
+                line += f" | skipped steps {int(metrics['skipped_steps'])}"
             print(f"{line} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
 
     def close(self) -> None:
