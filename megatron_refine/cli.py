@@ -87,6 +87,7 @@ def _train(args: argparse.Namespace) -> None:
     from megatron_refine.training import load_config
 
     flags = [f"checkpoint.load={args.load}"] if args.load else []
+    flags += [f"stage={args.stage}"] if args.stage else []
     flags += ["checkpoint.finetune=true"] if args.finetune else []
     cfg = load_config(args.config, [*args.set, *flags])
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
@@ -111,16 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data (the README's main job)")
-    demo.add_argument("--steps", type=int, help="training steps (default 240)")
+    demo.add_argument("--steps", type=int, help="NTP pretraining steps (default 180)")
+    demo.add_argument("--continue-steps", dest="continue_steps", type=int,
+                      help="steps of each continuation, REFINE and matched NTP (default 40)")
     demo.add_argument("--nproc", type=int, help="local data-parallel processes (default 2)")
     demo.add_argument("--documents", type=int, help="documents in the built-in corpus (default 6000)")
     demo.add_argument("--out-dir", dest="out_dir", help="where outputs go (default demo_output)")
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", help="NTP pretraining (REFINE stages come with --stage)")
+    train = sub.add_parser("train", help="NTP pretraining, or REFINE mid-training with --stage refine-mid")
     train.add_argument("--config", help="a YAML file or a built-in name (tiny-deltanet, tiny-lact); default: defaults")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field, e.g. --set optimizer.lr=1e-3 --set data.path=shards/")
+    train.add_argument("--stage", choices=["pretrain", "refine-mid"],
+                       help="pretrain (NTP) or refine-mid (NTP interleaved with REFINE steps, see refine.every)")
     train.add_argument("--load", help="resume from this checkpoint folder (checkpoint.load)")
     train.add_argument("--finetune", action="store_true", help="with --load: model weights only, from step 0")
     train.add_argument("--nproc", type=int, default=1, help="local processes to start (without torchrun)")

@@ -1,11 +1,12 @@
 """`megatron-refine demo`: the README's main job, end to end on built-in data.
 
 1. writes the built-in corpus (key-value registries, facts, needles) as tokenized webdataset shards;
-2. trains a small DeltaNet with next-token prediction on local data-parallel ranks (2 gloo processes on
+2. pretrains a small DeltaNet with next-token prediction on local data-parallel ranks (2 gloo processes on
    a CPU) with Megatron's DDP, optimizer and schedules, saving an atomic dist checkpoint;
-3. evaluates key-value recall on held-out registries (greedy decoding with the cached decoder);
-4. writes a loss-curve PNG and TensorBoard scalars, and prints a summary table.
-REFINE mid-training, further evaluations and HF export join this demo as they land.
+3. continues from that checkpoint twice, on the same data for the same steps: REFINE mid-training
+   (NTP steps interleaved with REFINE steps) and a matched NTP-only continuation;
+4. evaluates key-value recall on held-out registries (greedy decoding with the cached decoder) after
+   each stage, writes loss- and reward-curve PNGs and TensorBoard scalars, and prints a summary table.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ CORPUS_SEED, RECALL_SEED = 0, 10_000  # the recall registries never appear in th
 class DemoConfig:
     out_dir: str = "demo_output"
     nproc: int = 2
-    steps: int = 240
+    steps: int = 180  # NTP pretraining steps
+    continue_steps: int = 40  # steps of each continuation (REFINE mid-training, matched NTP)
     documents: int = 6000
     seq_length: int = 256
     micro_batch_size: int = 8
@@ -33,7 +35,7 @@ class DemoConfig:
     recall_examples: int = 100
 
 
-def _train_config(cfg: DemoConfig, out: Path):
+def _train_config(cfg: DemoConfig, out: Path, name: str, *extra: str):
     from megatron_refine.training import load_config
 
     return load_config("tiny-deltanet", [
@@ -44,7 +46,8 @@ def _train_config(cfg: DemoConfig, out: Path):
         "model.overrides.delta_rule_chunk_size=64",
         f"optimizer.lr={cfg.lr}", f"optimizer.min_lr={cfg.lr / 10}", f"optimizer.warmup_steps={max(1, cfg.steps // 12)}",
         "optimizer.weight_decay=0.01", f"train_steps={cfg.steps}", f"logging.log_interval={max(1, cfg.steps // 12)}",
-        f"logging.tensorboard_dir={out / 'tensorboard'}", f"checkpoint.save={out / 'checkpoints'}",
+        f"logging.tensorboard_dir={out / 'tensorboard' / name}", f"checkpoint.save={out / 'checkpoints' / name}",
+        *extra,
     ])
 
 
@@ -55,23 +58,39 @@ def _run_rank(cfg: DemoConfig, out: Path) -> dict:
     from megatron_refine.evaluation import key_value_recall
     from megatron_refine.training import train
 
-    result = train(_train_config(cfg, out))
-    recall = key_value_recall(result.model, ByteTokenizer(), key_value_recall_examples(cfg.recall_examples, RECALL_SEED))
-    parameters = sum(p.numel() for p in result.model.parameters())
-    return {"losses": result.losses, "tokens_per_s": result.tokens_per_s, "checkpoint": result.checkpoint,
-            "recall": recall, "parameters": parameters, "world": torch.distributed.get_world_size()}
+    examples = key_value_recall_examples(cfg.recall_examples, RECALL_SEED)
+    runs = {}
+
+    def run(name, *extra):
+        result = train(_train_config(cfg, out, name, *extra))
+        runs[name] = {"losses": result.losses, "tokens_per_s": result.tokens_per_s, "checkpoint": result.checkpoint,
+                      "recall": key_value_recall(result.model, ByteTokenizer(), examples),
+                      "refine": result.refine_history}
+        return result
+
+    pretrained = run("ntp")
+    continued = [f"checkpoint.load={out / 'checkpoints' / 'ntp'}", "checkpoint.finetune=true",
+                 f"train_steps={cfg.continue_steps}", "optimizer.warmup_steps=1", f"optimizer.lr={cfg.lr / 3}",
+                 f"logging.log_interval={max(1, cfg.continue_steps // 4)}"]
+    run("refine-mid", *continued, "stage=refine-mid")
+    run("ntp-continued", *continued)
+    return {"runs": runs, "parameters": sum(p.numel() for p in pretrained.model.parameters()),
+            "world": torch.distributed.get_world_size()}
 
 
-def _plot(losses: list[float], path: Path) -> None:
+def _plot(curves: dict[str, tuple[list, list]], ylabel: str, title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(range(1, len(losses) + 1), losses, lw=1.2)
-    ax.set(xlabel="step", ylabel="NTP loss (nats/token)", title="megatron-refine demo: DeltaNet NTP on the built-in corpus")
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, lw=1.2, label=label)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -88,23 +107,39 @@ def run(cfg: DemoConfig) -> dict:
     print(f"corpus: {meta['num_documents']:,d} documents, {meta['num_tokens']:,d} byte tokens in "
           f"{len(meta['shards'])} shards", flush=True)
     result = spawn(_run_rank, cfg.nproc, cfg, out, timeout=3600)[0]
-    _plot(result["losses"], out / "loss.png")
-    losses, recall = result["losses"], result["recall"]
+    runs = result["runs"]
+    steps = lambda losses, first=1: list(range(first, first + len(losses)))  # noqa: E731
+    _plot({name: (steps(r["losses"], 1 if name == "ntp" else cfg.steps + 1), r["losses"]) for name, r in runs.items()},
+          "NTP loss (nats/token)", "megatron-refine demo: DeltaNet on the built-in corpus", out / "loss.png")
+    rewards = runs["refine-mid"]["refine"]
+    _plot({"REFINE reward (cosine)": ([cfg.steps + h["step"] for h in rewards], [h["reward_mean"] for h in rewards])},
+          "mean reward", "REFINE mid-training: rollout reward", out / "reward.png")
+    ntp = runs["ntp"]
+
+    def recall(r):
+        return f"{r['recall'].exact_match:.1%} exact, {r['recall'].char_accuracy:.1%} of digits"
+
     rows = [
         ("model", f"DeltaNet, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {result['parameters']:,d} parameters"),
-        ("layout", f"{result['world']} gloo ranks, data parallel"),
-        ("training", f"{len(losses)} steps x {cfg.micro_batch_size * cfg.nproc} sequences x {cfg.seq_length} tokens"),
-        ("NTP loss", f"{losses[0]:.3f} -> {losses[-1]:.3f} nats/token"),
-        ("throughput", f"{result['tokens_per_s']:,.0f} tokens/s"),
-        ("key-value recall", f"{recall.exact_match:.1%} exact, {recall.char_accuracy:.1%} of value digits "
-                             f"({recall.examples} held-out registries; chance: 0.1% exact, 10% of digits)"),
-        ("checkpoint", str(result["checkpoint"])),
-        ("loss curve", str(out / "loss.png")),
+        ("layout", f"{result['world']} gloo ranks, data parallel; {cfg.micro_batch_size * cfg.nproc} x {cfg.seq_length} tokens a step"),
+        ("NTP pretraining", f"{len(ntp['losses'])} steps, loss {ntp['losses'][0]:.3f} -> {ntp['losses'][-1]:.3f}, "
+                            f"{ntp['tokens_per_s']:,.0f} tokens/s; recall {recall(ntp)}"),
+    ]
+    for name in ("refine-mid", "ntp-continued"):
+        r = runs[name]
+        detail = f"+{len(r['losses'])} steps, NTP loss {r['losses'][-1]:.3f}; recall {recall(r)}"
+        if r["refine"]:
+            detail += f"; reward {r['refine'][0]['reward_mean']:.3f} -> {r['refine'][-1]['reward_mean']:.3f}"
+        rows.append((name, detail))
+    rows += [
+        ("recall set", f"{cfg.recall_examples} held-out registries (chance: 0.1% exact, 10% of digits)"),
+        ("checkpoints", str(out / "checkpoints")),
+        ("plots", f"{out / 'loss.png'}, {out / 'reward.png'}"),
         ("tensorboard", str(out / "tensorboard")),
         ("wall time", f"{time.perf_counter() - start:.0f}s"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}} | {v}" for k, v in rows), flush=True)
-    if not losses[-1] < losses[0]:
-        raise RuntimeError(f"the demo did not learn: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    if not ntp["losses"][-1] < ntp["losses"][0]:
+        raise RuntimeError(f"the demo did not learn: loss {ntp['losses'][0]:.3f} -> {ntp['losses'][-1]:.3f}")
     return result

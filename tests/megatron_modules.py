@@ -48,3 +48,13 @@ def tiny_fast_weight_model(name: str, **overrides):
 
 def token_batch(B: int, T: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_gradients_close(model, grads, reference, rel: float = 1e-9) -> None:
+    """Per-parameter gradients equal, within `rel` of the reference's global norm (fp64 comparisons)."""
+    scale = torch.stack([g.norm() for g in reference if g is not None]).norm()
+    for (name, _), a, b in zip(model.named_parameters(), grads, reference):
+        if b is None:
+            assert a is None or a.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(a, b, atol=rel * scale, rtol=1e-7, msg=lambda m: f"{name}: {m}")

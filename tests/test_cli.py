@@ -36,26 +36,29 @@ def test_model_info_rejects_an_unknown_config():
 
 
 def test_demo_runs_end_to_end_at_small_scale(tmp_path):
-    """The README's main job with a few steps: corpus, 2-rank training, recall eval, checkpoint, plot."""
-    cfg = DemoConfig(out_dir=str(tmp_path), steps=12, documents=160, seq_length=64, micro_batch_size=2,
-                     hidden_size=32, num_layers=1, recall_examples=4)
-    result = run(cfg)
-    assert len(result["losses"]) == 12 and result["losses"][-1] < result["losses"][0]
-    assert result["recall"].examples == 4 and 0 <= result["recall"].exact_match <= 1
-    assert (tmp_path / "checkpoints" / "iter_0000012" / "metadata.json").is_file()
-    assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "12"
-    assert (tmp_path / "loss.png").stat().st_size > 1000
-    assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    """The README's main job with a few steps: corpus, 2-rank NTP pretraining, REFINE and matched NTP
+    continuations, recall evaluations, checkpoints, plots."""
+    cfg = DemoConfig(out_dir=str(tmp_path), steps=12, continue_steps=4, documents=160, seq_length=64,
+                     micro_batch_size=2, hidden_size=32, num_layers=1, recall_examples=4)
+    runs = run(cfg)["runs"]
+    assert len(runs["ntp"]["losses"]) == 12 and runs["ntp"]["losses"][-1] < runs["ntp"]["losses"][0]
+    assert len(runs["refine-mid"]["losses"]) == len(runs["ntp-continued"]["losses"]) == 4
+    assert [h["step"] for h in runs["refine-mid"]["refine"]] == [2, 4] and not runs["ntp-continued"]["refine"]
+    assert all(r["recall"].examples == 4 and 0 <= r["recall"].exact_match <= 1 for r in runs.values())
+    for name, last in (("ntp", 12), ("refine-mid", 4), ("ntp-continued", 4)):
+        assert (tmp_path / "checkpoints" / name / "latest_checkpointed_iteration.txt").read_text() == str(last)
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "reward.png").stat().st_size > 1000
+    assert any((tmp_path / "tensorboard" / "refine-mid").glob("events.out.tfevents.*"))
 
 
 def _train_cli(data):
     from megatron_refine.cli import main
 
     main(["train", "--config", "tiny-deltanet", "--set", f"data.path={data}", "--set", "train_steps=2",
-          "--set", "optimizer.warmup_steps=1", "--set", "data.seq_length=32"])
+          "--set", "optimizer.warmup_steps=1", "--set", "data.seq_length=48", "--stage", "refine-mid"])
 
 
-def test_train_command_runs_from_a_named_config(tmp_path):
+def test_train_command_runs_the_refine_stage_from_a_named_config(tmp_path):
     from megatron_refine.data import write_builtin_corpus
     from megatron_refine.runtime import spawn
 

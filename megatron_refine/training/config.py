@@ -10,6 +10,10 @@ from typing import Any
 
 import yaml
 
+from megatron_refine.refine.config import RefineConfig
+
+STAGES = ("pretrain", "refine-mid")
+
 
 @dataclass
 class ModelArgs:
@@ -71,10 +75,11 @@ class TrainConfig:
     parallel: ParallelArgs = field(default_factory=ParallelArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     train_steps: int = 100
     exit_interval: int | None = None  # stop (after saving, when checkpoint.save is set) at a multiple of this step
     seed: int = 1234
-    stage: str = "pretrain"
+    stage: str = "pretrain"  # pretrain (NTP), refine-mid (NTP steps interleaved with REFINE steps)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,4 +154,7 @@ def load_config(source: str | None = None, overrides: list[str] = ()) -> TrainCo
         update: dict = {}
         _set(update, key.strip(), yaml.safe_load(raw))
         values = _merge(values, update)
-    return _build(TrainConfig, values, "")
+    cfg = _build(TrainConfig, values, "")
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    return cfg

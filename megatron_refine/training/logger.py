@@ -42,6 +42,9 @@ class MetricsLogger:
                 if name in metrics:
                     value = metrics[name]
                     line += f" | {name.replace('_', ' ')} " + (f"{value:.2e}" if name == "lr" else f"{value:.4g}")
+            if "refine/reward_mean" in metrics:
+                line += (f" | REFINE reward {metrics['refine/reward_mean']:.3f} pg {metrics['refine/pg_loss']:.3g}"
+                         f" clip {metrics['refine/clip_fraction']:.2f} ent {metrics['refine/selected_entropy']:.2f}")
             if metrics.get("skipped_steps"):
                 line += f" | skipped steps {int(metrics['skipped_steps'])}"
             print(f"{line} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)

@@ -8,6 +8,7 @@ when it is NaN/Inf, else the optimizer and scheduler step. bf16 on GPU, fp32 on 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_refine.data import PackedLoader, ShardedDataset
 from megatron_refine.models import FastWeightGPTModel, build_model, get_config
+from megatron_refine.refine import refine_loss
 from megatron_refine.runtime import Runtime, initialize
 from megatron_refine.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_refine.training.config import TrainConfig
@@ -29,9 +31,10 @@ from megatron_refine.training.logger import MetricsLogger
 
 @dataclass
 class StepResult:
-    loss: float
+    loss: float  # the NTP loss (on REFINE steps too)
     grad_norm: float | None
     skipped: bool
+    refine: dict[str, float] = field(default_factory=dict)  # REFINE metrics, on REFINE steps
 
 
 @dataclass
@@ -41,6 +44,7 @@ class TrainResult:
     tokens_per_s: float = 0.0
     skipped_steps: int = 0
     checkpoint: str | None = None
+    refine_history: list[dict] = field(default_factory=list)  # metrics of each REFINE step
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Trainer:
     loader: PackedLoader
     num_microbatches: int
     start_step: int = 0
+    reference: FastWeightGPTModel | None = None  # frozen starting model, for REFINE's KL term
 
     @property
     def module(self) -> FastWeightGPTModel:
@@ -75,6 +80,18 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
             f"optimizer.warmup_steps ({opt.warmup_steps}) must be smaller than the decay steps ({decay_steps}: "
             "optimizer.lr_decay_steps, default train_steps); lower the warmup or train longer"
         )
+    if cfg.stage == "refine-mid":
+        r = cfg.refine
+        if par.pipeline_model_parallel_size > 1:
+            raise ValueError(
+                "REFINE steps need the whole model on one pipeline stage (rollouts decode through every layer): "
+                "use pipeline_model_parallel_size=1 with tensor / sequence / data parallelism"
+            )
+        if data.seq_length < r.n_chunks + 2 * r.margin:
+            raise ValueError(
+                f"REFINE selects {r.n_chunks} positions at least {r.margin} tokens from both ends: data.seq_length "
+                f"({data.seq_length}) must be >= {r.n_chunks + 2 * r.margin}"
+            )
     if par.sequence_parallel and data.seq_length % par.tensor_model_parallel_size != 0:
         raise ValueError(f"with sequence parallelism seq_length ({data.seq_length}) must be divisible by TP")
     cuda = torch.cuda.is_available()
@@ -122,6 +139,8 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
         else:
             trainer.start_step = load_checkpoint(ckpt.load, module, optimizer, scheduler, loader,
                                                  expected_vocab_size=dataset.vocab_size)
+    if cfg.stage == "refine-mid" and cfg.refine.kl_coef > 0:
+        trainer.reference = copy.deepcopy(module).eval().requires_grad_(False)
     return trainer
 
 
@@ -138,34 +157,65 @@ def _forward_step(data_iterator, model):
     return output, loss_func
 
 
-def _reduce_loss(losses: list[dict], device: torch.device) -> float:
-    """Mean over micro-batches on the last stage, shared with the other stages, averaged over DP."""
-    value = torch.stack([d["lm loss"].float() for d in losses]).mean().reshape(1) if losses else torch.zeros(1, device=device)
+def _refine_forward_step(trainer: Trainer, generator: torch.Generator):
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        loss, metrics = refine_loss(model.module, batch["tokens"].to(device), batch["labels"].to(device),
+                                    trainer.cfg.refine, generator, trainer.reference)
+        return loss, lambda output: (output, {"lm loss": metrics.pop("ntp_loss"), **metrics})
+
+    return forward_step
+
+
+# Summed over micro-batches and DP ranks; every other metric is averaged.
+_SUMMED = ("rollout_tokens",)
+
+
+def _reduce_metrics(losses: list[dict], device: torch.device) -> dict[str, float]:
+    """Micro-batch metrics of the last stage, shared with the other stages, reduced over DP."""
+    names = sorted(losses[0]) if losses else ["lm loss"]
+    values = torch.zeros(len(names), device=device)
+    for i, name in enumerate(names):
+        if losses:
+            per_micro = torch.stack([d[name].float().reshape(()) for d in losses])
+            values[i] = per_micro.sum() if name in _SUMMED else per_micro.mean()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(value, parallel_state.get_pipeline_model_parallel_last_rank(),
+        torch.distributed.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(),
                                     group=parallel_state.get_pipeline_model_parallel_group())
-    torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
-    return value.item() / parallel_state.get_data_parallel_world_size()
+    torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    dp = parallel_state.get_data_parallel_world_size()
+    return {name: v.item() / (1 if name in _SUMMED else dp) for name, v in zip(names, values)}
 
 
-def train_step(trainer: Trainer, batches: list[dict]) -> StepResult:
-    model, optimizer = trainer.model, trainer.optimizer
+def is_refine_step(cfg: TrainConfig, step: int) -> bool:
+    return cfg.stage == "refine-mid" and step % cfg.refine.every == 0
+
+
+def train_step(trainer: Trainer, batches: list[dict], step: int = 1) -> StepResult:
+    model, optimizer, cfg = trainer.model, trainer.optimizer, trainer.cfg
     model.zero_grad_buffer()
     optimizer.zero_grad()
     tokens = batches[0]["tokens"]
+    forward_step = _forward_step
+    if is_refine_step(cfg, step):
+        # Same documents, same draws on every TP rank; different per DP rank and step; reproducible on resume.
+        seed = (cfg.refine.seed * 1_000_003 + step) * 1009 + parallel_state.get_data_parallel_rank()
+        forward_step = _refine_forward_step(trainer, torch.Generator().manual_seed(seed))
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
         seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=False,
     )
-    loss = _reduce_loss(losses, next(model.parameters()).device)
+    metrics = _reduce_metrics(losses, next(model.parameters()).device)
+    loss = metrics.pop("lm loss")
     if not math.isfinite(loss):  # every rank sees the same DP-averaged loss, so all skip together
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        return StepResult(loss, None, skipped=True)
+        return StepResult(loss, None, skipped=True, refine=metrics)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         trainer.scheduler.step(increment=1)
-    return StepResult(loss, grad_norm, skipped=not ok)
+    return StepResult(loss, grad_norm, skipped=not ok, refine=metrics)
 
 
 def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
@@ -180,8 +230,9 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     for step in range(trainer.start_step + 1, cfg.train_steps + 1):
         batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
         start = time.perf_counter()
-        out = train_step(trainer, batches)
-        rates.append(tokens_per_step / (time.perf_counter() - start))
+        out = train_step(trainer, batches, step)
+        seconds = time.perf_counter() - start
+        rates.append(tokens_per_step / seconds)
         result.losses.append(out.loss)
         result.skipped_steps += out.skipped
         if out.skipped and trainer.runtime.is_main:
@@ -190,6 +241,12 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
                    "skipped_steps": result.skipped_steps}
         if out.grad_norm is not None:
             metrics["grad_norm"] = out.grad_norm
+        if out.refine:
+            r = out.refine
+            r["rollout_tokens_per_s"] = r["rollout_tokens"] / max(r["time_rollout"], 1e-9)
+            r["time_update"] = seconds - r["time_select"] - r["time_rollout"]
+            metrics.update({f"refine/{name}": value for name, value in r.items()})
+            result.refine_history.append({"step": step, **r})
         logger.log(step, metrics, console=step % log.log_interval == 0 or step == cfg.train_steps)
         exiting = bool(cfg.exit_interval) and step % cfg.exit_interval == 0
         if ckpt.save and (exiting or (ckpt.save_interval and step % ckpt.save_interval == 0) or step == cfg.train_steps):
@@ -205,4 +262,4 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     return result
 
 
-__all__ = ["StepResult", "TrainResult", "Trainer", "setup", "train", "train_step"]
+__all__ = ["StepResult", "TrainResult", "Trainer", "is_refine_step", "setup", "train", "train_step"]

@@ -36,6 +36,7 @@ def _my_micro_batches(trainer, global_batch):
 
 def _steps(corpus, layout, root, load=None):
     cfg = _config(corpus, *layout, *(["checkpoint.load=" + load, "checkpoint.finetune=true"] if load else []))
+    assert cfg.stage == "pretrain" or cfg.refine.every == 1
     trainer = setup(cfg)
     if load is None:  # the reference run publishes its initial weights for the other layouts
         save_checkpoint(root, 0, trainer.module, trainer.optimizer, trainer.scheduler, trainer.loader, {})
@@ -43,15 +44,23 @@ def _steps(corpus, layout, root, load=None):
     return [(r.loss, r.grad_norm) for r in results]
 
 
-@pytest.mark.parametrize("layout, nproc", [
-    (["parallel.tensor_model_parallel_size=1"], 2),  # DP=2
-    (["parallel.tensor_model_parallel_size=2"], 2),  # TP=2
-    (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2),  # TP=2 + SP
-    (["parallel.pipeline_model_parallel_size=2"], 2),  # PP=2 (pipeline schedule on gloo)
-], ids=["dp2", "tp2", "tp2-sp", "pp2"])
-def test_parallel_training_steps_match_one_rank(corpus, tmp_path, layout, nproc):
-    (reference,) = spawn(_steps, 1, corpus, [], tmp_path)
-    for steps in spawn(_steps, nproc, corpus, layout, tmp_path, str(tmp_path)):
+# REFINE steps with draws that do not depend on how documents are split over ranks: argmax positions and
+# greedy rollouts (sampling reproducibility is covered by the resume test).
+REFINE = ["stage=refine-mid", "refine.every=1", "refine.n_chunks=2", "refine.margin=5", "refine.k=3",
+          "refine.selection=argmax", "refine.temperature=0"]
+
+
+@pytest.mark.parametrize("layout, nproc, common", [
+    (["parallel.tensor_model_parallel_size=1"], 2, []),  # DP=2
+    (["parallel.tensor_model_parallel_size=2"], 2, []),  # TP=2
+    (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2, []),  # TP=2 + SP
+    (["parallel.pipeline_model_parallel_size=2"], 2, []),  # PP=2 (pipeline schedule on gloo)
+    (["parallel.tensor_model_parallel_size=1"], 2, REFINE),  # REFINE steps, DP=2
+    (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2, REFINE),  # REFINE, TP=2 + SP
+], ids=["dp2", "tp2", "tp2-sp", "pp2", "refine-dp2", "refine-tp2-sp"])
+def test_parallel_training_steps_match_one_rank(corpus, tmp_path, layout, nproc, common):
+    (reference,) = spawn(_steps, 1, corpus, common, tmp_path)
+    for steps in spawn(_steps, nproc, corpus, [*common, *layout], tmp_path, str(tmp_path)):
         for (loss, norm), (ref_loss, ref_norm) in zip(steps, reference):
             assert math.isclose(loss, ref_loss, rel_tol=1e-5), (steps, reference)
             assert math.isclose(norm, ref_norm, rel_tol=1e-4), (steps, reference)
@@ -149,6 +158,27 @@ def test_bad_input_fails_before_any_step(corpus, tmp_path):
     (other / "metadata.json").write_text(json.dumps({**meta, "vocab_size": 300}))
     with pytest.raises(RankFailed, match="tokenizer of 257 tokens, the data has 300"):
         spawn(_setup, 1, _config(str(other), f"checkpoint.load={tmp_path / 'ck'}"))
+
+
+def test_refine_stage_rejects_pipeline_parallelism_and_short_sequences(corpus):
+    with pytest.raises(RankFailed, match="REFINE steps need the whole model on one pipeline stage"):
+        spawn(_setup, 2, _config(corpus, "stage=refine-mid", "parallel.pipeline_model_parallel_size=2"))
+    with pytest.raises(RankFailed, match=r"data.seq_length \(32\) must be >= 48"):
+        spawn(_setup, 1, _config(corpus, "stage=refine-mid"))
+
+
+def _refine_run(corpus, root, steps, load, *extra):
+    return _train(corpus, root, steps, load, *REFINE[:1], "refine.every=2", "refine.n_chunks=2", "refine.margin=5",
+                  "refine.k=3", *extra)
+
+
+def test_refine_mid_training_resumes_exactly(corpus, tmp_path):
+    full_losses, full_params = spawn(_refine_run, 2, corpus, tmp_path / "a", 4, False)[0]
+    spawn(_refine_run, 2, corpus, tmp_path / "b", 4, False, "exit_interval=2")
+    resumed_losses, resumed_params = spawn(_refine_run, 2, corpus, tmp_path / "b", 4, True)[0]
+    torch.testing.assert_close(torch.tensor(resumed_losses), torch.tensor(full_losses[2:]), rtol=1e-5, atol=1e-6)
+    for name, p in full_params.items():
+        torch.testing.assert_close(resumed_params[name], p, rtol=1e-5, atol=1e-6)
 
 
 def test_config_yaml_and_set_overrides(tmp_path):

@@ -1,0 +1,113 @@
+"""What a REFINE step costs, measured in one run on a tiny model (CPU by default).
+
+    python benchmarks/refine_cost.py                      # T in {256, 512, 1024}
+    python benchmarks/refine_cost.py --lengths 512 --mixer lact_tiny
+
+For each sequence length, on the same batch (forward + backward, no optimizer step):
+- NTP step: the plain next-token loss;
+- REFINE step (ours): no-grad entropy pass, ONE forward keeping the branch states, k cached decode steps
+  per selected position, GRPO + NTP loss, one backward;
+- re-encode baseline (the released method's cost model): the same selection and NTP loss, then for every
+  selected position a no-grad prefill of its prefix to sample the rollout and a separate forward + backward
+  over prefix + rollout for the policy loss: n_chunks extra full passes per document.
+The last line is `refine/ntp step time ratio: X.XX` at the longest length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from megatron_refine.runtime import spawn
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _bench(args) -> list[tuple]:
+    from megatron_refine.models import build_model, get_config
+    from megatron_refine.models.generation import sample_tokens
+    from megatron_refine.refine import RefineConfig, refine_loss, select
+    from megatron_refine.refine.grpo import grpo_advantages
+    from megatron_refine.refine.vocab import vocab_parallel_log_probs
+    from megatron_refine.runtime import initialize
+
+    initialize(seed=0)
+    config = get_config(args.mixer, use_cpu_initialization=True, hidden_size=args.hidden, num_layers=args.layers,
+                        num_attention_heads=4, ffn_hidden_size=3 * args.hidden, delta_rule_chunk_size=64)
+    model = build_model(config, 257)
+    cfg = RefineConfig()
+    rows = []
+    for T in args.lengths:
+        g = torch.Generator().manual_seed(T)
+        ids = torch.randint(0, 257, (args.batch, T + 1), generator=g)
+        tokens, labels = ids[:, :-1], ids[:, 1:]
+
+        def ntp():
+            model(tokens, None, None, labels=labels).mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        def refine():
+            loss, _ = refine_loss(model, tokens, labels, cfg, torch.Generator().manual_seed(1))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        def reencode():
+            positions, _ = select(model, tokens, cfg, torch.Generator().manual_seed(1))
+            loss = model(tokens, None, None, labels=labels).mean()  # the NTP part
+            rollouts, prefixes = [], []
+            with torch.no_grad():  # sample each rollout after prefilling its own prefix
+                for b in range(args.batch):
+                    for p in positions[b].tolist():
+                        prefix = tokens[b : b + 1, : p + 1]
+                        out = model.forward_with_branch_states(prefix, torch.tensor([[p]]))
+                        logits, rollout = out.logits[:, -1], []
+                        for _ in range(cfg.k):
+                            rollout.append(sample_tokens(logits, generator=g))
+                            logits, _ = model.step(rollout[-1], out.cache)
+                        rollouts.append(torch.cat(rollout))
+                        prefixes.append(prefix[0])
+            rewards = torch.rand(args.batch, cfg.n_chunks, generator=g)  # scoring is not what differs
+            advantages = grpo_advantages(rewards).flatten()
+            for prefix, rollout, a in zip(prefixes, rollouts, advantages):  # a full pass per rollout
+                seq = torch.cat([prefix, rollout[:-1]])[None]
+                logp = vocab_parallel_log_probs(model(seq, None, None)[0, len(prefix) - 1 :], rollout)
+                loss = loss + cfg.ppo_coef * (-a * logp).sum() / (len(rollouts) * cfg.k)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        t_ntp, t_refine, t_reencode = (_time(f, args.repeats) for f in (ntp, refine, reencode))
+        rows.append((T, t_ntp, t_refine, t_reencode))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--mixer", default="deltanet_tiny", choices=["deltanet_tiny", "lact_tiny"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = spawn(_bench, 1, args, timeout=3600)[0]
+    print(f"{args.mixer}, hidden {args.hidden}, {args.layers} layers, batch {args.batch}, n_chunks 8, k 5, "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'T':>6} {'NTP (ms)':>10} {'REFINE (ms)':>12} {'re-encode (ms)':>15} {'refine/ntp':>11} {'re-encode/refine':>17}")
+    for T, ntp, refine, reencode in rows:
+        print(f"{T:>6} {ntp * 1e3:>10.1f} {refine * 1e3:>12.1f} {reencode * 1e3:>15.1f} {refine / ntp:>11.2f} {reencode / refine:>17.2f}")
+    print(f"refine/ntp step time ratio: {rows[-1][2] / rows[-1][1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

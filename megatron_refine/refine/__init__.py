@@ -1,0 +1,26 @@
+"""REFINE: entropy-selected positions, rollouts branched from fast-weight states, self-supervised rewards, GRPO."""
+
+from megatron_refine.refine.config import RefineConfig
+from megatron_refine.refine.grpo import grpo_advantages, k3_kl, ppo_clipped_loss
+from megatron_refine.refine.rewards import REWARDS, rollout_rewards
+from megatron_refine.refine.selection import MODES, select_positions, smooth_entropy
+from megatron_refine.refine.step import Rollouts, refine_loss, roll_out, select
+from megatron_refine.refine.vocab import vocab_parallel_entropy, vocab_parallel_log_probs
+
+__all__ = [
+    "MODES",
+    "REWARDS",
+    "RefineConfig",
+    "Rollouts",
+    "grpo_advantages",
+    "k3_kl",
+    "ppo_clipped_loss",
+    "refine_loss",
+    "roll_out",
+    "rollout_rewards",
+    "select",
+    "select_positions",
+    "smooth_entropy",
+    "vocab_parallel_entropy",
+    "vocab_parallel_log_probs",
+]
