@@ -5,7 +5,7 @@ from megatron_refine.models.deltanet import DeltaNetCache, DeltaNetMixer, DeltaN
 from megatron_refine.models.generation import generate, sample_tokens
 from megatron_refine.models.inference import BranchRequest, DecodeRequest, InferenceCache
 from megatron_refine.models.lact import LaCTCache, LaCTMixer, LaCTSubmodules
-from megatron_refine.models.model import BranchOutput, FastWeightGPTModel, build_model, padded_vocab_size
+from megatron_refine.models.model import BranchOutput, FastWeightGPTModel, build_model, frozen_copy, padded_vocab_size
 from megatron_refine.models.specs import get_block_spec, get_deltanet_layer_spec, get_lact_layer_spec
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "LaCTMixer",
     "LaCTSubmodules",
     "build_model",
+    "frozen_copy",
     "generate",
     "get_block_spec",
     "get_config",

@@ -10,6 +10,7 @@ Two more entry points, for a whole model on one pipeline stage:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -111,6 +112,17 @@ class FastWeightGPTModel(GPTModel):
         """The state before any token (each layer fills its entry on the first step)."""
         device = device or next(self.parameters()).device
         return InferenceCache(positions=torch.zeros(rows, dtype=torch.long, device=device))
+
+
+def frozen_copy(model: FastWeightGPTModel) -> FastWeightGPTModel:
+    """A frozen copy of the model's current weights, e.g. REFINE's KL reference. (copy.deepcopy cannot copy
+    a Megatron model: it holds process groups.) Built without initialisation, so no RNG is consumed."""
+    config = dataclasses.replace(model.config, perform_initialization=False)
+    copy = FastWeightGPTModel(config, model.vocab_size, pre_process=model.pre_process, post_process=model.post_process)
+    copy.tokenizer_vocab_size = model.tokenizer_vocab_size
+    copy.load_state_dict(model.state_dict())
+    device = next(model.parameters()).device
+    return copy.to(device).eval().requires_grad_(False)
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tp: int = 1) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -62,7 +63,9 @@ def _run_rank(fn, rank, nprocs, port, threads, args, kwargs, results) -> None:
 
     torch.set_num_threads(threads)
     try:
-        results.put((rank, True, fn(*args, **kwargs)))
+        # Plain pickle bytes: torch's queue reducers would hand tensors over as shared-memory file
+        # descriptors, which the parent cannot fetch once this process has exited.
+        results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -119,7 +122,7 @@ def spawn(
                 continue
             if not ok:
                 raise RankFailed(f"rank {rank} of {fn.__name__} failed:\n{value}")
-            outputs[rank] = value
+            outputs[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10.0 if len(outputs) == nprocs else 0.0)

@@ -8,7 +8,6 @@ when it is NaN/Inf, else the optimizer and scheduler step. bf16 on GPU, fp32 on 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_refine.data import PackedLoader, ShardedDataset
-from megatron_refine.models import FastWeightGPTModel, build_model, get_config
+from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config
 from megatron_refine.refine import refine_loss
 from megatron_refine.runtime import Runtime, initialize
 from megatron_refine.training.checkpointing import load_checkpoint, save_checkpoint
@@ -140,7 +139,7 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
             trainer.start_step = load_checkpoint(ckpt.load, module, optimizer, scheduler, loader,
                                                  expected_vocab_size=dataset.vocab_size)
     if cfg.stage == "refine-mid" and cfg.refine.kl_coef > 0:
-        trainer.reference = copy.deepcopy(module).eval().requires_grad_(False)
+        trainer.reference = frozen_copy(module)
     return trainer
 
 

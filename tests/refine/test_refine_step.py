@@ -73,3 +73,21 @@ def test_tp2_refine_step_equals_tp1(tmp_path):
     (ref_loss, ref_reward), = spawn(_refine_grads, 1, 1, tmp_path)
     for loss, reward in spawn(_refine_grads, 2, 2, tmp_path):
         assert abs(loss - ref_loss) < 1e-5 and abs(reward - ref_reward) < 1e-5
+
+
+def _kl_to_a_copy_is_zero():
+    from megatron_refine.models import frozen_copy
+
+    initialize(seed=9)
+    model = tiny_fast_weight_model("lact_tiny")
+    reference = frozen_copy(model)
+    ids = token_batch(2, T + 1, seed=2)
+    cfg = RefineConfig(n_chunks=2, margin=6, k=3, n=2, kl_coef=0.5, reward="hybrid")
+    loss, metrics = refine_loss(model, ids[:, :-1], ids[:, 1:], cfg, torch.Generator().manual_seed(0), reference)
+    loss.backward()
+    assert metrics["kl"].item() == 0.0 and metrics["rollout_tokens"].item() == 2 * 2 * 2 * 3
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_k3_kl_to_an_identical_reference_is_zero_and_the_loss_backpropagates():
+    spawn(_kl_to_a_copy_is_zero, 1)

@@ -73,3 +73,17 @@ def _initialize_tp3():
 def test_initialize_rejects_an_invalid_layout_on_every_rank():
     with pytest.raises(RankFailed, match="does not divide the world size 2"):
         spawn(_initialize_tp3, 2)
+
+
+def _tensors():
+    import torch
+
+    return {"weights": torch.arange(100_000, dtype=torch.float32), "rank": int(os.environ["RANK"])}
+
+
+def test_tensor_results_survive_the_ranks_exiting():
+    """Ranks exit right after reporting; their tensors must arrive intact (no shared-memory handles)."""
+    for _ in range(5):
+        results = spawn(_tensors, 2)
+        assert [r["rank"] for r in results] == [0, 1]
+        assert all(float(r["weights"][-1]) == 99_999.0 for r in results)

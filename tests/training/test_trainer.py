@@ -172,6 +172,11 @@ def _refine_run(corpus, root, steps, load, *extra):
                   "refine.k=3", *extra)
 
 
+def test_refine_with_kl_to_the_starting_model_trains(corpus, tmp_path):
+    losses, _ = spawn(_refine_run, 1, corpus, tmp_path, 3, False, "refine.kl_coef=0.1")[0]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
 def test_refine_mid_training_resumes_exactly(corpus, tmp_path):
     full_losses, full_params = spawn(_refine_run, 2, corpus, tmp_path / "a", 4, False)[0]
     spawn(_refine_run, 2, corpus, tmp_path / "b", 4, False, "exit_interval=2")
