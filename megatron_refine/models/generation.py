@@ -27,7 +27,7 @@ def sample_tokens(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _same_on_tp_ranks(tokens: torch.Tensor) -> torch.Tensor:
+def same_on_tp_ranks(tokens: torch.Tensor) -> torch.Tensor:
     """Every TP rank must feed the same tokens: take tensor-parallel rank 0's."""
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         torch.distributed.broadcast(
@@ -60,7 +60,7 @@ def generate(
     tokens = []
     for i in range(max_new_tokens):
         full = gather_from_tensor_model_parallel_region(logits)[:, : model.tokenizer_vocab_size]
-        next_tokens = _same_on_tp_ranks(
+        next_tokens = same_on_tp_ranks(
             sample_tokens(full, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator)
         )
         tokens.append(next_tokens)

@@ -3,8 +3,8 @@
 from megatron_refine.refine.config import RefineConfig
 from megatron_refine.refine.grpo import grpo_advantages, k3_kl, ppo_clipped_loss
 from megatron_refine.refine.rewards import REWARDS, rollout_rewards
-from megatron_refine.refine.selection import MODES, select_positions, smooth_entropy
-from megatron_refine.refine.step import Rollouts, refine_loss, roll_out, select
+from megatron_refine.refine.selection import MODES, min_sequence_length, select_positions, smooth_entropy
+from megatron_refine.refine.step import Rollouts, branch_starts, refine_loss, roll_out, select
 from megatron_refine.refine.vocab import vocab_parallel_entropy, vocab_parallel_log_probs
 
 __all__ = [
@@ -12,8 +12,10 @@ __all__ = [
     "REWARDS",
     "RefineConfig",
     "Rollouts",
+    "branch_starts",
     "grpo_advantages",
     "k3_kl",
+    "min_sequence_length",
     "ppo_clipped_loss",
     "refine_loss",
     "roll_out",

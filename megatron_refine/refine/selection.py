@@ -14,6 +14,11 @@ def smooth_entropy(entropy: torch.Tensor, k: int) -> torch.Tensor:
     return F.avg_pool1d(entropy[:, None], window, stride=1, padding=window // 2, count_include_pad=False)[:, 0]
 
 
+def min_sequence_length(n_chunks: int, margin: int) -> int:
+    """The shortest sequence with n_chunks candidate positions between the two margins."""
+    return n_chunks + 2 * margin
+
+
 def select_positions(
     entropy: torch.Tensor,
     *,
@@ -35,10 +40,11 @@ def select_positions(
         raise ValueError(f"margin ({margin}) must be >= k ({k}): a rollout from t compares with tokens t+1..t+k")
     B, T = entropy.shape
     span = T - 2 * margin
-    if span < n_chunks:
+    if T < min_sequence_length(n_chunks, margin):
         raise ValueError(
             f"sequence length {T} leaves {span} candidate positions after the margins of {margin} tokens, fewer than "
-            f"n_chunks={n_chunks}: use longer sequences (>= {n_chunks + 2 * margin}) or fewer chunks / a smaller margin"
+            f"n_chunks={n_chunks}: use longer sequences (>= {min_sequence_length(n_chunks, margin)}) or fewer "
+            "chunks / a smaller margin"
         )
     scores = smooth_entropy(entropy.float(), k)
     size = span // n_chunks

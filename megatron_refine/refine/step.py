@@ -15,7 +15,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_refine.models.generation import _same_on_tp_ranks, sample_tokens
+from megatron_refine.models.generation import same_on_tp_ranks, sample_tokens
 from megatron_refine.refine.config import RefineConfig
 from megatron_refine.refine.grpo import grpo_advantages, k3_kl, ppo_clipped_loss
 from megatron_refine.refine.rewards import rollout_rewards
@@ -40,16 +40,21 @@ def select(model, tokens: torch.Tensor, cfg: RefineConfig, generator: torch.Gene
     return positions, entropy.gather(1, positions)
 
 
+def branch_starts(out, positions: torch.Tensor, n: int):
+    """Where every rollout starts: the logits at each position (predicting its first token) and the decoding
+    state after it, each repeated for the n rollouts of a position -> (logits [R, V/t], cache of R rows)."""
+    b = torch.arange(positions.shape[0], device=positions.device)[:, None]
+    logits = out.logits[b, positions].flatten(0, 1).repeat_interleave(n, dim=0)
+    return logits, (out.cache.repeat_interleave(n) if n > 1 else out.cache)
+
+
 def roll_out(model, out, positions: torch.Tensor, cfg: RefineConfig, generator: torch.Generator) -> Rollouts:
     """k tokens from every branch state (n samples each), with differentiable log-probs."""
-    B, P = positions.shape
-    b = torch.arange(B, device=positions.device)[:, None]
-    logits = out.logits[b, positions].flatten(0, 1).repeat_interleave(cfg.n, dim=0)  # [R, V/t]
-    cache = out.cache.repeat_interleave(cfg.n) if cfg.n > 1 else out.cache
+    logits, cache = branch_starts(out, positions, cfg.n)
     tokens, log_probs, hidden = [], [], []
     for _ in range(cfg.k):
         full = gather_from_tensor_model_parallel_region(logits.detach())
-        token = _same_on_tp_ranks(sample_tokens(full, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator))
+        token = same_on_tp_ranks(sample_tokens(full, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator))
         tokens.append(token)
         log_probs.append(vocab_parallel_log_probs(logits, token))
         logits, h = model.step(token, cache)
@@ -61,10 +66,7 @@ def reference_log_probs(ref_model, tokens: torch.Tensor, rollouts: Rollouts, n: 
     """The frozen reference's log-probs of the same rollout tokens, by the same branched procedure."""
     with torch.no_grad():
         out = ref_model.forward_with_branch_states(tokens, rollouts.positions)
-        B = tokens.shape[0]
-        b = torch.arange(B, device=tokens.device)[:, None]
-        logits = out.logits[b, rollouts.positions].flatten(0, 1).repeat_interleave(n, dim=0)
-        cache = out.cache.repeat_interleave(n) if n > 1 else out.cache
+        logits, cache = branch_starts(out, rollouts.positions, n)
         result = []
         for j in range(rollouts.tokens.shape[1]):
             result.append(vocab_parallel_log_probs(logits, rollouts.tokens[:, j]))

@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_refine.data import PackedLoader, ShardedDataset
 from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config
-from megatron_refine.refine import refine_loss
+from megatron_refine.refine import min_sequence_length, refine_loss
 from megatron_refine.runtime import Runtime, initialize
 from megatron_refine.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_refine.training.config import TrainConfig
@@ -86,10 +86,11 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
                 "REFINE steps need the whole model on one pipeline stage (rollouts decode through every layer): "
                 "use pipeline_model_parallel_size=1 with tensor / sequence / data parallelism"
             )
-        if data.seq_length < r.n_chunks + 2 * r.margin:
+        shortest = min_sequence_length(r.n_chunks, r.margin)
+        if data.seq_length < shortest:
             raise ValueError(
                 f"REFINE selects {r.n_chunks} positions at least {r.margin} tokens from both ends: data.seq_length "
-                f"({data.seq_length}) must be >= {r.n_chunks + 2 * r.margin}"
+                f"({data.seq_length}) must be >= {shortest}"
             )
     if par.sequence_parallel and data.seq_length % par.tensor_model_parallel_size != 0:
         raise ValueError(f"with sequence parallelism seq_length ({data.seq_length}) must be divisible by TP")

@@ -45,7 +45,6 @@ def test_rollout_log_probs_and_gradients_equal_an_explicit_rerun_of_each_prefix(
 def _refine_grads(tp, root):
     """A REFINE loss on 2 documents, all-reduced the way DDP would: loss and flattened full gradients."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: F401
 
     initialize(tp=tp, seed=6)
     model = tiny_fast_weight_model("deltanet_tiny")

@@ -1,6 +1,5 @@
 """The CPU compatibility patches: applied only without CUDA, reversible, and each one doing its job."""
 
-import pytest
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
