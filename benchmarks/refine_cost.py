@@ -5,8 +5,9 @@
 
 For each sequence length, on the same batch (forward + backward, no optimizer step):
 - NTP step: the plain next-token loss;
-- REFINE step (ours): no-grad entropy pass, ONE forward keeping the branch states, k cached decode steps
-  per selected position, GRPO + NTP loss, one backward;
+- REFINE step (ours): no-grad entropy pass, ONE forward keeping the branch states, k - 1 no-grad decode
+  steps to sample the rollouts, one training forward over the k rollout tokens from the branch states to
+  score them (and check parity with the decoder), GRPO + NTP loss, one backward;
 - re-encode baseline (the released method's cost model): the same selection and NTP loss, then for every
   selected position a no-grad prefill of its prefix to sample the rollout and a separate forward + backward
   over prefix + rollout for the policy loss: n_chunks extra full passes per document.
@@ -63,7 +64,7 @@ def _bench(args) -> list[tuple]:
             model.zero_grad(set_to_none=True)
 
         def reencode():
-            positions, _ = select(model, tokens, cfg, torch.Generator().manual_seed(1))
+            positions, _, _ = select(model, tokens, cfg, torch.Generator().manual_seed(1))
             loss = model(tokens, None, None, labels=labels).mean()  # the NTP part
             rollouts, prefixes = [], []
             with torch.no_grad():  # sample each rollout after prefilling its own prefix

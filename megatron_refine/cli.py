@@ -89,6 +89,7 @@ def _train(args: argparse.Namespace) -> None:
     flags = [f"checkpoint.load={args.load}"] if args.load else []
     flags += [f"stage={args.stage}"] if args.stage else []
     flags += ["checkpoint.finetune=true"] if args.finetune else []
+    flags += ["deterministic=true"] if args.deterministic else []
     cfg = load_config(args.config, [*args.set, *flags])
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         raise SystemExit("--finetune needs --load PATH (the checkpoint folder to take the weights from)")
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--load", help="resume from this checkpoint folder (checkpoint.load)")
     train.add_argument("--finetune", action="store_true", help="with --load: model weights only, from step 0")
     train.add_argument("--nproc", type=int, default=1, help="local processes to start (without torchrun)")
+    train.add_argument("--deterministic", action="store_true",
+                       help="bitwise-reproducible runs (deterministic kernels; slower on GPU)")
     train.set_defaults(func=_train)
 
     from megatron_refine.data.preprocess import add_arguments as add_preprocess_arguments

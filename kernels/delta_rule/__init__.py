@@ -1,9 +1,10 @@
 """DeltaNet's delta rule: `delta_rule` (chunked, training and prefill) and `delta_rule_step` (decoding).
 
 Layout `[B, T, H, D]` (fla's); fast-weight state `[B, H, K, V]`; q and k L2-normalised by the caller;
-scale defaults to K^-0.5. On CUDA with fla installed and a bf16/fp16 input, `delta_rule` runs fla's Triton
-`chunk_delta_rule`; everywhere else (and with `use_reference=True`, or when `states_at` is asked for) it
-runs the PyTorch chunked algorithm in `chunk.py`, accumulating in fp32.
+scale defaults to K^-0.5. Packed sequences as in fla: `[1, total, ...]` with `cu_seqlens [N + 1]`, states
+`[N, H, K, V]` (see `kernels/varlen.py`). On CUDA with fla installed and a bf16/fp16 input, `delta_rule`
+runs fla's Triton `chunk_delta_rule` (varlen included); everywhere else (and with `use_reference=True`, or
+when `states_at` is asked for) it runs the PyTorch chunked algorithm in `chunk.py`, accumulating in fp32.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from megatron_refine.kernels.delta_rule.chunk import chunk_delta_rule_torch
 from megatron_refine.kernels.delta_rule.recurrent import delta_rule_step_torch, recurrent_delta_rule_torch
 from megatron_refine.kernels.utils import check_finite, check_positions, check_rank, check_shape
+from megatron_refine.kernels.varlen import batch_cu_seqlens, check_cu_seqlens
 
 __all__ = ["delta_rule", "delta_rule_step", "recurrent_delta_rule", "fla_available"]
 
@@ -33,7 +35,7 @@ def fla_available(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _fla_chunk_delta_rule() is not None
 
 
-def _check(q, k, v, beta, initial_state) -> None:
+def _check(q, k, v, beta, initial_state, num_sequences: int | None = None) -> None:
     check_rank("q", q, 4, "[B, T, H, K]")
     check_rank("k", k, 4, "[B, T, H, K]")
     check_rank("v", v, 4, "[B, T, H, V]")
@@ -47,7 +49,8 @@ def _check(q, k, v, beta, initial_state) -> None:
         )
     check_shape("beta", beta, (B, T, H), "[B, T, H]")
     if initial_state is not None:
-        check_shape("initial_state", initial_state, (B, H, K, v.shape[-1]), "[B, H, K, V]")
+        N = B if num_sequences is None else num_sequences
+        check_shape("initial_state", initial_state, (N, H, K, v.shape[-1]), "[N, H, K, V] (one per sequence)")
     check_finite("beta", beta)
 
 
@@ -62,37 +65,48 @@ def delta_rule(
     output_final_state: bool = False,
     chunk_size: int = 64,
     states_at: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     use_reference: bool = False,
 ):
-    """The delta rule over a whole sequence.
+    """The delta rule over whole sequences.
 
     Args:
         q, k: [B, T, H, K], L2-normalised over K.  v: [B, T, H, V].  beta: [B, T, H], in (0, 1) usually.
         scale: query scale, default K^-0.5.
-        initial_state: [B, H, K, V] state before the first token.
-        output_final_state: also return the state after the last token (fp32).
+        initial_state: [N, H, K, V] state before the first token of each sequence (N = B, or the packed count).
+        output_final_state: also return the state after the last token of each sequence (fp32).
         chunk_size: chunk length of the PyTorch path (fla's kernel uses its own).
         states_at: [B, P] positions; also return the states after those tokens, [B, P, H, K, V], computed
             from the chunk-start states plus the writes inside one chunk and differentiable w.r.t. all inputs.
+            With cu_seqlens, indices into the packed time axis.
+        cu_seqlens: [N + 1] packed sequence starts (inputs [1, total, ...]): the state restarts at each.
         use_reference: force the PyTorch path even where fla's kernel could run.
 
     Returns:
-        (o [B, T, H, V], final_state [B, H, K, V] or None), plus the position states when `states_at` is given.
+        (o [B, T, H, V], final_state [N, H, K, V] or None), plus the position states when `states_at` is given.
     """
-    _check(q, k, v, beta, initial_state)
+    B, T = q.shape[:2]
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, T)
+    _check(q, k, v, beta, initial_state, None if cu_seqlens is None else cu_seqlens.numel() - 1)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if states_at is not None:
-        check_positions(states_at, q.shape[0], q.shape[1])
+        check_positions(states_at, B, T)
     elif not use_reference and fla_available(q):
         return _fla_chunk_delta_rule()(
-            q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+            q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
         )
+    packed = cu_seqlens if cu_seqlens is not None else batch_cu_seqlens(B, T, q.device)
+    flat_positions = None if states_at is None else (states_at + torch.arange(B, device=q.device)[:, None] * T).flatten()
     o, final_state, states = chunk_delta_rule_torch(
-        q, k, v, beta, scale, initial_state, output_final_state, chunk_size, states_at
+        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), beta.flatten(0, 1), scale, packed,
+        initial_state, output_final_state, chunk_size, flat_positions,
     )
-    return (o, final_state) if states_at is None else (o, final_state, states)
+    o = o.view(B, T, *o.shape[1:])
+    return (o, final_state) if states_at is None else (o, final_state, states.view(B, -1, *states.shape[1:]))
 
 
 def delta_rule_step(

@@ -8,13 +8,17 @@ w = T diag(beta) K and u = T diag(beta) V, so per chunk only three small matmuls
     U = u - w S,    O = (scale Q) S + tril(scale Q K^T) U,    S' = S + K^T U.
 The state after any token r of the chunk is S + K[:r+1]^T U[:r+1]: that is how `states_at` reads the
 state after arbitrary positions from the chunk-start states, without re-running any prefix.
+
+Sequences are packed (`ChunkLayout`): each one's chunks start at its own first token and its recurrence
+starts from its own initial state, so a packed batch computes exactly what separate runs would.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_refine.kernels.utils import compute_dtype, pad_time
+from megatron_refine.kernels.utils import compute_dtype
+from megatron_refine.kernels.varlen import ChunkLayout
 
 
 def chunk_delta_rule_torch(
@@ -23,72 +27,73 @@ def chunk_delta_rule_torch(
     v: torch.Tensor,
     beta: torch.Tensor,
     scale: float,
+    cu_seqlens: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
     states_at: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H] -> (o [B, T, H, V], final [B, H, K, V], states [B, P, H, K, V]).
+    """Packed q, k [total, H, K], v [total, H, V], beta [total, H], cu_seqlens [N + 1], states_at [P]
+    -> (o [total, H, V], final [N, H, K, V], states [P, H, K, V]).
 
     Accumulates in fp32 (fp64 inputs stay fp64); o is returned in v's dtype, the states in fp32.
     """
-    B, T, H, K = q.shape
+    total, H, K = q.shape
     V = v.shape[-1]
-    C = chunk_size
     out_dtype, acc = v.dtype, compute_dtype(v)
-    # Zero padding is exact: a padded token has k = 0 and beta = 0, so it writes nothing.
-    q, k, v, beta = (pad_time(x.to(acc), C) for x in (q, k, v, beta))
-    N = q.shape[1] // C
-
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, N*C, H, D] -> [B, H, N, C, D]
-        return x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4)
-
-    q, k, v = chunks(q) * scale, chunks(k), chunks(v)
-    beta = beta.view(B, N, C, H).permute(0, 3, 1, 2).unsqueeze(-1)  # [B, H, N, C, 1]
+    layout = ChunkLayout.build(cu_seqlens, chunk_size)
+    # Slots past a sequence's end are zeros: k = 0 and beta = 0 write nothing, so the padding is exact.
+    heads_first = lambda x: layout.gather(x.to(acc)).transpose(1, 2)  # noqa: E731  [pairs, C, H, D] -> [pairs, H, C, D]
+    q, k, v = heads_first(q) * scale, heads_first(k), heads_first(v)
+    beta = heads_first(beta[..., None])  # [pairs, H, C, 1]
     k_beta, v_beta = k * beta, v * beta
-    strictly_lower = (k_beta @ k.transpose(-1, -2)).tril(-1)  # [B, H, N, C, C]
-    eye = torch.eye(C, dtype=q.dtype, device=q.device).expand_as(strictly_lower)
+    strictly_lower = (k_beta @ k.transpose(-1, -2)).tril(-1)  # [pairs, H, C, C]
+    eye = torch.eye(chunk_size, dtype=acc, device=q.device).expand_as(strictly_lower)
     T_inv = torch.linalg.solve_triangular(strictly_lower, eye, upper=False, unitriangular=True)
-    w, u = T_inv @ k_beta, T_inv @ v_beta  # [B, H, N, C, K], [B, H, N, C, V]
-    qk = (q @ k.transpose(-1, -2)).tril()  # [B, H, N, C, C], causal including the diagonal
+    w, u = T_inv @ k_beta, T_inv @ v_beta  # [pairs, H, C, K], [pairs, H, C, V]
+    qk = (q @ k.transpose(-1, -2)).tril()  # [pairs, H, C, C], causal including the diagonal
 
-    wanted_chunks: set[int] = set()
-    if states_at is not None:
-        wanted_chunks = set((states_at // C).unique().tolist())
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+    N = layout.num_sequences
+    if initial_state is None:
+        S = q.new_zeros(N, H, K, V)
+    else:
+        S = initial_state.to(acc)[layout.order]  # sequences in layout order
+    wanted = set() if states_at is None else set(layout.locate(states_at)[1].unique().tolist())
     outputs, new_values, chunk_starts = [], [], {}
-    for n in range(N):
-        if n in wanted_chunks:
-            chunk_starts[n] = S
-        U = u[:, :, n] - w[:, :, n] @ S  # [B, H, C, V]
-        outputs.append(q[:, :, n] @ S + qk[:, :, n] @ U)
+    for j, (m, first) in enumerate(zip(layout.active, layout.offsets)):
+        rows, S_run = slice(first, first + m), S[:m]  # the m sequences still running
+        if j in wanted:
+            chunk_starts[j] = S_run
+        U = u[rows] - w[rows] @ S_run  # [m, H, C, V]
+        outputs.append(q[rows] @ S_run + qk[rows] @ U)
         new_values.append(U)
-        if n < N - 1 or output_final_state:
-            S = S + k[:, :, n].transpose(-1, -2) @ U
-    o = torch.stack(outputs, dim=3)  # [B, H, C, N, V] -> [B, N*C, H, V]
-    o = o.permute(0, 3, 2, 1, 4).reshape(B, N * C, H, V)[:, :T].to(out_dtype)
+        if j < len(layout.active) - 1 or output_final_state:
+            S_run = S_run + k[rows].transpose(-1, -2) @ U
+            S = S_run if m == N else torch.cat([S_run, S[m:]])
+    o = layout.scatter(torch.cat(outputs).transpose(1, 2), total).to(out_dtype)
 
     states = None
     if states_at is not None:
-        states = _states_after(states_at, chunk_starts, k, torch.stack(new_values, dim=2), C)
-    return o, (S if output_final_state else None), states
+        states = _states_after(layout, states_at, chunk_starts, k, torch.cat(new_values))
+    return o, (S[layout.rank] if output_final_state else None), states
 
 
 def _states_after(
-    positions: torch.Tensor,  # [B, P]
-    chunk_starts: dict[int, torch.Tensor],  # chunk index -> start state [B, H, K, V]
-    k: torch.Tensor,  # [B, H, N, C, K]
-    new_values: torch.Tensor,  # [B, H, N, C, V]
-    C: int,
+    layout: ChunkLayout,
+    positions: torch.Tensor,  # [P] token indices
+    chunk_starts: dict[int, torch.Tensor],  # chunk j -> start states of the sequences running at j [m_j, H, K, V]
+    k: torch.Tensor,  # [pairs, H, C, K]
+    new_values: torch.Tensor,  # [pairs, H, C, V]
 ) -> torch.Tensor:
     """State after each position: its chunk's start state plus the writes of the chunk's tokens up to it."""
     order = sorted(chunk_starts)
-    starts = torch.stack([chunk_starts[n] for n in order], dim=2)  # [B, H, M, K, V]
-    slot_of_chunk = torch.full((k.shape[2],), -1, dtype=torch.long, device=positions.device)
-    slot_of_chunk[torch.tensor(order, device=positions.device)] = torch.arange(len(order), device=positions.device)
-    chunk, offset = positions // C, positions % C
-    b = torch.arange(positions.shape[0], device=positions.device)[:, None]  # [B, 1]
-    S0 = starts[b, :, slot_of_chunk[chunk]]  # [B, P, H, K, V]
-    k_sel, u_sel = k[b, :, chunk], new_values[b, :, chunk]  # [B, P, H, C, K], [B, P, H, C, V]
-    upto = (torch.arange(C, device=positions.device) <= offset[..., None])[:, :, None, :, None]  # [B, P, 1, C, 1]
-    return S0 + (k_sel * upto).transpose(-1, -2) @ u_sel
+    base = torch.zeros(len(layout.active), dtype=torch.long, device=positions.device)
+    sizes = [chunk_starts[j].shape[0] for j in order]
+    base[torch.tensor(order, device=positions.device)] = torch.tensor(
+        [sum(sizes[:i]) for i in range(len(order))], device=positions.device)
+    starts = torch.cat([chunk_starts[j] for j in order])  # [sum m_j, H, K, V]
+    rank, chunk, offset, pair = layout.locate(positions)
+    S0 = starts[base[chunk] + rank]  # [P, H, K, V]
+    C = layout.chunk_size
+    upto = (torch.arange(C, device=positions.device) <= offset[:, None])[:, None, :, None]  # [P, 1, C, 1]
+    return S0 + (k[pair] * upto).transpose(-1, -2) @ new_values[pair]

@@ -3,8 +3,9 @@
 Layout `[B, T, H, D]` for q, k, v (q and k already SiLU'd and L2-normalised per head by the layer, as in
 the LaCT language model); per-token learning rates `[B, T, H]` for each of w0, w1, w2; momentum
 coefficients `[B, T, H]` (after the sigmoid). Initial fast weights are learned parameters `[H, Dh, D]`
-(w0, w2) and `[H, D, Dh]` (w1), copied per sequence, or already per sequence `[B, H, ...]`.
-The PyTorch path (fp32) runs everywhere; there is no fused kernel yet.
+(w0, w2) and `[H, D, Dh]` (w1), copied per sequence, or already per sequence `[N, H, ...]`. Packed sequences
+as in fla: `[1, total, ...]` with `cu_seqlens [N + 1]` (see `kernels/varlen.py`); a sequence can also run on
+from a `LaCTState` (`initial_state`). The PyTorch path (fp32) runs everywhere; there is no fused kernel yet.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from megatron_refine.kernels.lact.muon import (
     MUON_NS_COEFFICIENTS,
     zeropower_via_newtonschulz5,
 )
-from megatron_refine.kernels.utils import check_finite, check_positions, check_rank, check_shape
+from megatron_refine.kernels.utils import check_finite, check_positions, check_rank, check_shape, compute_dtype
+from megatron_refine.kernels.varlen import (
+    batch_cu_seqlens,
+    check_cu_seqlens,
+    prepare_lens,
+    prepare_position_ids,
+    prepare_sequence_ids,
+)
 
 __all__ = [
     "LACT_NS_COEFFICIENTS",
@@ -49,12 +57,12 @@ def low_rank_fast_weight(w_left: torch.Tensor, w_right: torch.Tensor, identity_s
     return w_left @ w_right + identity_scale * eye
 
 
-def _batched_weight(name: str, w: torch.Tensor, B: int, H: int, shape: tuple[int, int]) -> torch.Tensor:
+def _batched_weight(name: str, w: torch.Tensor, N: int, H: int, shape: tuple[int, int]) -> torch.Tensor:
     if w.ndim == 3:
         check_shape(name, w, (H, *shape), "[H, rows, cols] (learned, copied per sequence)")
-        return w.expand(B, *w.shape)
-    check_rank(name, w, 4, "[H, rows, cols] or [B, H, rows, cols]")
-    check_shape(name, w, (B, H, *shape), "[B, H, rows, cols]")
+        return w.expand(N, *w.shape)
+    check_rank(name, w, 4, "[H, rows, cols] or [N, H, rows, cols]")
+    check_shape(name, w, (N, H, *shape), "[N, H, rows, cols] (one per sequence)")
     return w
 
 
@@ -65,9 +73,9 @@ def lact_swiglu(
     lr0: torch.Tensor,
     lr1: torch.Tensor,
     lr2: torch.Tensor,
-    w0: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
+    w0: torch.Tensor | None,
+    w1: torch.Tensor | None,
+    w2: torch.Tensor | None,
     *,
     chunk_size: int = 2048,
     momentum: torch.Tensor | None = None,
@@ -76,22 +84,29 @@ def lact_swiglu(
     ns_coefficients: Sequence[tuple[float, float, float]] = LACT_NS_COEFFICIENTS,
     output_final_state: bool = False,
     states_at: torch.Tensor | None = None,
+    initial_state: LaCTState | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Block-causal LaCT fast-weight SwiGLU over whole sequences.
 
     Args:
         q, k, v: [B, T, H, D].  lr0, lr1, lr2: [B, T, H] per-token rates for w0, w1, w2 (after softplus).
-        w0, w2: [H, Dh, D] or [B, H, Dh, D];  w1: [H, D, Dh] or [B, H, D, Dh]: the initial fast weights.
+        w0, w2: [H, Dh, D] or [N, H, Dh, D];  w1: [H, D, Dh] or [N, H, D, Dh]: the initial fast weights
+            (None when `initial_state` is given).
         chunk_size: tokens per update (2048 in the published models).
         momentum: [B, T, H] momentum coefficients in (0, 1), or None for no momentum.
         use_muon: orthogonalise each update with Newton-Schulz-5 (`ns_coefficients`).
         weight_norm: rescale each weight row to its initial L2 norm after every update.
-        output_final_state: also return the `LaCTState` after the last token (for decoding on).
+        output_final_state: also return the `LaCTState` after the last token of each sequence.
         states_at: [B, P] positions; also return the states after those tokens as one `LaCTState` of
-            B * P rows ordered (b, p), differentiable w.r.t. every input.
+            B * P rows ordered (b, p), differentiable w.r.t. every input. With cu_seqlens, packed indices.
+        initial_state: continue N sequences from a `LaCTState` of N rows (its weights, momentum, weight-norm
+            targets and partial chunk), e.g. from `states_at` or a decoding cache.
+        cu_seqlens: [N + 1] packed sequence starts (inputs [1, total, ...]): every sequence starts from its
+            own initial weights and its chunks start at its first token.
 
     Returns:
-        (o [B, T, H, D], final LaCTState or None), plus the position states when `states_at` is given.
+        (o [B, T, H, D], final LaCTState (N rows) or None), plus the position states when `states_at` is given.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_rank(name, x, 4, "[B, T, H, D]")
@@ -102,27 +117,83 @@ def lact_swiglu(
         check_rank(name, x, 3, "[B, T, H]")
         check_shape(name, x, (B, T, H), "[B, T, H]")
         check_finite(name, x)
-    if w0.shape[-1] != D or w1.shape[-2] != D:
-        raise ValueError(
-            f"fast weights do not match the head dim {D} of q: w0 {tuple(w0.shape)}, w1 {tuple(w1.shape)} "
-            "(expected w0/w2 [.., Dh, D] and w1 [.., D, Dh])"
-        )
-    Dh = w0.shape[-2]
-    weights = (
-        _batched_weight("w0", w0, B, H, (Dh, D)),
-        _batched_weight("w1", w1, B, H, (D, Dh)),
-        _batched_weight("w2", w2, B, H, (Dh, D)),
-    )
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, T)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if states_at is not None:
         check_positions(states_at, B, T)
-    lr = torch.stack([lr0, lr1, lr2], dim=-1)  # [B, T, H, 3]
-    o, final, states = lact_swiglu_torch(
-        q, k, v, lr, weights, momentum, chunk_size, use_muon, weight_norm, ns_coefficients,
-        output_final_state, states_at,
-    )
+    packed = cu_seqlens if cu_seqlens is not None else batch_cu_seqlens(B, T, q.device)
+    N = packed.numel() - 1
+    flat = lambda x: None if x is None else x.flatten(0, 1)  # noqa: E731
+    q, k, v, momentum = flat(q), flat(k), flat(v), flat(momentum)
+    lr = flat(torch.stack([lr0, lr1, lr2], dim=-1))  # [total, H, 3]
+    positions = None if states_at is None else (states_at + torch.arange(B, device=q.device)[:, None] * T).flatten()
+
+    if initial_state is None:
+        if w0 is None or w1 is None or w2 is None:
+            raise ValueError("pass the initial fast weights w0, w1, w2, or an initial_state to continue from")
+        if w0.shape[-1] != D or w1.shape[-2] != D:
+            raise ValueError(
+                f"fast weights do not match the head dim {D} of q: w0 {tuple(w0.shape)}, w1 {tuple(w1.shape)} "
+                "(expected w0/w2 [.., Dh, D] and w1 [.., D, Dh])"
+            )
+        Dh = w0.shape[-2]
+        weights = (
+            _batched_weight("w0", w0, N, H, (Dh, D)),
+            _batched_weight("w1", w1, N, H, (D, Dh)),
+            _batched_weight("w2", w2, N, H, (Dh, D)),
+        )
+        norms = tuple(x.to(compute_dtype(q)).norm(dim=-1, keepdim=True) for x in weights) if weight_norm else None
+        dw = tuple(torch.zeros_like(x, dtype=compute_dtype(q)) for x in weights) if momentum is not None else None
+        o, final, states = lact_swiglu_torch(
+            q, k, v, lr, momentum, packed, weights, norms, dw, chunk_size, use_muon, ns_coefficients,
+            output_final_state, positions,
+        )
+    else:
+        o, final, states = _continue(
+            initial_state, q, k, v, lr, momentum, packed, use_muon, ns_coefficients, output_final_state, positions,
+        )
+    o = o.view(B, T, H, D)
     return (o, final) if states_at is None else (o, final, states)
+
+
+def _continue(state: LaCTState, q, k, v, lr, momentum, cu_seqlens, use_muon, ns_coefficients, output_final_state, positions):
+    """Run packed sequences on from a state: each sequence's partial chunk is put back in front of its new
+    tokens, so chunks complete where they would have, and the chunked path runs unchanged."""
+    N, C = state.length.shape[0], state.chunk_size
+    if cu_seqlens.numel() - 1 != N:
+        raise ValueError(f"initial_state has {N} rows but the input holds {cu_seqlens.numel() - 1} sequences")
+    if (momentum is None) != (state.dw is None):
+        raise ValueError("momentum must be passed exactly when initial_state carries momentum")
+    lens = prepare_lens(cu_seqlens)
+    ell = state.length  # [N] tokens already in each partial chunk
+    virtual_cu = torch.cat([cu_seqlens.new_zeros(1), torch.cumsum(lens + ell, 0)])
+    total_v = int(virtual_cu[-1])
+    seq = prepare_sequence_ids(virtual_cu, total_v)
+    within = prepare_position_ids(virtual_cu, total_v)
+    from_state = within < ell[seq]  # [total_v]
+    new_index = (cu_seqlens[seq] + within - ell[seq]).clamp(min=0)
+    state_index = (seq * C + within).clamp(max=N * C - 1)
+
+    def virtual(x_new: torch.Tensor, x_state: torch.Tensor | None) -> torch.Tensor:
+        old = x_new.new_zeros(total_v, *x_new.shape[1:]) if x_state is None else x_state.flatten(0, 1)[state_index]
+        mask = from_state.view(-1, *([1] * (x_new.ndim - 1)))
+        return torch.where(mask, old.to(x_new.dtype), x_new[new_index])
+
+    acc = state.w0.dtype
+    qv = virtual(q.to(acc), None)  # the partial chunk's outputs are discarded
+    kv, vv, lrv = virtual(k.to(acc), state.k), virtual(v.to(acc), state.v), virtual(lr.to(acc), state.lr)
+    mv = None if momentum is None else virtual(momentum.to(acc), state.momentum)
+    positions_v = None
+    if positions is not None:
+        s = torch.searchsorted(cu_seqlens, positions, right=True) - 1
+        positions_v = positions + virtual_cu[s] + ell[s] - cu_seqlens[s]
+    o, final, states = lact_swiglu_torch(
+        qv, kv, vv, lrv, mv, virtual_cu, (state.w0, state.w1, state.w2), state.norms, state.dw, C,
+        use_muon, ns_coefficients, output_final_state, positions_v,
+    )
+    return o[~from_state], final, states
 
 
 def lact_swiglu_step(

@@ -12,7 +12,6 @@ All math in fp32 (fp64 inputs stay fp64); internally heads fold into the batch: 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from megatron_refine.kernels.lact.muon import zeropower_via_newtonschulz5
 from megatron_refine.kernels.utils import compute_dtype
+from megatron_refine.kernels.varlen import ChunkLayout, prepare_lens
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _NORM_EPS = 1e-5
@@ -124,95 +124,122 @@ def _fold_weights(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
+def _heads_into_rows(x: torch.Tensor) -> torch.Tensor:
+    """[pairs, C, H, ...] -> [pairs * H, C, ...]."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], *x.shape[3:])
+
+
 def lact_swiglu_torch(
-    q: torch.Tensor,
+    q: torch.Tensor,  # [total, H, D], packed sequences
     k: torch.Tensor,
     v: torch.Tensor,
-    lr: torch.Tensor,  # [B, T, H, 3]
-    weights: Weights,  # each [B, H, ...]
-    momentum: torch.Tensor | None,  # [B, T, H]
+    lr: torch.Tensor,  # [total, H, 3]
+    momentum: torch.Tensor | None,  # [total, H]
+    cu_seqlens: torch.Tensor,  # [N + 1]
+    weights: Weights,  # each [N, H, ...]: the weights each sequence starts from
+    norms: Weights | None,  # [N, H, rows, 1] row norms weight norm restores, None for no weight norm
+    dw: Weights | None,  # [N, H, ...] previous update (momentum on), or None
     chunk_size: int,
     use_muon: bool,
-    weight_norm: bool,
     ns_coefficients: Sequence[tuple[float, float, float]],
     output_final_state: bool,
-    states_at: torch.Tensor | None,
+    states_at: torch.Tensor | None,  # [P] token indices
 ) -> tuple[torch.Tensor, LaCTState | None, LaCTState | None]:
-    B, T, H, D = q.shape
+    """-> (o [total, H, D], final LaCTState of N rows, LaCTState of P rows after `states_at`)."""
+    total, H, D = q.shape
     C = chunk_size
     acc = compute_dtype(q)
-    qf, kf, vf, lrf = (_fold(x, acc) for x in (q, k, v, lr))
-    mf = None if momentum is None else _fold(momentum, acc)
-    w = tuple(_fold_weights(x.to(acc)) for x in weights)
-    norms = tuple(x.norm(dim=-1, keepdim=True) for x in w) if weight_norm else None
-    dw = tuple(torch.zeros_like(x) for x in w) if momentum is not None else None
+    layout = ChunkLayout.build(cu_seqlens, C)
+    order = layout.order
+    qf, kf, vf, lrf = (_heads_into_rows(layout.gather(x.to(acc))) for x in (q, k, v, lr))  # [pairs*H, C, ...]
+    mf = None if momentum is None else _heads_into_rows(layout.gather(momentum.to(acc)))
+    in_order = lambda ws: None if ws is None else tuple(_fold_weights(x.to(acc)[order]) for x in ws)  # noqa: E731
+    w, norms, dw = in_order(weights), in_order(norms), in_order(dw)
 
+    # Snapshots of (weights, dw) after c completed chunks, for the states asked for.
     requests = [] if states_at is None else [states_at]
     if output_final_state:
-        requests.append(torch.full((B, 1), T - 1, dtype=torch.long, device=q.device))
-    wanted = set() if not requests else set(((torch.cat(requests, 1) + 1) // C).unique().tolist())
+        requests.append(cu_seqlens[1:] - 1)
+    wanted = set()
+    if requests:
+        positions = torch.cat(requests)
+        within = positions - cu_seqlens[_seq_of(layout, positions)]
+        wanted = set(((within + 1) // C).unique().tolist())
     snapshots = {0: (w, dw)} if 0 in wanted else {}
 
-    n_chunks = math.ceil(T / C)
+    lens_in_order = prepare_lens(cu_seqlens)[order]
     outputs = []
-    for n in range(n_chunks):
-        s, e = n * C, min(T, (n + 1) * C)
-        outputs.append(swiglu_apply(*w, qf[:, s:e]))
-        if e - s == C and (n < n_chunks - 1 or n + 1 in wanted):
-            w, dw = swiglu_update(
-                w, kf[:, s:e], vf[:, s:e], lrf[:, s:e], None if mf is None else mf[:, s:e],
-                dw, norms, use_muon, ns_coefficients,
-            )
-            if n + 1 in wanted:
-                snapshots[n + 1] = (w, dw)
-    o = torch.cat(outputs, dim=1).view(B, H, T, D).transpose(1, 2).to(v.dtype)
+    for j, (m, first) in enumerate(zip(layout.active, layout.offsets)):
+        rows = slice(first * H, (first + m) * H)  # this chunk of the m sequences still running, heads folded
+        w_run = tuple(x[: m * H] for x in w)
+        outputs.append(swiglu_apply(*w_run, qf[rows]))
+        full = lens_in_order[:m] >= (j + 1) * C  # [m]: chunk j is complete, so its update fires
+        needed = (lens_in_order[:m] > (j + 1) * C) | (j + 1 in wanted)
+        if not bool((full & needed).any()):
+            continue
+        new_w, new_dw = swiglu_update(
+            w_run, kf[rows], vf[rows], lrf[rows], None if mf is None else mf[rows],
+            None if dw is None else tuple(x[: m * H] for x in dw), None if norms is None else tuple(x[: m * H] for x in norms),
+            use_muon, ns_coefficients,
+        )
+        fired = full.repeat_interleave(H)[:, None, None]
+        keep_rest = lambda old, new: torch.cat([torch.where(fired, new, old[: m * H]), old[m * H :]])  # noqa: E731
+        w = tuple(keep_rest(a, b) for a, b in zip(w, new_w))
+        if dw is not None:
+            dw = tuple(keep_rest(a, b) for a, b in zip(dw, new_dw))
+        if j + 1 in wanted:
+            snapshots[j + 1] = (w, dw)
+    o = torch.cat(outputs).view(-1, H, C, D).transpose(1, 2)  # [pairs, C, H, D]
+    o = layout.scatter(o, total).to(v.dtype)
 
     def states(positions: torch.Tensor) -> LaCTState:
-        return _states_after(positions, snapshots, norms, k, v, lr, momentum, C, acc)
+        return _states_after(layout, positions, snapshots, norms, k, v, lr, momentum, acc)
 
     final = states(requests[-1]) if output_final_state else None
     return o, final, (states(states_at) if states_at is not None else None)
 
 
+def _seq_of(layout: ChunkLayout, positions: torch.Tensor) -> torch.Tensor:
+    return torch.searchsorted(layout.cu_seqlens, positions, right=True) - 1
+
+
 def _states_after(
-    positions: torch.Tensor,  # [B, P]
-    snapshots: dict[int, tuple[Weights, Weights | None]],  # completed chunks -> (weights, dw), [B*H, ...]
-    norms: Weights | None,
-    k: torch.Tensor,
+    layout: ChunkLayout,
+    positions: torch.Tensor,  # [P] token indices
+    snapshots: dict[int, tuple[Weights, Weights | None]],  # completed chunks -> (weights, dw), [N*H, ...] in layout order
+    norms: Weights | None,  # [N*H, rows, 1] in layout order
+    k: torch.Tensor,  # [total, H, D]
     v: torch.Tensor,
     lr: torch.Tensor,
     momentum: torch.Tensor | None,
-    C: int,
     dtype: torch.dtype,
 ) -> LaCTState:
-    """States after each position, as B * P rows ordered (b, p)."""
-    B, P = positions.shape
-    T, H = k.shape[1], k.shape[2]
-    device = positions.device
+    """States after each position: P rows."""
+    C, H, device = layout.chunk_size, k.shape[1], positions.device
+    rank = layout.locate(positions)[0]
+    within = positions - layout.cu_seqlens[_seq_of(layout, positions)]
+    completed = (within + 1) // C  # [P]
     order = sorted(snapshots)
     slot_of = torch.zeros(max(order) + 1, dtype=torch.long, device=device)
     slot_of[torch.tensor(order, device=device)] = torch.arange(len(order), device=device)
-    completed = (positions + 1) // C  # [B, P]
-    b = torch.arange(B, device=device)[:, None].expand(B, P)
     slot = slot_of[completed]
 
-    def pick(get) -> torch.Tensor:  # per snapshot [B*H, a, c] -> [B*P, H, a, c]
-        stacked = torch.stack([get(snapshots[n]).view(B, H, *get(snapshots[n]).shape[1:]) for n in order], 1)
-        return stacked[b, slot].reshape(B * P, H, *stacked.shape[3:])
+    def per_row(x: torch.Tensor) -> torch.Tensor:  # [N*H, a, c] -> [P, H, a, c]
+        return x.view(-1, H, *x.shape[1:])[rank]
 
-    def per_row(x: torch.Tensor) -> torch.Tensor:  # [B*H, a, c] -> [B*P, H, a, c]
-        return x.view(B, H, *x.shape[1:])[b].reshape(B * P, H, *x.shape[1:])
+    def pick(get) -> torch.Tensor:  # the snapshot each position needs, [P, H, a, c]
+        stacked = torch.stack([get(snapshots[n]).view(-1, H, *get(snapshots[n]).shape[1:]) for n in order])
+        return stacked[slot, rank]
 
-    start = completed * C
-    length = positions + 1 - start  # [B, P], in [0, C)
+    length = within + 1 - completed * C  # [P], in [0, C)
     offsets = torch.arange(C, device=device)
-    index = (start[..., None] + offsets).clamp(max=T - 1)  # [B, P, C]
-    valid = (offsets < length[..., None]).to(dtype)  # [B, P, C]
+    index = (positions + 1 - length)[:, None] + offsets  # [P, C]
+    valid = offsets < length[:, None]
+    index = torch.where(valid, index, positions[:, None])
 
-    def partial(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, ...] -> [B*P, C, H, ...]
-        g = x.to(dtype)[b[..., None], index]  # [B, P, C, H, ...]
-        g = g * valid.view(B, P, C, *([1] * (g.ndim - 3)))
-        return g.reshape(B * P, C, *x.shape[2:])
+    def partial(x: torch.Tensor) -> torch.Tensor:  # [total, H, ...] -> [P, C, H, ...]
+        g = x.to(dtype)[index]
+        return g * valid.view(*valid.shape, *([1] * (g.ndim - 2))).to(dtype)
 
     has_momentum = momentum is not None
     return LaCTState(
@@ -222,7 +249,7 @@ def _states_after(
         k=partial(k),
         v=partial(v),
         lr=partial(lr),
-        length=length.reshape(-1),
+        length=length,
         norms=tuple(per_row(n) for n in norms) if norms is not None else None,
         dw=tuple(pick(lambda s, i=i: s[1][i]) for i in range(3)) if has_momentum else None,
         momentum=partial(momentum) if has_momentum else None,

@@ -3,8 +3,11 @@
 Data-parallel rank r of d reads shards r, r+d, r+2d, ... (in a seeded order that changes each epoch) and
 concatenates their documents (each already ends with EOS) into one token stream, cut into samples of
 seq_length + 1 tokens: inputs are the first seq_length, labels the last seq_length (Megatron's convention;
-consecutive samples overlap by one token). The loader's position (epoch, shard, document, leftover
-tokens) is a small dict that checkpoints save, so a resumed run sees exactly the batches it would have.
+consecutive samples overlap by one token). Each batch also carries the document starts of its rows as
+`cu_seqlens` over the B * T input tokens (row-major, every row start included): the model restarts its
+fast-weight state there (`models/packing.py`). A document's EOS belongs to it; the next document starts on
+the token after. The loader's position (epoch, shard, document, leftover tokens and where documents start in
+them) is a small dict that checkpoints save, so a resumed run sees exactly the batches it would have.
 Shards are read in the training process: they are pre-tokenized, so reading is not a bottleneck.
 """
 
@@ -25,6 +28,7 @@ class LoaderState:
     shard: int = 0  # index into this rank's shard order for the epoch
     document: int = 0  # documents of that shard already consumed
     leftover: list[int] = field(default_factory=list)  # tokens read but not yet emitted
+    leftover_starts: list[int] = field(default_factory=list)  # indices in `leftover` where a document starts
 
 
 class PackedLoader:
@@ -71,19 +75,32 @@ class PackedLoader:
                 self.state.shard, self.state.epoch = 0, self.state.epoch + 1
         raise DataError(f"the shards of {self.dataset.path} for this rank hold no documents")
 
-    def next_sample(self) -> np.ndarray:
-        """seq_length + 1 consecutive tokens of the stream."""
+    def next_sample(self) -> tuple[np.ndarray, list[int]]:
+        """seq_length + 1 consecutive tokens of the stream, and the indices in them where documents start."""
         need = self.seq_length + 1
-        tokens = list(self.state.leftover)
+        tokens, starts = list(self.state.leftover), list(self.state.leftover_starts)
         while len(tokens) < need:
+            starts.append(len(tokens))
             tokens.extend(self._next_document().tolist())
-        sample, self.state.leftover = tokens[:need], tokens[need - 1 :]
-        return np.asarray(sample, dtype=np.int64)
+        # The last token is also the next sample's first (labels overlap inputs by one).
+        self.state.leftover = tokens[need - 1 :]
+        self.state.leftover_starts = [i - (need - 1) for i in starts if i >= need - 1]
+        return np.asarray(tokens[:need], dtype=np.int64), [i for i in starts if i < need]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """{'tokens': [micro_batch, seq_length], 'labels': [micro_batch, seq_length]}"""
-        samples = torch.from_numpy(np.stack([self.next_sample() for _ in range(self.micro_batch_size)]))
-        return {"tokens": samples[:, :-1].contiguous(), "labels": samples[:, 1:].contiguous()}
+        """{'tokens', 'labels': [micro_batch, seq_length], 'cu_seqlens': [documents + 1] over the flattened tokens}"""
+        samples, cu_seqlens = [], [0]
+        for b in range(self.micro_batch_size):
+            sample, starts = self.next_sample()
+            samples.append(sample)
+            row = b * self.seq_length
+            cu_seqlens += [row + i for i in starts if 0 < i < self.seq_length] + [row + self.seq_length]
+        batch = torch.from_numpy(np.stack(samples))
+        return {
+            "tokens": batch[:, :-1].contiguous(),
+            "labels": batch[:, 1:].contiguous(),
+            "cu_seqlens": torch.tensor(cu_seqlens, dtype=torch.int64),
+        }
 
     def __iter__(self):
         while True:

@@ -23,13 +23,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos.to(xf.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(xf.dtype)).to(x.dtype)
 
 
-def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Causal attention where each query sees itself and the `window - 1` tokens before it. [B, T, H, D]."""
-    T = q.shape[1]
-    i = torch.arange(T, device=q.device)
-    distance = i[:, None] - i[None, :]
-    allowed = (distance >= 0) & (distance < window)  # [T, T]
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sequence_ids: torch.Tensor | None = None,
+    past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Causal attention where each query sees itself and the `window - 1` tokens before it. [B, T, H, D].
+
+    sequence_ids [B, T]: packed documents; a query sees only its own document's keys.
+    past: (k_window, v_window [B, W-1, H, D], valid [B, W-1]): the keys before the first query (a cache).
+    """
+    B, T = q.shape[:2]
+    query_index = torch.arange(T, device=q.device)
+    key_index = query_index
+    if past is not None:
+        k_past, v_past, valid = past
+        k, v = torch.cat([k_past.to(k.dtype), k], dim=1), torch.cat([v_past.to(v.dtype), v], dim=1)
+        key_index = torch.arange(-k_past.shape[1], T, device=q.device)
+    distance = query_index[:, None] - key_index[None, :]
+    allowed = (distance >= 0) & (distance < window)  # [T, S]
+    if sequence_ids is not None:
+        allowed = allowed & (sequence_ids[:, :, None] == sequence_ids[:, None, :])  # [B, T, T]
+    if past is not None:
+        allowed = allowed & torch.cat([valid, valid.new_ones(B, T)], dim=1)[:, None, :]  # [B, T, S]
+    mask = allowed if allowed.ndim == 2 else allowed[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return o.transpose(1, 2)
 
 

@@ -14,6 +14,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_refine.kernels.utils import compute_dtype
+from megatron_refine.kernels.varlen import prepare_position_ids
 
 
 def param_device(config: TransformerConfig) -> torch.device | None:
@@ -31,15 +32,26 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depthwise causal convolution over time (fla's ShortConvolution without its activation).
 
     x [B, T, C], weight [C, W], tail [B, W-1, C]: the inputs before x (zeros when None).
-    Returns (y [B, T, C], new tail [B, W-1, C]: the last W-1 inputs, for decoding on).
+    cu_seqlens [N + 1] (with B = 1): packed sequences; no output reaches back before its sequence's start.
+    Returns (y [B, T, C], new tail [B, W-1, C]: the last W-1 inputs, for decoding on; None when packed).
     """
     B, T, C = x.shape
     W = weight.shape[-1]
+    if cu_seqlens is not None:
+        if tail is not None:
+            raise ValueError("causal_conv1d takes either a decoding tail or cu_seqlens, not both")
+        since_start = prepare_position_ids(cu_seqlens, T)[None, :, None]  # [1, T, 1]
+        w = weight.to(x.dtype)
+        y = x * w[:, W - 1]
+        for i in range(1, W):  # input i steps back, where it is still in the same sequence
+            shifted = torch.cat([x.new_zeros(B, i, C), x[:, :-i]], dim=1) if i < T else torch.zeros_like(x)
+            y = y + shifted * w[:, W - 1 - i] * (since_start >= i).to(x.dtype)
+        return y, None
     if tail is None:
         tail = x.new_zeros(B, W - 1, C)
     padded = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, W-1+T, C]

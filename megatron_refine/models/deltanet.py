@@ -26,8 +26,9 @@ from megatron_refine.kernels import delta_rule, delta_rule_step
 from megatron_refine.kernels.utils import compute_dtype
 from megatron_refine.models.common import causal_conv1d, l2_norm, mixer_sharded_state_dict, param_device, split_fused
 from megatron_refine.models.config import FastWeightConfig
-from megatron_refine.models.inference import BranchRequest, DecodeRequest, gather_window
+from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, gather_window
 from megatron_refine.models.norm import HeadRMSNorm
+from megatron_refine.models.packing import Packing
 
 
 @dataclass
@@ -87,20 +88,32 @@ class DeltaNetMixer(MegatronModule):
         )
         self.request: BranchRequest | DecodeRequest | None = None  # set by the model for one call
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
-        """[s(/t), b, h] -> ([s(/t), b, h], bias). In decoding the rows are the sequence dim: [N(/t), 1, h]."""
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **kwargs):
+        """[s(/t), b, h] -> ([s(/t), b, h], bias). In decoding the rows are the sequence dim: [N(/t), 1, h].
+
+        `packed_seq_params` (document starts, see models/packing.py) restarts the state and the short
+        convolution at every document.
+        """
         cfg, request = self.config, self.request
         decoding = isinstance(request, DecodeRequest)
         x, _ = self.in_proj(hidden_states)
         x = x if decoding else x.transpose(0, 1)  # [B, T, in/t]; decoding: B = rows, T = 1
         B, T = x.shape[:2]
+        packing = None if decoding else Packing.from_params(packed_seq_params, B, T)
+        if packing is not None and isinstance(request, ContinueRequest):
+            raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
+        packed = (lambda t: t.reshape(1, B * T, *t.shape[2:])) if packing else (lambda t: t)  # noqa: E731
+        cu_seqlens = packing.cu_seqlens if packing else None
         qkv, rest = x[..., : self.conv_channels], x[..., self.conv_channels :]
-        cache: DeltaNetCache | None = request.cache.layers.get(self.layer_number) if decoding else None
+        cache: DeltaNetCache | None = None
+        if isinstance(request, (DecodeRequest, ContinueRequest)):
+            cache = request.cache.layers.get(self.layer_number)
 
         conv_tail = None
         if cfg.use_short_conv:
             qkv_in = qkv
-            qkv, conv_tail = causal_conv1d(qkv, self.conv1d.weight[:, 0], cache.conv if cache else None)
+            qkv, conv_tail = causal_conv1d(packed(qkv), self.conv1d.weight[:, 0], cache.conv if cache else None, cu_seqlens)
+            qkv = qkv.view(B, T, -1)
         q, k, v = qkv.split(self.local_sizes[:3], dim=-1)
         if cfg.qk_activation == "silu":
             q, k = F.silu(q), F.silu(k)
@@ -126,12 +139,18 @@ class DeltaNetMixer(MegatronModule):
             o, state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state)
             o = o[:, None]  # [N, 1, H, V]
             request.cache.layers[self.layer_number] = DeltaNetCache(state, conv_tail)
-        elif isinstance(request, BranchRequest):
-            o, _, states = delta_rule(q, k, v, beta, chunk_size=cfg.delta_rule_chunk_size, states_at=request.positions)
-            tails = gather_window(qkv_in, request.positions, cfg.conv_size - 1)[0] if cfg.use_short_conv else None
-            request.states[self.layer_number] = DeltaNetCache(states.flatten(0, 1), tails)
         else:
-            o, _ = delta_rule(q, k, v, beta, chunk_size=cfg.delta_rule_chunk_size)
+            kw = dict(chunk_size=cfg.delta_rule_chunk_size, cu_seqlens=cu_seqlens)
+            if isinstance(request, ContinueRequest):
+                kw["initial_state"] = cache.state if cache else None
+            if isinstance(request, BranchRequest):
+                kw["states_at"] = packing.flat(request.positions) if packing else request.positions
+            o, _, *states = delta_rule(packed(q), packed(k), packed(v), packed(beta), **kw)
+            o = o.view(B, T, *o.shape[2:])
+            if isinstance(request, BranchRequest):
+                starts = packing.document_starts(request.positions) if packing else None
+                tails = gather_window(qkv_in, request.positions, cfg.conv_size - 1, starts)[0] if cfg.use_short_conv else None
+                request.states[self.layer_number] = DeltaNetCache(states[0].flatten(0, 1), tails)
 
         if cfg.use_output_norm:
             gate = extra[-1].reshape(B, T, self.num_heads, self.head_v_dim) if cfg.use_gate else None

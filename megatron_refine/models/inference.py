@@ -1,10 +1,12 @@
 """Inference state of a fast-weight model: per-layer caches, and the requests the model hands its mixers.
 
-A mixer runs in one of three ways, chosen by the request the model sets on it for one call:
+A mixer runs in one of four ways, chosen by the request the model sets on it for one call:
 - none: the training forward over full sequences;
 - `BranchRequest(positions [B, P])`: the training forward, and each mixer also leaves its decoding state
   after those positions (B * P rows, ordered (b, p)) in `request.states`, differentiably;
-- `DecodeRequest(cache)`: one token per row; each mixer reads and replaces its layer's entry in the cache.
+- `DecodeRequest(cache)`: one token per row; each mixer reads and replaces its layer's entry in the cache;
+- `ContinueRequest(cache)`: the training forward over [N, L] new tokens, each row starting from the cache's
+  state (the chunked kernels with initial states, not the decode step). The cache is left as it was.
 Every cache tensor has the rows as its first dimension, so caches can be indexed and repeated per row.
 """
 
@@ -63,15 +65,23 @@ class DecodeRequest:
     cache: InferenceCache
 
 
-def gather_window(x: torch.Tensor, positions: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class ContinueRequest:
+    cache: InferenceCache
+
+
+def gather_window(
+    x: torch.Tensor, positions: torch.Tensor, width: int, starts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The `width` steps of x [B, T, ...] ending at each position [B, P] -> ([B*P, width, ...], valid [B*P, width]).
 
-    Steps before the start of the sequence are zeros and marked invalid.
+    Steps before the start of the sequence (or of the position's document, `starts [B, P]`) are zeros and
+    marked invalid.
     """
     B, P = positions.shape
     offsets = torch.arange(width - 1, -1, -1, device=positions.device)  # oldest first
     index = positions[..., None] - offsets  # [B, P, width]
-    valid = index >= 0
+    valid = index >= (0 if starts is None else starts[..., None])
     b = torch.arange(B, device=positions.device)[:, None, None]
     window = x[b, index.clamp(min=0)]  # [B, P, width, ...]
     window = window * valid.view(B, P, width, *([1] * (x.ndim - 2))).to(window.dtype)

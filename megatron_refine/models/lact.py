@@ -35,8 +35,9 @@ from megatron_refine.models.attention import (
 )
 from megatron_refine.models.common import l2_norm, mixer_sharded_state_dict, param_device, split_fused
 from megatron_refine.models.config import FastWeightConfig
-from megatron_refine.models.inference import BranchRequest, DecodeRequest, gather_window
+from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, gather_window
 from megatron_refine.models.norm import HeadRMSNorm
+from megatron_refine.models.packing import Packing
 
 
 @dataclass
@@ -137,16 +138,27 @@ class LaCTMixer(MegatronModule):
         y, _ = module(hidden_states)
         return y if decoding else y.transpose(0, 1)  # [B, T, ...]
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
-        """[s(/t), b, h] -> ([s(/t), b, h], bias). In decoding the rows are the sequence dim: [N(/t), 1, h]."""
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **kwargs):
+        """[s(/t), b, h] -> ([s(/t), b, h], bias). In decoding the rows are the sequence dim: [N(/t), 1, h].
+
+        `packed_seq_params` (document starts, see models/packing.py) restarts the fast weights, the sliding
+        window and the RoPE positions at every document.
+        """
         cfg, request = self.config, self.request
         decoding = isinstance(request, DecodeRequest)
         qkv = self._project(self.qkv, hidden_states, decoding)  # [B, T, 3h/t]
         B, T = qkv.shape[:2]
         q, k, v = qkv.chunk(3, dim=-1)
-        if decoding:
-            positions = request.cache.positions[:, None]  # [N, 1]
-            cache: LaCTCache = request.cache.layers.get(self.layer_number) or self._empty_cache(B, q)
+        packing = None if decoding else Packing.from_params(packed_seq_params, B, T)
+        if packing is not None and isinstance(request, ContinueRequest):
+            raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
+        packed = (lambda t: t.reshape(1, B * T, *t.shape[2:])) if packing else (lambda t: t)  # noqa: E731
+        cache: LaCTCache | None = None
+        if isinstance(request, (DecodeRequest, ContinueRequest)):
+            cache = request.cache.layers.get(self.layer_number) or self._empty_cache(B, q)
+            positions = request.cache.positions[:, None] + torch.arange(T, device=q.device)  # [N, T]
+        elif packing is not None:
+            positions = packing.position_ids
         else:
             positions = torch.arange(T, device=q.device).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.head_dim, cfg.rope_theta)  # [B, T, 1, hd]
@@ -157,7 +169,8 @@ class LaCTMixer(MegatronModule):
         if decoding:
             o_swa = window_attention_step(qa[:, 0], ka[:, 0], va[:, 0], cache.k_window, cache.v_window, cache.valid)[:, None]
         else:
-            o_swa = sliding_window_attention(qa, ka, va, cfg.window_size)
+            past = (cache.k_window, cache.v_window, cache.valid) if cache is not None else None
+            o_swa = sliding_window_attention(qa, ka, va, cfg.window_size, packing.sequence_ids if packing else None, past)
 
         # Fast-weight path: per-channel rescale, SiLU, per-head L2 norm, RoPE per attention-head slice.
         fq = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]
@@ -190,15 +203,23 @@ class LaCTMixer(MegatronModule):
                 torch.cat([cache.valid[:, 1:], cache.valid.new_ones(B, 1)], dim=1),
             )
         else:
-            args = (fq, fk, fv, lr0, lr1, lr2, *self.initial_weights())
-            kw = dict(chunk_size=cfg.lact_chunk_size, momentum=momentum, use_muon=cfg.use_muon)
-            if isinstance(request, BranchRequest):
-                fo, _, fast = lact_swiglu(*args, **kw, states_at=request.positions)
-                k_window, valid = gather_window(ka, request.positions, cfg.window_size - 1)
-                v_window, _ = gather_window(va, request.positions, cfg.window_size - 1)
-                request.states[self.layer_number] = LaCTCache(fast, k_window, v_window, valid)
+            args = [packed(x) for x in (fq, fk, fv, lr0, lr1, lr2)]
+            kw = dict(chunk_size=cfg.lact_chunk_size, momentum=None if momentum is None else packed(momentum),
+                      use_muon=cfg.use_muon, cu_seqlens=packing.cu_seqlens if packing else None)
+            if isinstance(request, ContinueRequest):
+                args += [None, None, None]
+                kw["initial_state"] = cache.fast
             else:
-                fo, _ = lact_swiglu(*args, **kw)
+                args += self.initial_weights()
+            if isinstance(request, BranchRequest):
+                kw["states_at"] = packing.flat(request.positions) if packing else request.positions
+            fo, _, *fast = lact_swiglu(*args, **kw)
+            fo = fo.view(B, T, *fo.shape[2:])
+            if isinstance(request, BranchRequest):
+                starts = packing.document_starts(request.positions) if packing else None
+                k_window, valid = gather_window(ka, request.positions, cfg.window_size - 1, starts)
+                v_window, _ = gather_window(va, request.positions, cfg.window_size - 1, starts)
+                request.states[self.layer_number] = LaCTCache(fast[0], k_window, v_window, valid)
 
         fo = self.ttt_norm(fo)
         if cfg.learnable_ttt_scale:

@@ -1,11 +1,14 @@
 """`FastWeightGPTModel`: megatron-core's GPTModel over a DeltaNet or LaCT stack, with cached decoding and
 branch states.
 
-The training forward is GPTModel's own (pipeline stages, sequence parallelism, Megatron schedules).
-Two more entry points, for a whole model on one pipeline stage:
+The training forward is GPTModel's own (pipeline stages, sequence parallelism, Megatron schedules); packed
+documents come in as megatron-core's `packed_seq_params` (see `packing.py`). Three more entry points, for a
+whole model on one pipeline stage:
 - `forward_with_branch_states(input_ids, positions)`: the same forward, also returning every layer's
   decoding state after the chosen positions, differentiably (REFINE branches its rollouts from these);
-- `step(input_ids, cache)`: one token for each of N rows, from an `InferenceCache`.
+- `step(input_ids, cache)`: one token for each of N rows, from an `InferenceCache` (the decoder);
+- `forward_from_cache(input_ids, cache)`: the training forward over L new tokens per row, each row starting
+  from the cache (REFINE scores its rollouts with it; it must agree with the decoder).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from megatron_refine.models.config import FastWeightConfig
-from megatron_refine.models.inference import BranchRequest, DecodeRequest, InferenceCache
+from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, InferenceCache
+from megatron_refine.models.packing import Packing
 from megatron_refine.models.specs import get_block_spec
 
 
@@ -69,7 +74,7 @@ class FastWeightGPTModel(GPTModel):
             for mixer in self.mixers:
                 mixer.request = None
 
-    def _whole_model_forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _whole_model_forward(self, input_ids: torch.Tensor, packed_seq_params=None) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids [b, s] -> (vocab-parallel logits [s, b, V/t], final hidden [s, b, h] on every TP rank)."""
         if not (self.pre_process and self.post_process):
             raise RuntimeError(
@@ -77,19 +82,40 @@ class FastWeightGPTModel(GPTModel):
                 "use pipeline_model_parallel_size=1 for REFINE steps and generation"
             )
         hidden = self.embedding(input_ids=input_ids, position_ids=None)
-        hidden = self.decoder(hidden_states=hidden, attention_mask=None)
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None, packed_seq_params=packed_seq_params)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight)
         if self.config.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return logits, hidden
 
-    def forward_with_branch_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> BranchOutput:
-        """input_ids [B, T]; positions [B, P] -> logits, hidden states, and the decoding state after each position."""
+    def forward_with_branch_states(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, packed_seq_params: PackedSeqParams | None = None
+    ) -> BranchOutput:
+        """input_ids [B, T]; positions [B, P] -> logits, hidden states, and the decoding state after each position
+        (with packed documents: the state of the position's own document)."""
         with self._request(BranchRequest(positions)) as request:
-            logits, hidden = self._whole_model_forward(input_ids)
-        cache = InferenceCache(positions=(positions + 1).flatten(), layers=request.states)
+            logits, hidden = self._whole_model_forward(input_ids, packed_seq_params)
+        packing = Packing.from_params(packed_seq_params, *input_ids.shape)
+        within = positions if packing is None else positions - packing.document_starts(positions)
+        cache = InferenceCache(positions=(within + 1).flatten(), layers=request.states)
         return BranchOutput(logits.transpose(0, 1), hidden.transpose(0, 1), cache)
+
+    def forward_from_cache(self, input_ids: torch.Tensor, cache: InferenceCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [N, L] following the cache's N rows -> (vocab-parallel logits [N, L, V/t], hidden [N, L, h]).
+
+        The cache is not changed. Under sequence parallelism L is padded to a multiple of TP at the end
+        (causal, so the padding changes nothing before it).
+        """
+        N, L = input_ids.shape
+        if cache.num_rows != N:
+            raise ValueError(f"cache has {cache.num_rows} rows, got {N} sequences")
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pad = (-L) % tp if self.config.sequence_parallel else 0
+        ids = torch.cat([input_ids, input_ids.new_zeros(N, pad)], dim=1) if pad else input_ids
+        with self._request(ContinueRequest(cache)):
+            logits, hidden = self._whole_model_forward(ids)
+        return logits.transpose(0, 1)[:, :L], hidden.transpose(0, 1)[:, :L]
 
     def step(self, input_ids: torch.Tensor, cache: InferenceCache) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row: input_ids [N] -> (vocab-parallel logits [N, V/t], hidden [N, h]); updates `cache`.

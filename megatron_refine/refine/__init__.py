@@ -3,8 +3,22 @@
 from megatron_refine.refine.config import RefineConfig
 from megatron_refine.refine.grpo import grpo_advantages, k3_kl, ppo_clipped_loss
 from megatron_refine.refine.rewards import REWARDS, rollout_rewards
-from megatron_refine.refine.selection import MODES, min_sequence_length, select_positions, smooth_entropy
-from megatron_refine.refine.step import Rollouts, branch_starts, refine_loss, roll_out, select
+from megatron_refine.refine.selection import (
+    MODES,
+    eligible_positions,
+    min_sequence_length,
+    select_positions,
+    smooth_entropy,
+)
+from megatron_refine.refine.step import (
+    Rollouts,
+    branch_starts,
+    check_logprob_parity,
+    logprob_parity,
+    refine_loss,
+    roll_out,
+    select,
+)
 from megatron_refine.refine.vocab import vocab_parallel_entropy, vocab_parallel_log_probs
 
 __all__ = [
@@ -13,8 +27,11 @@ __all__ = [
     "RefineConfig",
     "Rollouts",
     "branch_starts",
+    "check_logprob_parity",
+    "eligible_positions",
     "grpo_advantages",
     "k3_kl",
+    "logprob_parity",
     "min_sequence_length",
     "ppo_clipped_loss",
     "refine_loss",

@@ -22,4 +22,7 @@ class RefineConfig:
     ppo_coef: float = 0.2
     kl_coef: float = 0.0  # k3 KL to a frozen copy of the starting model; off as in the release
     every: int = 2  # in refine-mid, every `every`-th step is a REFINE step, the others plain NTP
+    # Warn when the decoder's log-prob of a rollout token and the training forward's differ by more than this
+    # (max |difference| in nats over the step's rollout tokens): the two paths have drifted apart.
+    logprob_parity_tolerance: float = 0.05
     seed: int = 0

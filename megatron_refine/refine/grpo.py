@@ -5,17 +5,20 @@ from __future__ import annotations
 import torch
 
 
-def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6, mask: torch.Tensor | None = None) -> torch.Tensor:
     """rewards [G, S] (G groups of S rollouts) -> (r - mean_group) / (std_group + eps).
 
     std is the unbiased one (as in verl); a group of one rollout keeps its reward (mean 0, std 1), and a group
-    whose rewards are all equal gets zero advantages.
+    whose rewards are all equal gets zero advantages. mask [G, S]: rollouts that count; the others get 0.
     """
-    if rewards.shape[1] == 1:
-        return rewards.clone()
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True)
-    return (rewards - mean) / (std + eps)
+    if mask is None:
+        mask = torch.ones_like(rewards, dtype=torch.bool)
+    m = mask.to(rewards.dtype)
+    count = m.sum(dim=1, keepdim=True)
+    mean = (rewards * m).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    std = (((rewards - mean) * m).square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    advantages = torch.where(count > 1, (rewards - mean) / (std + eps), rewards)
+    return advantages * m
 
 
 def ppo_clipped_loss(

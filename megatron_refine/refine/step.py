@@ -3,23 +3,29 @@
 The gradient path is the point of the method: the rollout tokens' log-probs are computed from the decoding
 states that ONE forward over the documents leaves after each selected position (kept in the graph), so the
 policy loss backpropagates through the prefix's fast-weight writes. The same forward's logits give the NTP
-loss and the first rollout token; k cached decode steps give the rest. No prefix is ever re-encoded.
+loss and the first rollout token. The decoder samples the other k - 1 tokens without a graph; the training
+forward then scores all k from the branch states (`forward_from_cache`, the chunked kernels), and the two
+paths' log-probs are compared every step (`logprob_diff_*`): a drift between them would bias GRPO silently.
+No prefix is ever re-encoded. With packed documents every rollout starts and ends inside one document.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_refine.models.generation import same_on_tp_ranks, sample_tokens
+from megatron_refine.models.packing import Packing
 from megatron_refine.refine.config import RefineConfig
 from megatron_refine.refine.grpo import grpo_advantages, k3_kl, ppo_clipped_loss
 from megatron_refine.refine.rewards import rollout_rewards
-from megatron_refine.refine.selection import select_positions
+from megatron_refine.refine.selection import eligible_positions, select_positions
 from megatron_refine.refine.vocab import vocab_parallel_entropy, vocab_parallel_log_probs
 
 
@@ -27,17 +33,25 @@ from megatron_refine.refine.vocab import vocab_parallel_entropy, vocab_parallel_
 class Rollouts:
     positions: torch.Tensor  # [B, P]
     tokens: torch.Tensor  # [R, k], R = B * P * n, rows ordered (b, p, sample)
-    log_probs: torch.Tensor  # [R, k], differentiable through the branch states
+    log_probs: torch.Tensor  # [R, k], the training forward's, differentiable through the branch states
+    sampler_log_probs: torch.Tensor  # [R, k], the decoder's, as it sampled them (no graph)
     hidden: torch.Tensor  # [R, k, h], after each rollout token (last layer, final norm), detached
 
 
-def select(model, tokens: torch.Tensor, cfg: RefineConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """No-grad forward -> next-token entropy [B, T] -> positions [B, n_chunks] and their entropies."""
+def select(model, tokens: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
+           packed_seq_params: PackedSeqParams | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """No-grad forward -> next-token entropy [B, T] -> positions [B, n_chunks], their entropies, and which of
+    them are valid [B, n_chunks] (with packed documents a chunk may hold no position whose rollout fits)."""
     with torch.no_grad():
-        entropy = vocab_parallel_entropy(model(tokens, None, None))  # logits [B, T, V/t]
+        entropy = vocab_parallel_entropy(model(tokens, None, None, packed_seq_params=packed_seq_params))  # [B, T]
+    eligible = None
+    packing = Packing.from_params(packed_seq_params, *tokens.shape)
+    if packing is not None:
+        eligible = eligible_positions(packing.position_ids, packing.sequence_ids, cfg.margin)
     positions = select_positions(entropy, n_chunks=cfg.n_chunks, k=cfg.k, margin=cfg.margin, mode=cfg.selection,
-                                 generator=generator)
-    return positions, entropy.gather(1, positions)
+                                 generator=generator, eligible=eligible)
+    valid = torch.ones_like(positions, dtype=torch.bool) if eligible is None else eligible.gather(1, positions)
+    return positions, entropy.gather(1, positions), valid
 
 
 def branch_starts(out, positions: torch.Tensor, n: int):
@@ -49,38 +63,73 @@ def branch_starts(out, positions: torch.Tensor, n: int):
 
 
 def roll_out(model, out, positions: torch.Tensor, cfg: RefineConfig, generator: torch.Generator) -> Rollouts:
-    """k tokens from every branch state (n samples each), with differentiable log-probs."""
-    logits, cache = branch_starts(out, positions, cfg.n)
-    tokens, log_probs, hidden = [], [], []
-    for _ in range(cfg.k):
-        full = gather_from_tensor_model_parallel_region(logits.detach())
-        token = same_on_tp_ranks(sample_tokens(full, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator))
-        tokens.append(token)
-        log_probs.append(vocab_parallel_log_probs(logits, token))
-        logits, h = model.step(token, cache)
-        hidden.append(h.detach())
-    return Rollouts(positions, torch.stack(tokens, 1), torch.stack(log_probs, 1), torch.stack(hidden, 1))
-
-
-def reference_log_probs(ref_model, tokens: torch.Tensor, rollouts: Rollouts, n: int) -> torch.Tensor:
-    """The frozen reference's log-probs of the same rollout tokens, by the same branched procedure."""
+    """k tokens from every branch state (n samples each): sampled by the decoder, scored by the training forward."""
+    first_logits, cache = branch_starts(out, positions, cfg.n)  # in the graph
+    tokens, sampler_log_probs = [], []
     with torch.no_grad():
-        out = ref_model.forward_with_branch_states(tokens, rollouts.positions)
-        logits, cache = branch_starts(out, rollouts.positions, n)
-        result = []
-        for j in range(rollouts.tokens.shape[1]):
-            result.append(vocab_parallel_log_probs(logits, rollouts.tokens[:, j]))
-            logits, _ = ref_model.step(rollouts.tokens[:, j], cache)
-        return torch.stack(result, 1)
+        logits, decoding = first_logits.detach(), cache.detach()
+        for j in range(cfg.k):
+            full = gather_from_tensor_model_parallel_region(logits)
+            token = same_on_tp_ranks(sample_tokens(full, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator))
+            tokens.append(token)
+            sampler_log_probs.append(vocab_parallel_log_probs(logits, token))
+            if j < cfg.k - 1:
+                logits, _ = model.step(token, decoding)
+    tokens = torch.stack(tokens, 1)  # [R, k]
+    logits, hidden = model.forward_from_cache(tokens, cache)  # [R, k, V/t]: predictions after each rollout token
+    log_probs = torch.cat([vocab_parallel_log_probs(first_logits, tokens[:, 0])[:, None],
+                           vocab_parallel_log_probs(logits[:, :-1], tokens[:, 1:])], dim=1)
+    return Rollouts(positions, tokens, log_probs, torch.stack(sampler_log_probs, 1), hidden.detach())
+
+
+def reference_log_probs(ref_model, tokens: torch.Tensor, rollouts: Rollouts, n: int,
+                        packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+    """The frozen reference's log-probs of the same rollout tokens, by the same branched training forward."""
+    with torch.no_grad():
+        out = ref_model.forward_with_branch_states(tokens, rollouts.positions, packed_seq_params)
+        first_logits, cache = branch_starts(out, rollouts.positions, n)
+        logits, _ = ref_model.forward_from_cache(rollouts.tokens, cache)
+        return torch.cat([vocab_parallel_log_probs(first_logits, rollouts.tokens[:, 0])[:, None],
+                          vocab_parallel_log_probs(logits[:, :-1], rollouts.tokens[:, 1:])], dim=1)
+
+
+def logprob_parity(rollouts: Rollouts, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Decoder vs training forward on the same rollout tokens (mask [R]: the rollouts that count)."""
+    diff = (rollouts.log_probs.detach() - rollouts.sampler_log_probs)[mask]  # [valid, k]
+    if diff.numel() == 0:
+        zero = torch.zeros((), device=mask.device)
+        return {"logprob_diff_mean": zero, "logprob_diff_max": zero, "ratio_mean": zero + 1}
+    return {"logprob_diff_mean": diff.abs().mean(), "logprob_diff_max": diff.abs().max(),
+            "ratio_mean": diff.exp().mean()}
+
+
+def check_logprob_parity(metrics: dict[str, float], tolerance: float, step: int) -> bool:
+    """Warn when the decoder and the training forward disagree on rollout log-probs; True when in tolerance."""
+    worst = metrics.get("logprob_diff_max")
+    if worst is None or worst <= tolerance:
+        return True
+    warnings.warn(
+        f"step {step}: rollout log-probs of the decoder and the training forward differ by up to {worst:.3g} "
+        f"nats (mean {metrics['logprob_diff_mean']:.3g}, mean ratio {metrics['ratio_mean']:.4f}), more than "
+        f"refine.logprob_parity_tolerance={tolerance}: GRPO's ratio is off-policy. Check the kernels' dtypes "
+        "(decode step vs chunked path) or raise the tolerance if this precision is expected.",
+        RuntimeWarning, stacklevel=2,
+    )
+    return False
 
 
 def refine_loss(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
-                ref_model=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The REFINE objective on documents tokens [B, T] (labels = next tokens): sft * NTP + ppo * PG (+ kl * KL)."""
+                ref_model=None, packed_seq_params: PackedSeqParams | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The REFINE objective on documents tokens [B, T] (labels = next tokens): sft * NTP + ppo * PG (+ kl * KL).
+
+    packed_seq_params: document starts of packed rows (models/packing.py); rollouts then start and end
+    inside one document and branch from that document's own state.
+    """
     t0 = time.perf_counter()
-    positions, selected_entropy = select(model, tokens, cfg, generator)
+    positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params)
     t1 = time.perf_counter()
-    out = model.forward_with_branch_states(tokens, positions)
+    out = model.forward_with_branch_states(tokens, positions, packed_seq_params)
     ntp = -vocab_parallel_log_probs(out.logits, labels).mean()
     rollouts = roll_out(model, out, positions, cfg, generator)
     t2 = time.perf_counter()
@@ -92,27 +141,35 @@ def refine_loss(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineCo
     truth = labels[b, steps].flatten(0, 1).repeat_interleave(cfg.n, dim=0)  # x_{p+1..p+k}
     truth_hidden = out.hidden.detach()[b, steps + 1].flatten(0, 1).repeat_interleave(cfg.n, dim=0)  # after x_{p+j}
     rewards = rollout_rewards(cfg.reward, rollouts.tokens, truth, rollouts.hidden, truth_hidden)  # [R]
-    # Groups: the n_chunks rollouts of one document (n = 1), or the n rollouts of one position.
-    groups = rewards.view(B, P) if cfg.n == 1 else rewards.view(B * P, cfg.n)
-    advantages = grpo_advantages(groups).reshape(R, 1).expand(R, k)
+    # Groups: the n_chunks rollouts of one row (n = 1), or the n rollouts of one position. With packed
+    # documents a row's group spans its documents, like the positions of one long document do.
+    mask = valid.reshape(-1).repeat_interleave(cfg.n)  # [R]
+    group_shape = (B, P * cfg.n) if cfg.n == 1 else (B * P, cfg.n)
+    advantages = grpo_advantages(rewards.view(group_shape), mask=mask.view(group_shape)).reshape(R, 1).expand(R, k)
     per_token, clipped = ppo_clipped_loss(rollouts.log_probs, rollouts.log_probs.detach(), advantages,
                                           eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip)
+    token_mask = mask[:, None].to(per_token.dtype)  # [R, 1]
     # Token mean over every DP rank's rollout tokens (DDP then averages gradients over DP).
     dp_group = parallel_state.get_data_parallel_group()
-    total = torch.tensor(float(R * k), device=tokens.device)
+    counted = mask.sum() * k
+    total = counted.to(torch.float32).clone()
     torch.distributed.all_reduce(total, group=dp_group)
-    scale = parallel_state.get_data_parallel_world_size() / total
-    pg = per_token.sum() * scale
+    scale = parallel_state.get_data_parallel_world_size() / total.clamp(min=1)
+    pg = (per_token * token_mask).sum() * scale
     loss = cfg.sft_coef * ntp + cfg.ppo_coef * pg
     kl = torch.zeros((), device=tokens.device)
     if ref_model is not None:
-        kl = k3_kl(rollouts.log_probs, reference_log_probs(ref_model, tokens, rollouts, cfg.n)).sum() * scale
+        ref = reference_log_probs(ref_model, tokens, rollouts, cfg.n, packed_seq_params)
+        kl = (k3_kl(rollouts.log_probs, ref) * token_mask).sum() * scale
         loss = loss + cfg.kl_coef * kl
+    counted_rewards = rewards[mask]
     metrics = {
         "ntp_loss": ntp.detach(), "pg_loss": pg.detach(), "kl": kl.detach(),
-        "reward_mean": rewards.mean(), "reward_std": rewards.std() if R > 1 else torch.zeros(()),
-        "selected_entropy": selected_entropy.mean(), "clip_fraction": clipped.mean(),
-        "rollout_tokens": torch.tensor(float(R * k)), "time_select": torch.tensor(t1 - t0),
-        "time_rollout": torch.tensor(t2 - t1),
+        "reward_mean": counted_rewards.mean() if counted_rewards.numel() else torch.zeros(()),
+        "reward_std": counted_rewards.std() if counted_rewards.numel() > 1 else torch.zeros(()),
+        "selected_entropy": selected_entropy[valid].mean() if valid.any() else torch.zeros(()),
+        "clip_fraction": clipped[mask].mean() if mask.any() else torch.zeros(()),
+        "rollout_tokens": counted.float(), "time_select": torch.tensor(t1 - t0),
+        "time_rollout": torch.tensor(t2 - t1), **logprob_parity(rollouts, mask),
     }
     return loss, {name: v.detach().float().to(tokens.device) for name, v in metrics.items()}

@@ -6,6 +6,7 @@ from megatron_refine.runtime.distributed import (
     Runtime,
     destroy,
     initialize,
+    set_deterministic,
     set_random_seed,
 )
 from megatron_refine.runtime.launch import RankFailed, spawn
@@ -17,6 +18,7 @@ __all__ = [
     "cpu_compat",
     "destroy",
     "initialize",
+    "set_deterministic",
     "set_random_seed",
     "spawn",
 ]

@@ -112,6 +112,17 @@ def _init_process_group(backend: str, rank: int, world_size: int, timeout: timed
         )
 
 
+def set_deterministic() -> None:
+    """Deterministic kernels wherever PyTorch has them (a warning names any op that has none), a fixed cuBLAS
+    workspace, and NCCL's ring algorithm (call before the process groups exist for NCCL to see it). On CPU the
+    stack is deterministic already; this is what makes a CUDA run repeat bitwise."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("NCCL_ALGO", "Ring")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def set_random_seed(seed: int) -> None:
     """Seed Python, NumPy, torch and Megatron's tracker (data-, tensor- and expert-parallel streams).
 

@@ -28,6 +28,10 @@ class DataArgs:
     micro_batch_size: int = 4
     global_batch_size: int = 8  # micro_batch_size x data-parallel size x micro-batches per step
     seed: int = 0
+    # Documents are packed into rows; restart the fast-weight state (and conv, window, RoPE) at each one, as
+    # if it ran alone (Megatron-LM's --reset-attention-mask / --reset-position-ids for attention models).
+    # false: memory carries over from one document into the next, as in plain concatenation.
+    reset_at_document_boundaries: bool = True
 
 
 @dataclass
@@ -79,6 +83,9 @@ class TrainConfig:
     train_steps: int = 100
     exit_interval: int | None = None  # stop (after saving, when checkpoint.save is set) at a multiple of this step
     seed: int = 1234
+    # Bitwise-reproducible runs: deterministic torch kernels, cuBLAS workspace, megatron-core's
+    # deterministic_mode, NCCL ring all-reduce (README, Training: what stays nondeterministic on CUDA).
+    deterministic: bool = False
     stage: str = "pretrain"  # pretrain (NTP), refine-mid (NTP steps interleaved with REFINE steps)
 
     def to_dict(self) -> dict:

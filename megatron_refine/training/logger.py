@@ -44,7 +44,9 @@ class MetricsLogger:
                     line += f" | {name.replace('_', ' ')} " + (f"{value:.2e}" if name == "lr" else f"{value:.4g}")
             if "refine/reward_mean" in metrics:
                 line += (f" | REFINE reward {metrics['refine/reward_mean']:.3f} pg {metrics['refine/pg_loss']:.3g}"
-                         f" clip {metrics['refine/clip_fraction']:.2f} ent {metrics['refine/selected_entropy']:.2f}")
+                         f" clip {metrics['refine/clip_fraction']:.2f} ent {metrics['refine/selected_entropy']:.2f}"
+                         f" | logp gap {metrics['refine/logprob_diff_mean']:.1e}/{metrics['refine/logprob_diff_max']:.1e}"
+                         f" ratio {metrics['refine/ratio_mean']:.4f}")
             if metrics.get("skipped_steps"):
                 line += f" | skipped steps {int(metrics['skipped_steps'])}"
             print(f"{line} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)

@@ -20,9 +20,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_refine.data import PackedLoader, ShardedDataset
-from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config
-from megatron_refine.refine import min_sequence_length, refine_loss
-from megatron_refine.runtime import Runtime, initialize
+from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config, packed_seq_params
+from megatron_refine.refine import check_logprob_parity, min_sequence_length, refine_loss
+from megatron_refine.runtime import Runtime, initialize, set_deterministic
 from megatron_refine.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_refine.training.config import TrainConfig
 from megatron_refine.training.logger import MetricsLogger
@@ -65,6 +65,8 @@ class Trainer:
 
 def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
     par, data, opt = cfg.parallel, cfg.data, cfg.optimizer
+    if cfg.deterministic:
+        set_deterministic()
     rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed)
     dataset = ShardedDataset.open(data.path)
     dp = rt.layout.data_parallel_size
@@ -99,7 +101,7 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
     model_config = get_config(
         cfg.model.config, tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size, sequence_parallel=par.sequence_parallel,
-        use_cpu_initialization=not cuda, **dtype, **cfg.model.overrides,
+        use_cpu_initialization=not cuda, deterministic_mode=cfg.deterministic, **dtype, **cfg.model.overrides,
     )
     module = build_model(model_config, dataset.vocab_size)
     if cuda:
@@ -144,17 +146,26 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
     return trainer
 
 
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    output = model(batch["tokens"].to(device), None, None, labels=batch["labels"].to(device))
+def _packed_seq_params(cfg: TrainConfig, batch: dict, device: torch.device):
+    """The loader's document starts as megatron-core's PackedSeqParams, or None without document resets."""
+    return packed_seq_params(batch["cu_seqlens"].to(device)) if cfg.data.reset_at_document_boundaries else None
 
-    def loss_func(per_token_loss):  # called on the last pipeline stage only
-        loss = per_token_loss.float().mean()
-        # A copy: the schedule divides the returned loss in place by the number of micro-batches.
-        return loss, {"lm loss": loss.detach().clone()}
 
-    return output, loss_func
+def _ntp_forward_step(trainer: Trainer):
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        output = model(batch["tokens"].to(device), None, None, labels=batch["labels"].to(device),
+                       packed_seq_params=_packed_seq_params(trainer.cfg, batch, device))
+
+        def loss_func(per_token_loss):  # called on the last pipeline stage only
+            loss = per_token_loss.float().mean()
+            # A copy: the schedule divides the returned loss in place by the number of micro-batches.
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    return forward_step
 
 
 def _refine_forward_step(trainer: Trainer, generator: torch.Generator):
@@ -162,14 +173,16 @@ def _refine_forward_step(trainer: Trainer, generator: torch.Generator):
         batch = next(data_iterator)
         device = next(model.parameters()).device
         loss, metrics = refine_loss(model.module, batch["tokens"].to(device), batch["labels"].to(device),
-                                    trainer.cfg.refine, generator, trainer.reference)
+                                    trainer.cfg.refine, generator, trainer.reference,
+                                    _packed_seq_params(trainer.cfg, batch, device))
         return loss, lambda output: (output, {"lm loss": metrics.pop("ntp_loss"), **metrics})
 
     return forward_step
 
 
-# Summed over micro-batches and DP ranks; every other metric is averaged.
+# Summed over micro-batches and DP ranks, or their maximum; every other metric is averaged.
 _SUMMED = ("rollout_tokens",)
+_MAXED = ("logprob_diff_max",)
 
 
 def _reduce_metrics(losses: list[dict], device: torch.device) -> dict[str, float]:
@@ -179,13 +192,17 @@ def _reduce_metrics(losses: list[dict], device: torch.device) -> dict[str, float
     for i, name in enumerate(names):
         if losses:
             per_micro = torch.stack([d[name].float().reshape(()) for d in losses])
-            values[i] = per_micro.sum() if name in _SUMMED else per_micro.mean()
+            values[i] = per_micro.sum() if name in _SUMMED else per_micro.max() if name in _MAXED else per_micro.mean()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(),
                                     group=parallel_state.get_pipeline_model_parallel_group())
+    maxed = torch.tensor([name in _MAXED for name in names], device=device)
+    largest = values.clone()
     torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    values = torch.where(maxed, largest, values)
     dp = parallel_state.get_data_parallel_world_size()
-    return {name: v.item() / (1 if name in _SUMMED else dp) for name, v in zip(names, values)}
+    return {name: v.item() / (1 if name in _SUMMED + _MAXED else dp) for name, v in zip(names, values)}
 
 
 def is_refine_step(cfg: TrainConfig, step: int) -> bool:
@@ -197,7 +214,7 @@ def train_step(trainer: Trainer, batches: list[dict], step: int = 1) -> StepResu
     model.zero_grad_buffer()
     optimizer.zero_grad()
     tokens = batches[0]["tokens"]
-    forward_step = _forward_step
+    forward_step = _ntp_forward_step(trainer)
     if is_refine_step(cfg, step):
         # Same documents, same draws on every TP rank; different per DP rank and step; reproducible on resume.
         seed = (cfg.refine.seed * 1_000_003 + step) * 1009 + parallel_state.get_data_parallel_rank()
@@ -247,6 +264,8 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
             r["time_update"] = seconds - r["time_select"] - r["time_rollout"]
             metrics.update({f"refine/{name}": value for name, value in r.items()})
             result.refine_history.append({"step": step, **r})
+            if trainer.runtime.is_main:
+                check_logprob_parity(r, cfg.refine.logprob_parity_tolerance, step)
         logger.log(step, metrics, console=step % log.log_interval == 0 or step == cfg.train_steps)
         exiting = bool(cfg.exit_interval) and step % cfg.exit_interval == 0
         if ckpt.save and (exiting or (ckpt.save_interval and step % ckpt.save_interval == 0) or step == cfg.train_steps):

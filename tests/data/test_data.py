@@ -137,7 +137,21 @@ def test_loader_is_deterministic_packs_with_eos_and_resumes_exactly(numbered_doc
     for x in after:
         y = c.next_batch()
         assert (x["tokens"] == y["tokens"]).all() and (x["labels"] == y["labels"]).all()
+        assert (x["cu_seqlens"] == y["cu_seqlens"]).all()
     assert c.state.epoch >= 1
+
+
+def test_loader_marks_every_document_start(numbered_docs):
+    """cu_seqlens (over the flattened rows) starts a document exactly on each token after an EOS, and at
+    every row start."""
+    loader = PackedLoader(numbered_docs, 16, 2, seed=5)
+    eos = ByteTokenizer.eos_id
+    for _ in range(10):
+        batch = loader.next_batch()
+        flat, cu = batch["tokens"].flatten(), batch["cu_seqlens"].tolist()
+        assert cu[0] == 0 and cu[-1] == flat.numel() and cu == sorted(set(cu))
+        expected = {i for i in range(1, flat.numel()) if flat[i - 1] == eos} | {0, 16, 32}
+        assert set(cu) == expected
 
 
 def test_more_dp_ranks_than_shards_is_an_error_that_names_the_fix(numbered_docs):

@@ -31,7 +31,13 @@ def _my_micro_batches(trainer, global_batch):
     dp, rank = trainer.runtime.layout.data_parallel_size, torch.distributed.get_rank() // (
         trainer.runtime.world_size // trainer.runtime.layout.data_parallel_size)
     mine = global_batch.chunk(dp)[rank]
-    return [{"tokens": m[:, :-1], "labels": m[:, 1:]} for m in mine.chunk(trainer.num_microbatches)]
+    return [{"tokens": m[:, :-1], "labels": m[:, 1:], "cu_seqlens": _documents(m.shape[0])}
+            for m in mine.chunk(trainer.num_microbatches)]
+
+
+def _documents(rows):
+    """Two packed documents per row, split at 11 or 20: every layout below also checks document resets."""
+    return torch.tensor([0] + [x for b in range(rows) for x in (b * SEQ + (11 if b % 2 == 0 else 20), (b + 1) * SEQ)])
 
 
 def _steps(corpus, layout, root, load=None):
@@ -40,7 +46,8 @@ def _steps(corpus, layout, root, load=None):
     trainer = setup(cfg)
     if load is None:  # the reference run publishes its initial weights for the other layouts
         save_checkpoint(root, 0, trainer.module, trainer.optimizer, trainer.scheduler, trainer.loader, {})
-    results = [train_step(trainer, _my_micro_batches(trainer, b)) for b in _global_batches(3)]
+    # One global batch three times: the loss must fall (the steps learn), and every layout must agree.
+    results = [train_step(trainer, _my_micro_batches(trainer, b)) for b in _global_batches(1) * 3]
     return [(r.loss, r.grad_norm) for r in results]
 
 
@@ -119,15 +126,17 @@ def _nan_step(corpus):
     trainer = setup(_config(corpus))
     batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
     before = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
-    real = trainer_module._forward_step
+    real = trainer_module._ntp_forward_step
 
-    def nan_forward(data_iterator, model):
-        output, loss_func = real(data_iterator, model)
-        return output * float("nan"), loss_func
+    def nan_forward_step(trainer):
+        def forward(data_iterator, model):
+            output, loss_func = real(trainer)(data_iterator, model)
+            return output * float("nan"), loss_func
+        return forward
 
-    trainer_module._forward_step = nan_forward
+    trainer_module._ntp_forward_step = nan_forward_step
     result = train_step(trainer, batches)
-    trainer_module._forward_step = real
+    trainer_module._ntp_forward_step = real
     assert result.skipped and math.isnan(result.loss)
     for n, p in trainer.module.named_parameters():
         assert torch.equal(p, before[n]), n
@@ -198,3 +207,19 @@ def test_config_yaml_and_set_overrides(tmp_path):
         load_config(None, ["optimizer.learning_rate=1"])
     with pytest.raises(ValueError, match="neither a YAML file nor one of"):
         load_config("no-such-config")
+
+
+def _deterministic_refine_run(corpus):
+    cfg = _config(corpus, "train_steps=3", "deterministic=true", *REFINE[:-2], "refine.n_chunks=2")
+    result = train(cfg)
+    timing = ("time_select", "time_rollout", "time_update", "rollout_tokens_per_s")
+    return result.losses, [{k: v for k, v in r.items() if k not in timing} for r in result.refine_history]
+
+
+def test_deterministic_refine_runs_repeat_bitwise(corpus):
+    """`--deterministic`: the same 3 REFINE steps (entropy sampling, sampled rollouts) twice, in fresh
+    processes: identical losses and REFINE metrics, to the bit."""
+    first, = spawn(_deterministic_refine_run, 1, corpus)
+    second, = spawn(_deterministic_refine_run, 1, corpus)
+    assert len(first[0]) == 3 and len(first[1]) == 3
+    assert first == second

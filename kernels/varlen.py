@@ -1,0 +1,111 @@
+"""Variable-length (packed) sequences, fla's convention: inputs `[1, total, ...]` hold N sequences back to back
+and `cu_seqlens [N + 1]` (int, from 0 to total) marks where each starts. Every fast-weight op starts each
+sequence from its own initial state, exactly as if the sequences had been run one by one.
+
+A `[B, T, ...]` batch is the special case of B sequences of length T (`batch_cu_seqlens`), so the chunked
+ops have one code path: `ChunkLayout` cuts every sequence into chunks of C tokens that start at the
+sequence's first token (no chunk spans two sequences, as in fla's varlen kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int) -> None:
+    """Errors a caller can cause, with the fix."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("cu_seqlens must be a 1-D int32/int64 tensor [N + 1] of cumulative sequence lengths")
+    if batch != 1:
+        raise ValueError(
+            f"with cu_seqlens the inputs must have batch size 1 (sequences concatenated along time), got {batch}: "
+            "flatten the batch to [1, B * T] and include every row start in cu_seqlens"
+        )
+    if cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the total length {total}, got {cu_seqlens.tolist()}")
+    if bool((cu_seqlens[1:] <= cu_seqlens[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be strictly increasing (no empty sequences), got {cu_seqlens.tolist()}")
+
+
+def batch_cu_seqlens(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """cu_seqlens of a [B, T] batch seen as B sequences of length T."""
+    return torch.arange(batch + 1, device=device) * length
+
+
+def prepare_lens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return cu_seqlens[1:] - cu_seqlens[:-1]
+
+
+def prepare_sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total]: the index of the sequence each token belongs to."""
+    return torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=cu_seqlens.device),
+                                   prepare_lens(cu_seqlens), output_size=total)
+
+
+def prepare_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total]: each token's position within its own sequence."""
+    return torch.arange(total, device=cu_seqlens.device) - cu_seqlens[prepare_sequence_ids(cu_seqlens, total)]
+
+
+@dataclass
+class ChunkLayout:
+    """The (sequence, chunk) pairs of packed sequences, ordered chunk-major.
+
+    Sequences are visited most-chunks-first (`order`), so the sequences still running at chunk j are the
+    first `active[j]` of that order and a recurrence over chunks updates a prefix of its per-sequence state.
+    Pair (j, i) is chunk j of sequence order[i]; it sits at row `offsets[j] + i`.
+    """
+
+    chunk_size: int
+    cu_seqlens: torch.Tensor  # [N + 1]
+    order: torch.Tensor  # [N], sequences by decreasing number of chunks
+    rank: torch.Tensor  # [N], where each sequence sits in `order`
+    active: list[int]  # [J]: sequences with more than j chunks
+    offsets: list[int]  # [J]: first pair of chunk j
+    index: torch.Tensor  # [pairs, C] token index of each slot (clamped inside the sequence)
+    valid: torch.Tensor  # [pairs, C] the slot holds a token
+
+    @classmethod
+    def build(cls, cu_seqlens: torch.Tensor, chunk_size: int) -> "ChunkLayout":
+        C, device = chunk_size, cu_seqlens.device
+        lens = prepare_lens(cu_seqlens)
+        n_chunks = (lens + C - 1) // C
+        order = torch.argsort(n_chunks, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=device)
+        per_seq = n_chunks[order].tolist()
+        active = [sum(1 for n in per_seq if n > j) for j in range(per_seq[0])]
+        offsets = [0]
+        for m in active[:-1]:
+            offsets.append(offsets[-1] + m)
+        chunk = torch.repeat_interleave(torch.arange(len(active), device=device), torch.tensor(active, device=device))
+        seq = order[torch.cat([torch.arange(m, device=device) for m in active])]  # [pairs]
+        slot = torch.arange(C, device=device)
+        within = chunk[:, None] * C + slot  # [pairs, C], position inside the sequence
+        valid = within < lens[seq][:, None]
+        index = (cu_seqlens[seq][:, None] + within).clamp(max=cu_seqlens[seq + 1][:, None] - 1)
+        return cls(C, cu_seqlens, order, rank, active, offsets, index, valid)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.order.numel()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[total, ...] -> [pairs, C, ...], zeros in the slots past a sequence's end."""
+        mask = self.valid.view(*self.valid.shape, *([1] * (x.ndim - 1))).to(x.dtype)
+        return x[self.index] * mask
+
+    def scatter(self, y: torch.Tensor, total: int) -> torch.Tensor:
+        """[pairs, C, ...] -> [total, ...]: each token's value from its slot (differentiable)."""
+        return y.new_zeros(total, *y.shape[2:]).index_copy(0, self.index[self.valid], y[self.valid])
+
+    def locate(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token indices [P] -> (sequence rank in `order` [P], chunk j [P], offset in the chunk [P], pair [P])."""
+        seq = torch.searchsorted(self.cu_seqlens, positions, right=True) - 1
+        within = positions - self.cu_seqlens[seq]
+        chunk, offset = within // self.chunk_size, within % self.chunk_size
+        rank = self.rank[seq]
+        pair = torch.tensor(self.offsets, device=positions.device)[chunk] + rank
+        return rank, chunk, offset, pair

@@ -1,0 +1,66 @@
+"""Document boundaries of a packed micro-batch, as the mixers use them.
+
+The data loader packs several documents into each row of a `[B, T]` micro-batch and says where each starts;
+the trainer hands that to the model as megatron-core's `PackedSeqParams` (`qkv_format="thd"`) whose
+`cu_seqlens_q` indexes the micro-batch's B * T tokens row-major (with B = 1 that is exactly Megatron's thd
+layout). Every row start is a boundary too. The mixers turn it into a `Packing`: fla's `cu_seqlens` over the
+flattened batch, plus each token's document and position inside it, so the fast-weight state, the short
+convolution, the sliding window and RoPE all restart at every document, as if it had been run alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_refine.kernels.varlen import prepare_position_ids, prepare_sequence_ids
+
+
+@dataclass
+class Packing:
+    cu_seqlens: torch.Tensor  # [N + 1] over the B * T tokens, row starts included
+    batch: int
+    length: int
+
+    @classmethod
+    def from_params(cls, params: PackedSeqParams | None, batch: int, length: int) -> "Packing | None":
+        if params is None:
+            return None
+        cu = params.cu_seqlens_q
+        if cu is None or cu.ndim != 1 or int(cu[0]) != 0 or int(cu[-1]) != batch * length:
+            raise ValueError(
+                f"packed_seq_params.cu_seqlens_q must run from 0 to the micro-batch's {batch} x {length} tokens "
+                "(document starts over the row-major flattened batch), got "
+                f"{None if cu is None else cu.tolist()}"
+            )
+        rows = torch.arange(batch + 1, device=cu.device, dtype=cu.dtype) * length
+        return cls(torch.unique(torch.cat([cu, rows])), batch, length)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """[B, T]: each token's position inside its document."""
+        return prepare_position_ids(self.cu_seqlens, self.batch * self.length).view(self.batch, self.length)
+
+    @property
+    def sequence_ids(self) -> torch.Tensor:
+        """[B, T]: the document each token belongs to."""
+        return prepare_sequence_ids(self.cu_seqlens, self.batch * self.length).view(self.batch, self.length)
+
+    def flat(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions [B, P] inside rows -> [1, B * P] indices into the flattened batch."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None] * self.length
+        return (positions + rows).view(1, -1)
+
+    def document_starts(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions [B, P] -> the row index where each position's document starts, [B, P]."""
+        b = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        return positions - self.position_ids[b, positions]
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    """Megatron's PackedSeqParams for document starts `cu_seqlens` over a micro-batch's flattened tokens."""
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
