@@ -11,7 +11,9 @@ For each sequence length, on the same batch (forward + backward, no optimizer st
 - re-encode baseline (the released method's cost model): the same selection and NTP loss, then for every
   selected position a no-grad prefill of its prefix to sample the rollout and a separate forward + backward
   over prefix + rollout for the policy loss: n_chunks extra full passes per document.
-The last line is `refine/ntp step time ratio: X.XX` at the longest length.
+- packed: the NTP and REFINE steps again with `--documents` documents per row and the state reset at each
+  (`packed_seq_params`, the trainer's default), to show what document boundaries cost.
+The last line is `refine/ntp step time ratio: X.XX` at the longest length (packed documents).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _time(fn, repeats: int) -> float:
 
 
 def _bench(args) -> list[tuple]:
-    from megatron_refine.models import build_model, get_config
+    from megatron_refine.models import build_model, get_config, packed_seq_params
     from megatron_refine.models.generation import sample_tokens
     from megatron_refine.refine import RefineConfig, refine_loss, select
     from megatron_refine.refine.grpo import grpo_advantages
@@ -53,13 +55,17 @@ def _bench(args) -> list[tuple]:
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(0, 257, (args.batch, T + 1), generator=g)
         tokens, labels = ids[:, :-1], ids[:, 1:]
+        # Documents of random lengths (at least 2 * margin + 1 tokens), the same for every row.
+        cuts = sorted(torch.randperm(T // 64 - 1, generator=g)[: args.documents - 1].add(1).mul(64).tolist())
+        starts = [b * T + c for b in range(args.batch) for c in [0, *cuts]] + [args.batch * T]
+        packed = packed_seq_params(torch.tensor(starts))
 
-        def ntp():
-            model(tokens, None, None, labels=labels).mean().backward()
+        def ntp(params=None):
+            model(tokens, None, None, labels=labels, packed_seq_params=params).mean().backward()
             model.zero_grad(set_to_none=True)
 
-        def refine():
-            loss, _ = refine_loss(model, tokens, labels, cfg, torch.Generator().manual_seed(1))
+        def refine(params=None):
+            loss, _ = refine_loss(model, tokens, labels, cfg, torch.Generator().manual_seed(1), packed_seq_params=params)
             loss.backward()
             model.zero_grad(set_to_none=True)
 
@@ -88,7 +94,8 @@ def _bench(args) -> list[tuple]:
             model.zero_grad(set_to_none=True)
 
         t_ntp, t_refine, t_reencode = (_time(f, args.repeats) for f in (ntp, refine, reencode))
-        rows.append((T, t_ntp, t_refine, t_reencode))
+        t_ntp_packed, t_refine_packed = (_time(lambda f=f: f(packed), args.repeats) for f in (ntp, refine))
+        rows.append((T, t_ntp, t_refine, t_reencode, t_ntp_packed, t_refine_packed))
     return rows
 
 
@@ -100,14 +107,17 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--documents", type=int, default=4, help="documents per row in the packed runs")
     args = parser.parse_args()
     rows = spawn(_bench, 1, args, timeout=3600)[0]
     print(f"{args.mixer}, hidden {args.hidden}, {args.layers} layers, batch {args.batch}, n_chunks 8, k 5, "
           f"threads {torch.get_num_threads()}")
-    print(f"{'T':>6} {'NTP (ms)':>10} {'REFINE (ms)':>12} {'re-encode (ms)':>15} {'refine/ntp':>11} {'re-encode/refine':>17}")
-    for T, ntp, refine, reencode in rows:
-        print(f"{T:>6} {ntp * 1e3:>10.1f} {refine * 1e3:>12.1f} {reencode * 1e3:>15.1f} {refine / ntp:>11.2f} {reencode / refine:>17.2f}")
-    print(f"refine/ntp step time ratio: {rows[-1][2] / rows[-1][1]:.2f}")
+    print(f"{'T':>6} {'NTP (ms)':>10} {'REFINE (ms)':>12} {'re-encode (ms)':>15} {'refine/ntp':>11} "
+          f"{'re-encode/refine':>17} | {'packed NTP':>11} {'packed REFINE':>14} {'refine/ntp':>11}")
+    for T, ntp, refine, reencode, ntp_p, refine_p in rows:
+        print(f"{T:>6} {ntp * 1e3:>10.1f} {refine * 1e3:>12.1f} {reencode * 1e3:>15.1f} {refine / ntp:>11.2f} "
+              f"{reencode / refine:>17.2f} | {ntp_p * 1e3:>11.1f} {refine_p * 1e3:>14.1f} {refine_p / ntp_p:>11.2f}")
+    print(f"refine/ntp step time ratio: {rows[-1][5] / rows[-1][4]:.2f}")
 
 
 if __name__ == "__main__":

@@ -66,11 +66,14 @@ class ChunkLayout:
     offsets: list[int]  # [J]: first pair of chunk j
     index: torch.Tensor  # [pairs, C] token index of each slot (clamped inside the sequence)
     valid: torch.Tensor  # [pairs, C] the slot holds a token
+    uniform_length: int | None = None  # every sequence has this length (a [B, T] batch): reshapes, no gathers
 
     @classmethod
     def build(cls, cu_seqlens: torch.Tensor, chunk_size: int) -> "ChunkLayout":
         C, device = chunk_size, cu_seqlens.device
         lens = prepare_lens(cu_seqlens)
+        lengths = lens.tolist()
+        uniform = lengths[0] if all(n == lengths[0] for n in lengths) else None
         n_chunks = (lens + C - 1) // C
         order = torch.argsort(n_chunks, descending=True, stable=True)
         rank = torch.empty_like(order)
@@ -86,7 +89,7 @@ class ChunkLayout:
         within = chunk[:, None] * C + slot  # [pairs, C], position inside the sequence
         valid = within < lens[seq][:, None]
         index = (cu_seqlens[seq][:, None] + within).clamp(max=cu_seqlens[seq + 1][:, None] - 1)
-        return cls(C, cu_seqlens, order, rank, active, offsets, index, valid)
+        return cls(C, cu_seqlens, order, rank, active, offsets, index, valid, uniform)
 
     @property
     def num_sequences(self) -> int:
@@ -94,11 +97,21 @@ class ChunkLayout:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[total, ...] -> [pairs, C, ...], zeros in the slots past a sequence's end."""
+        if self.uniform_length is not None:  # pad each sequence to whole chunks; pairs (j, n) chunk-major
+            N, L, J, C = self.num_sequences, self.uniform_length, len(self.active), self.chunk_size
+            x = x.view(N, L, *x.shape[1:])
+            if J * C > L:
+                x = torch.cat([x, x.new_zeros(N, J * C - L, *x.shape[2:])], dim=1)
+            return x.view(N, J, C, *x.shape[2:]).transpose(0, 1).reshape(J * N, C, *x.shape[2:])
         mask = self.valid.view(*self.valid.shape, *([1] * (x.ndim - 1))).to(x.dtype)
         return x[self.index] * mask
 
     def scatter(self, y: torch.Tensor, total: int) -> torch.Tensor:
         """[pairs, C, ...] -> [total, ...]: each token's value from its slot (differentiable)."""
+        if self.uniform_length is not None:
+            N, L, J, C = self.num_sequences, self.uniform_length, len(self.active), self.chunk_size
+            y = y.view(J, N, C, *y.shape[2:]).transpose(0, 1).reshape(N, J * C, *y.shape[2:])
+            return y[:, :L].reshape(total, *y.shape[2:])
         return y.new_zeros(total, *y.shape[2:]).index_copy(0, self.index[self.valid], y[self.valid])
 
     def locate(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 1. writes the built-in corpus (key-value registries, facts, needles) as tokenized webdataset shards;
 2. pretrains a small DeltaNet with next-token prediction on local data-parallel ranks (2 gloo processes on
-   a CPU) with Megatron's DDP, optimizer and schedules, saving an atomic dist checkpoint;
+   a CPU) with Megatron's DDP, optimizer and schedules, on packed rows whose fast-weight state restarts at
+   every document (the trainer's default), saving an atomic dist checkpoint;
 3. continues from that checkpoint twice, on the same data for the same steps: REFINE mid-training
    (NTP steps interleaved with REFINE steps) and a matched NTP-only continuation;
 4. evaluates key-value recall on held-out registries (greedy decoding with the cached decoder) after

@@ -49,6 +49,12 @@ def test_demo_runs_end_to_end_at_small_scale(tmp_path):
         assert (tmp_path / "checkpoints" / name / "latest_checkpointed_iteration.txt").read_text() == str(last)
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "reward.png").stat().st_size > 1000
     assert any((tmp_path / "tensorboard" / "refine-mid").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "refine-mid")).Reload()
+    for tag in ("refine/reward_mean", "refine/logprob_diff_mean", "refine/logprob_diff_max", "refine/ratio_mean"):
+        assert [e.step for e in events.Scalars(tag)] == [2, 4], tag
+    assert all(e.value < 1e-3 for e in events.Scalars("refine/logprob_diff_max"))  # fp32 CPU: rounding level
 
 
 def _train_cli(data):
