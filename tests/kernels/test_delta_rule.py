@@ -146,3 +146,20 @@ def test_fla_kernel_matches_reference_in_bf16():
     ref_grads = torch.autograd.grad(ref_o.float().sum(), args)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernel needs CUDA")
+def test_fla_varlen_kernel_matches_reference_in_bf16():
+    lengths = [70, 1, 129, 100]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+    q, k, v, beta, _ = (x.cuda() for x in make_inputs(B=1, T=sum(lengths), H=4, K=64, V=64))
+    h0 = torch.randn(len(lengths), 4, 64, 64, device="cuda")
+    args = [x.bfloat16().requires_grad_() for x in (q, k, v, beta)]
+    o, S = delta_rule(*args, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
+    ref_o, ref_S = delta_rule(*args, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, use_reference=True)
+    torch.testing.assert_close(o.float(), ref_o.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(S.float(), ref_S.float(), atol=2e-2, rtol=2e-2)
+    grads = torch.autograd.grad(o.float().sum(), args)
+    ref_grads = torch.autograd.grad(ref_o.float().sum(), args)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)

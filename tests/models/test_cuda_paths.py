@@ -58,3 +58,23 @@ def _fla_path_matches_reference():
 
 def test_deltanet_model_with_fla_kernels_matches_reference_path_in_bf16():
     spawn(_fla_path_matches_reference, 1)
+
+
+def _packed_fla_path_matches_reference():
+    from megatron_refine.kernels import delta_rule
+    from megatron_refine.models.packing import packed_seq_params
+
+    initialize(seed=3)
+    model = _bf16_model("deltanet_tiny", use_te=False)
+    ids = token_batch(2, 256).cuda()
+    params = packed_seq_params(torch.tensor([0, 40, 41, 256, 300, 512], device="cuda"))
+    logits = model(ids, None, None, packed_seq_params=params)  # fla's varlen chunk_delta_rule
+    import megatron_refine.models.deltanet as deltanet
+
+    deltanet.delta_rule = lambda *a, **k: delta_rule(*a, **k, use_reference=True)
+    reference = model(ids, None, None, packed_seq_params=params)
+    torch.testing.assert_close(logits.float(), reference.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_packed_deltanet_with_fla_varlen_matches_reference_path_in_bf16():
+    spawn(_packed_fla_path_matches_reference, 1)
