@@ -2,7 +2,8 @@
 
 - `delta_rule`, `delta_rule_step`, `recurrent_delta_rule`: DeltaNet (fla's Triton kernel on CUDA, PyTorch elsewhere).
 - `lact_swiglu`, `lact_swiglu_step`, `LaCTState`: LaCT's large-chunk fast-weight SwiGLU.
-Both take `states_at=[B, P]` positions and return, differentiably, the states after those tokens.
+Both take `states_at=[B, P]` positions and return, differentiably, the states after those tokens, and
+`cu_seqlens` for packed sequences (fla's varlen convention, `varlen.py`), each restarting from its own state.
 """
 
 from megatron_refine.kernels.delta_rule import delta_rule, delta_rule_step, fla_available, recurrent_delta_rule
