@@ -114,9 +114,13 @@ class ChunkLayout:
             return y[:, :L].reshape(total, *y.shape[2:])
         return y.new_zeros(total, *y.shape[2:]).index_copy(0, self.index[self.valid], y[self.valid])
 
+    def sequence_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Token indices [P] -> the sequence each belongs to [P]."""
+        return torch.searchsorted(self.cu_seqlens, positions, right=True) - 1
+
     def locate(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token indices [P] -> (sequence rank in `order` [P], chunk j [P], offset in the chunk [P], pair [P])."""
-        seq = torch.searchsorted(self.cu_seqlens, positions, right=True) - 1
+        seq = self.sequence_of(positions)
         within = positions - self.cu_seqlens[seq]
         chunk, offset = within // self.chunk_size, within % self.chunk_size
         rank = self.rank[seq]

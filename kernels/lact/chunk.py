@@ -163,7 +163,7 @@ def lact_swiglu_torch(
     wanted = set()
     if requests:
         positions = torch.cat(requests)
-        within = positions - cu_seqlens[_seq_of(layout, positions)]
+        within = positions - cu_seqlens[layout.sequence_of(positions)]
         wanted = set(((within + 1) // C).unique().tolist())
     snapshots = {0: (w, dw)} if 0 in wanted else {}
 
@@ -199,10 +199,6 @@ def lact_swiglu_torch(
     return o, final, (states(states_at) if states_at is not None else None)
 
 
-def _seq_of(layout: ChunkLayout, positions: torch.Tensor) -> torch.Tensor:
-    return torch.searchsorted(layout.cu_seqlens, positions, right=True) - 1
-
-
 def _states_after(
     layout: ChunkLayout,
     positions: torch.Tensor,  # [P] token indices
@@ -216,8 +212,8 @@ def _states_after(
 ) -> LaCTState:
     """States after each position: P rows."""
     C, H, device = layout.chunk_size, k.shape[1], positions.device
-    rank = layout.locate(positions)[0]
-    within = positions - layout.cu_seqlens[_seq_of(layout, positions)]
+    seq = layout.sequence_of(positions)
+    rank, within = layout.rank[seq], positions - layout.cu_seqlens[seq]
     completed = (within + 1) // C  # [P]
     order = sorted(snapshots)
     slot_of = torch.zeros(max(order) + 1, dtype=torch.long, device=device)

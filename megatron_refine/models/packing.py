@@ -11,6 +11,7 @@ convolution, the sliding window and RoPE all restart at every document, as if it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -26,8 +27,12 @@ class Packing:
 
     @classmethod
     def from_params(cls, params: PackedSeqParams | None, batch: int, length: int) -> "Packing | None":
+        """Built once per forward: kept on the params object, which every layer receives."""
         if params is None:
             return None
+        cached = getattr(params, "_packing", None)
+        if cached is not None and (cached.batch, cached.length) == (batch, length):
+            return cached
         cu = params.cu_seqlens_q
         if cu is None or cu.ndim != 1 or int(cu[0]) != 0 or int(cu[-1]) != batch * length:
             raise ValueError(
@@ -36,14 +41,15 @@ class Packing:
                 f"{None if cu is None else cu.tolist()}"
             )
         rows = torch.arange(batch + 1, device=cu.device, dtype=cu.dtype) * length
-        return cls(torch.unique(torch.cat([cu, rows])), batch, length)
+        params._packing = cls(torch.unique(torch.cat([cu, rows])), batch, length)
+        return params._packing
 
-    @property
+    @cached_property
     def position_ids(self) -> torch.Tensor:
         """[B, T]: each token's position inside its document."""
         return prepare_position_ids(self.cu_seqlens, self.batch * self.length).view(self.batch, self.length)
 
-    @property
+    @cached_property
     def sequence_ids(self) -> torch.Tensor:
         """[B, T]: the document each token belongs to."""
         return prepare_sequence_ids(self.cu_seqlens, self.batch * self.length).view(self.batch, self.length)
