@@ -182,11 +182,15 @@ def lact_swiglu_torch(
             None if dw is None else tuple(x[: m * H] for x in dw), None if norms is None else tuple(x[: m * H] for x in norms),
             use_muon, ns_coefficients,
         )
-        fired = full.repeat_interleave(H)[:, None, None]
-        keep_rest = lambda old, new: torch.cat([torch.where(fired, new, old[: m * H]), old[m * H :]])  # noqa: E731
-        w = tuple(keep_rest(a, b) for a, b in zip(w, new_w))
+        fired = None if bool(full.all()) else full.repeat_interleave(H)[:, None, None]
+
+        def merge(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # the fired rows updated, the rest kept
+            new = new if fired is None else torch.where(fired, new, old[: m * H])
+            return new if m * H == old.shape[0] else torch.cat([new, old[m * H :]])
+
+        w = tuple(merge(a, b) for a, b in zip(w, new_w))
         if dw is not None:
-            dw = tuple(keep_rest(a, b) for a, b in zip(dw, new_dw))
+            dw = tuple(merge(a, b) for a, b in zip(dw, new_dw))
         if j + 1 in wanted:
             snapshots[j + 1] = (w, dw)
     o = torch.cat(outputs).view(-1, H, C, D).transpose(1, 2)  # [pairs, C, H, D]
