@@ -88,7 +88,8 @@ class PackedLoader:
         return np.asarray(tokens[:need], dtype=np.int64), [i for i in starts if i < need]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """{'tokens', 'labels': [micro_batch, seq_length], 'cu_seqlens': [documents + 1] over the flattened tokens}"""
+        """{'tokens', 'labels', 'loss_mask': [micro_batch, seq_length], 'cu_seqlens': [documents + 1] over the
+        flattened tokens}"""
         samples, cu_seqlens = [], [0]
         for b in range(self.micro_batch_size):
             sample, starts = self.next_sample()
@@ -96,10 +97,13 @@ class PackedLoader:
             row = b * self.seq_length
             cu_seqlens += [row + i for i in starts if 0 < i < self.seq_length] + [row + self.seq_length]
         batch = torch.from_numpy(np.stack(samples))
+        tokens = batch[:, :-1].contiguous()
         return {
-            "tokens": batch[:, :-1].contiguous(),
+            "tokens": tokens,
             "labels": batch[:, 1:].contiguous(),
             "cu_seqlens": torch.tensor(cu_seqlens, dtype=torch.int64),
+            # 0 where the input is an EOS: its label is the next document's first token (Megatron's eod_mask_loss)
+            "loss_mask": (tokens != self.dataset.eos_id).float(),
         }
 
     def __iter__(self):

@@ -93,6 +93,13 @@ def reference_log_probs(ref_model, tokens: torch.Tensor, rollouts: Rollouts, n: 
                           vocab_parallel_log_probs(logits[:, :-1], rollouts.tokens[:, 1:])], dim=1)
 
 
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-token values [B, T] under weights [B, T] (all ones when None)."""
+    if mask is None:
+        return per_token.float().mean()
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+
+
 def logprob_parity(rollouts: Rollouts, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Decoder vs training forward on the same rollout tokens (mask [R]: the rollouts that count)."""
     diff = (rollouts.log_probs.detach() - rollouts.sampler_log_probs)[mask]  # [valid, k]
@@ -119,18 +126,19 @@ def check_logprob_parity(metrics: dict[str, float], tolerance: float, step: int)
 
 
 def refine_loss(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
-                ref_model=None, packed_seq_params: PackedSeqParams | None = None,
+                ref_model=None, packed_seq_params: PackedSeqParams | None = None, loss_mask: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The REFINE objective on documents tokens [B, T] (labels = next tokens): sft * NTP + ppo * PG (+ kl * KL).
 
     packed_seq_params: document starts of packed rows (models/packing.py); rollouts then start and end
     inside one document and branch from that document's own state.
+    loss_mask [B, T]: the NTP loss's per-token weights (e.g. Megatron's eod_mask_loss), a mean over them.
     """
     t0 = time.perf_counter()
     positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params)
     t1 = time.perf_counter()
     out = model.forward_with_branch_states(tokens, positions, packed_seq_params)
-    ntp = -vocab_parallel_log_probs(out.logits, labels).mean()
+    ntp = masked_mean(-vocab_parallel_log_probs(out.logits, labels), loss_mask)
     rollouts = roll_out(model, out, positions, cfg, generator)
     t2 = time.perf_counter()
 

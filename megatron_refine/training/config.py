@@ -32,6 +32,9 @@ class DataArgs:
     # if it ran alone (Megatron-LM's --reset-attention-mask / --reset-position-ids for attention models).
     # false: memory carries over from one document into the next, as in plain concatenation.
     reset_at_document_boundaries: bool = True
+    # No loss where the input is a document's EOS (its label is the next document's first token, which a
+    # model reset at the boundary cannot know): Megatron-LM's --eod-mask-loss. Off by default, as there.
+    eod_mask_loss: bool = False
 
 
 @dataclass

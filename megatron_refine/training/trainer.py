@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_refine.data import PackedLoader, ShardedDataset
 from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config, packed_seq_params
-from megatron_refine.refine import check_logprob_parity, min_sequence_length, refine_loss
+from megatron_refine.refine import check_logprob_parity, masked_mean, min_sequence_length, refine_loss
 from megatron_refine.runtime import Runtime, initialize, set_deterministic
 from megatron_refine.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_refine.training.config import TrainConfig
@@ -151,6 +151,10 @@ def _packed_seq_params(cfg: TrainConfig, batch: dict, device: torch.device):
     return packed_seq_params(batch["cu_seqlens"].to(device)) if cfg.data.reset_at_document_boundaries else None
 
 
+def _loss_mask(cfg: TrainConfig, batch: dict, device: torch.device) -> torch.Tensor | None:
+    return batch["loss_mask"].to(device) if cfg.data.eod_mask_loss else None
+
+
 def _ntp_forward_step(trainer: Trainer):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -159,7 +163,7 @@ def _ntp_forward_step(trainer: Trainer):
                        packed_seq_params=_packed_seq_params(trainer.cfg, batch, device))
 
         def loss_func(per_token_loss):  # called on the last pipeline stage only
-            loss = per_token_loss.float().mean()
+            loss = masked_mean(per_token_loss, _loss_mask(trainer.cfg, batch, per_token_loss.device))
             # A copy: the schedule divides the returned loss in place by the number of micro-batches.
             return loss, {"lm loss": loss.detach().clone()}
 
@@ -174,7 +178,7 @@ def _refine_forward_step(trainer: Trainer, generator: torch.Generator):
         device = next(model.parameters()).device
         loss, metrics = refine_loss(model.module, batch["tokens"].to(device), batch["labels"].to(device),
                                     trainer.cfg.refine, generator, trainer.reference,
-                                    _packed_seq_params(trainer.cfg, batch, device))
+                                    _packed_seq_params(trainer.cfg, batch, device), _loss_mask(trainer.cfg, batch, device))
         return loss, lambda output: (output, {"lm loss": metrics.pop("ntp_loss"), **metrics})
 
     return forward_step

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from megatron_refine.data import (
     ByteTokenizer,
@@ -152,6 +153,7 @@ def test_loader_marks_every_document_start(numbered_docs):
         assert cu[0] == 0 and cu[-1] == flat.numel() and cu == sorted(set(cu))
         expected = {i for i in range(1, flat.numel()) if flat[i - 1] == eos} | {0, 16, 32}
         assert set(cu) == expected
+        assert torch.equal(batch["loss_mask"], (batch["tokens"] != eos).float())  # for data.eod_mask_loss
 
 
 def test_more_dp_ranks_than_shards_is_an_error_that_names_the_fix(numbered_docs):

@@ -223,3 +223,26 @@ def test_deterministic_refine_runs_repeat_bitwise(corpus):
     second, = spawn(_deterministic_refine_run, 1, corpus)
     assert len(first[0]) == 3 and len(first[1]) == 3
     assert first == second
+
+
+def _eod_masked_loss(corpus):
+    from megatron_refine.models import packed_seq_params
+
+    trainer = setup(_config(corpus, "data.eod_mask_loss=true"))
+    batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
+    while not any((b["loss_mask"] == 0).any() for b in batches):  # a document ends in this step's batches
+        batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
+    expected, unmasked = [], []
+    with torch.no_grad():
+        for b in batches:
+            per_token = trainer.module(b["tokens"], None, None, labels=b["labels"],
+                                       packed_seq_params=packed_seq_params(b["cu_seqlens"]))
+            expected.append(((per_token * b["loss_mask"]).sum() / b["loss_mask"].sum()).item())
+            unmasked.append(per_token.mean().item())
+    loss = train_step(trainer, batches).loss
+    return loss, sum(expected) / len(expected), sum(unmasked) / len(unmasked)
+
+
+def test_eod_mask_loss_leaves_out_the_token_after_each_document(corpus):
+    loss, expected, unmasked = spawn(_eod_masked_loss, 1, corpus)[0]
+    assert math.isclose(loss, expected, rel_tol=1e-6) and not math.isclose(loss, unmasked, rel_tol=1e-5)
