@@ -1,12 +1,12 @@
 """Megatron layer specs for the fast-weight stacks: DeltaNet or LaCT mixer + SwiGLU MLP, pre-RMSNorm.
 
 Local megatron-core parallel linears by default; Transformer-Engine modules (TEColumnParallelLinear,
-TERowParallelLinear, TENorm) when TE imports and CUDA is available, unless `use_te=False`.
+TERowParallelLinear, TENorm) when the runtime is on CUDA and megatron-core's TE extension imports, unless
+`use_te=False`.
 """
 
 from __future__ import annotations
 
-import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -18,16 +18,20 @@ from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.deltanet import DeltaNetMixer, DeltaNetSubmodules
 from megatron_refine.models.lact import LaCTMixer, LaCTSubmodules
 from megatron_refine.models.norm import RMSNorm
+from megatron_refine.runtime import current_device
 
 
 def te_available() -> bool:
-    if not torch.cuda.is_available():
+    """Whether the TE spec can be built: a CUDA runtime (a CPU runtime on a GPU host keeps the local spec) and
+    megatron-core's TE extension importable, which needs `transformer_engine.pytorch` (its fp8 module), not
+    just the `transformer_engine` package (installed alone it is an empty shell without the PyTorch build)."""
+    if current_device().type != "cuda":
         return False
     try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except Exception:  # noqa: BLE001 - a TE build that fails to load (CUDA / ABI mismatch) is "not available"
         return False
-    return True
+    return HAVE_TE
 
 
 def _modules(use_te: bool | None):

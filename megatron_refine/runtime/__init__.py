@@ -4,6 +4,7 @@ from megatron_refine.runtime import cpu_compat
 from megatron_refine.runtime.distributed import (
     ParallelLayout,
     Runtime,
+    current_device,
     destroy,
     initialize,
     set_deterministic,
@@ -16,6 +17,7 @@ __all__ = [
     "RankFailed",
     "Runtime",
     "cpu_compat",
+    "current_device",
     "destroy",
     "initialize",
     "set_deterministic",

@@ -3,8 +3,9 @@
 megatron-core 0.16.1 has no CPU path. Its collectives work on gloo, but it allocates buffers on
 `torch.cuda.current_device()` or on a literal ``device="cuda"``, synchronizes CUDA streams, and keeps its
 RNG states in the CUDA generator. On a CPU build of torch each of those raises. The patches below turn
-exactly those calls into their CPU equivalents and nothing else: `apply()` is a no-op when CUDA is
-available, so on GPU the stock Megatron path runs untouched.
+exactly those calls into their CPU equivalents and nothing else. `initialize(device="cpu")` applies them (the
+default device on a host without CUDA) and `destroy()` reverts them; a CUDA runtime never applies them, so on
+GPU the stock Megatron path runs untouched.
 
 Every patch names the Megatron code it serves and why; `PATCHES` lists them and tests cover each one
 (tests/runtime/test_cpu_compat.py). When a megatron-core upgrade makes a patch unnecessary, delete it here.
@@ -38,12 +39,17 @@ def _noop(*args, **kwargs) -> None:
 
 
 class _CudaLiteralsOnCpu(TorchFunctionMode):
-    """Inside a few Megatron functions, map ``device="cuda"`` allocations and ``Tensor.cuda()`` to CPU."""
+    """Inside a few Megatron functions, map ``device="cuda"`` allocations and ``Tensor.cuda()`` to CPU, and
+    report CPU tensors' ``type()`` by their CUDA names (the optimizers sort parameters by
+    ``param.type() == 'torch.cuda.FloatTensor'`` and refuse anything else)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs = {**kwargs, "device": "cpu"}
@@ -115,6 +121,7 @@ def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_deco
 _RANDOM = "megatron.core.tensor_parallel.random"
 _SCHEDULES = "megatron.core.pipeline_parallel.schedules"
 _OPTIMIZER = "megatron.core.optimizer.optimizer"
+_DISTRIB_OPTIMIZER = "megatron.core.optimizer.distrib_optimizer"
 _CLIP_GRADS = "megatron.core.optimizer.clip_grads"
 
 PATCHES: tuple[Patch, ...] = (
@@ -166,6 +173,18 @@ PATCHES: tuple[Patch, ...] = (
         "allocates found_inf and the loss-scale constants with device='cuda'.",
         _with_cuda_literals_on_cpu,
     ),
+    Patch(
+        f"{_OPTIMIZER}:Float16OptimizerWithFloat16Params.__init__",
+        "keeps fp32 main copies only of parameters whose type() is 'torch.cuda.BFloat16Tensor' / "
+        "'torch.cuda.HalfTensor' and raises for any other (a CPU parameter is 'torch.BFloat16Tensor').",
+        _with_cuda_literals_on_cpu,
+    ),
+    Patch(
+        f"{_DISTRIB_OPTIMIZER}:DistributedOptimizer.__init__",
+        "sorts its shards by param.type() == 'torch.cuda.FloatTensor' / 'torch.cuda.BFloat16Tensor' (raises "
+        "for CPU types) and allocates with device='cuda'.",
+        _with_cuda_literals_on_cpu,
+    ),
     *(
         Patch(
             f"{_SCHEDULES}:{name}",
@@ -198,6 +217,33 @@ PATCHES: tuple[Patch, ...] = (
     ),
 )
 
+
+def _local(name: str) -> Callable[[Any], Any]:
+    return lambda orig: getattr(importlib.import_module("megatron.core.utils"), name)
+
+
+def _value(value: Any) -> Callable[[Any], Any]:
+    return lambda orig: value
+
+
+# With Transformer Engine or apex installed (a GPU host running the CPU tests), megatron-core binds their fused
+# CUDA optimizers and multi-tensor kernels at import; a CPU runtime needs its own torch fallbacks, which it
+# binds when neither is installed. On such a host these set what is there already.
+LOCAL_KERNELS: tuple[Patch, ...] = (
+    Patch("megatron.core.optimizer:USING_PYTORCH_OPTIMIZER",
+          "get_megatron_optimizer builds TE's / apex's FusedAdam (CUDA only) unless this is set.", _value(True)),
+    *(Patch(f"{_DISTRIB_OPTIMIZER}:{flag}", "DistributedOptimizer reads the step from torch Adam's state "
+            "(not a fused Adam's param groups) when these say no fused optimizer is in use.", _value(value))
+      for flag, value in (("HAVE_APEX_OR_TE", False), ("USING_TE_OPTIMIZER", False), ("USING_APEX_OPTIMIZER", False))),
+    *(Patch(f"{module}:{name}", f"{module.rsplit('.', 1)[1]}.py binds TE's / apex's CUDA multi-tensor kernel.",
+            _local(local))
+      for module in (_CLIP_GRADS, _OPTIMIZER)
+      for name, local in (("multi_tensor_applier", "local_multi_tensor_applier"),
+                          ("l2_norm_impl", "local_multi_tensor_l2_norm"),
+                          ("multi_tensor_scale_impl", "local_multi_tensor_scale"))
+      if module == _CLIP_GRADS or name != "l2_norm_impl"),
+)
+
 _originals: dict[str, Any] = {}
 
 
@@ -210,27 +256,19 @@ def _resolve(target: str) -> tuple[Any, str]:
     return owner, attr
 
 
-def needed() -> bool:
-    """The patches apply only where CUDA is absent."""
-    return not torch.cuda.is_available()
-
-
 def is_applied() -> bool:
     return bool(_originals)
 
 
-def apply() -> bool:
-    """Apply every patch (idempotent). Returns whether patches are in place; on CUDA does nothing."""
-    if not needed():
-        return False
+def apply() -> None:
+    """Apply every patch (idempotent). For a process whose Megatron tensors all live on the CPU."""
     if is_applied():
-        return True
-    for patch in PATCHES:
+        return
+    for patch in (*PATCHES, *LOCAL_KERNELS):
         owner, attr = _resolve(patch.target)
         original = getattr(owner, attr)
         _originals[patch.target] = original
         setattr(owner, attr, patch.make(original))
-    return True
 
 
 def revert() -> None:

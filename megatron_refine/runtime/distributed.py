@@ -1,7 +1,9 @@
 """Process group, Megatron parallel state and RNG: one call to set up, one to tear down.
 
-Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without it, runs as a
-single process. NCCL on CUDA, gloo on CPU (where the CPU compatibility patches are applied first).
+Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT); without
+it, runs as a single process. NCCL on CUDA, gloo on CPU (where the CPU compatibility patches are applied first).
+The device is CUDA when the host has one, unless the caller asks for `device="cpu"` (the CPU tests do, so the
+suite passes on a GPU host too).
 """
 
 from __future__ import annotations
@@ -112,6 +114,31 @@ def _init_process_group(backend: str, rank: int, world_size: int, timeout: timed
         )
 
 
+_current: Runtime | None = None
+
+
+def current_device() -> torch.device:
+    """The device of the runtime `initialize` set up in this process; before (or after `destroy`), CUDA's current
+    device when the host has one, else the CPU. What model builders and checkpoints consult instead of
+    `torch.cuda.is_available()`, which is also true for a CPU runtime on a GPU host."""
+    if _current is not None:
+        return _current.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _cuda_device(local_rank: int) -> torch.device:
+    """One GPU per local rank: more local ranks than GPUs would share a device, which NCCL refuses."""
+    gpus = torch.cuda.device_count()
+    local_world = _env_int("LOCAL_WORLD_SIZE", 1)
+    if local_world > gpus or local_rank >= gpus:
+        raise ValueError(
+            f"{local_world} ranks on this node but {gpus} GPU(s): start at most {gpus} (torchrun --nproc-per-node "
+            f"{gpus}, or --nproc {gpus}), or run on the CPU (device='cpu', config device=cpu)"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
 def set_deterministic() -> None:
     """Deterministic kernels wherever PyTorch has them (a warning names any op that has none), a fixed cuBLAS
     workspace, and NCCL's ring algorithm (call before the process groups exist for NCCL to see it). On CPU the
@@ -142,6 +169,7 @@ def initialize(
     cp: int = 1,
     seed: int = 1234,
     *,
+    device: str | None = None,
     backend: str | None = None,
     timeout_minutes: int = 30,
 ) -> Runtime:
@@ -150,23 +178,31 @@ def initialize(
     Args:
         tp, pp, cp: tensor-, pipeline- and context-parallel sizes; data parallelism takes the rest.
         seed: base seed (see `set_random_seed`).
-        backend: "nccl" or "gloo"; default NCCL when CUDA is available, else gloo.
+        device: "cuda" (one GPU per local rank) or "cpu" (gloo, with megatron-core's CPU compatibility patches
+            applied until `destroy`); default CUDA when available, else CPU.
+        backend: "nccl" or "gloo"; default NCCL on CUDA, gloo on CPU.
     """
+    global _current
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     layout = ParallelLayout(world_size, tp, pp, cp)
 
-    use_cuda = torch.cuda.is_available()
-    backend = backend or ("nccl" if use_cuda else "gloo")
-    if backend == "nccl" and not use_cuda:
-        raise ValueError("backend 'nccl' needs CUDA; this host has none: use backend='gloo'")
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but this host has no CUDA (or torch is a CPU build): use device='cpu'")
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
+    if backend == "nccl" and device != "cuda":
+        raise ValueError("backend 'nccl' needs CUDA tensors: use backend='gloo' on the CPU")
+    if device == "cuda":
+        if cpu_compat.is_applied():
+            raise RuntimeError("this process ran a CPU runtime that was not destroyed: call destroy() first")
+        torch_device = _cuda_device(local_rank)
     else:
         cpu_compat.apply()
-        device = torch.device("cpu")
+        torch_device = torch.device("cpu")
 
     timeout = timedelta(minutes=timeout_minutes)
     _init_process_group(backend, rank, world_size, timeout)
@@ -179,12 +215,16 @@ def initialize(
         distributed_timeout_minutes=timeout_minutes,
     )
     set_random_seed(seed)
-    return Runtime(rank, local_rank, layout, device, backend, seed)
+    _current = Runtime(rank, local_rank, layout, torch_device, backend, seed)
+    return _current
 
 
 def destroy() -> None:
-    """Tear down Megatron's parallel state and the process group (safe to call twice)."""
+    """Tear down Megatron's parallel state, the process group and the CPU patches (safe to call twice)."""
+    global _current
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    cpu_compat.revert()
+    _current = None

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 # Imported once in the forkserver, so every rank starts with them loaded (megatron_refine.models alone pulls
 # in megatron-core's GPT stack, fla and triton: several seconds per fresh interpreter).
-_PRELOAD = [
+PRELOAD_CPU = (
     "torch",
     "megatron_refine.runtime",
     "megatron.core.distributed",
@@ -29,7 +29,13 @@ _PRELOAD = [
     "megatron_refine.models",
     "megatron_refine.data",
     "megatron_refine.training",
-]
+)
+# On a CUDA host the forkserver must not initialise CUDA, or every rank forked from it fails at
+# torch.cuda.set_device ("Cannot re-initialize CUDA in forked subprocess"). fla initialises it at import
+# (fla/utils/hardware.py asks torch.cuda for the device name), and megatron-core imports fla
+# (megatron/core/ssm/gated_delta_net.py) and Transformer Engine, which probes the GPU too; so only torch,
+# whose CUDA initialisation is lazy, is preloaded there, and each rank imports the rest itself.
+PRELOAD_CUDA = ("torch",)
 
 
 class RankFailed(RuntimeError):
@@ -42,9 +48,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def preload_modules() -> tuple[str, ...]:
+    """What the forkserver imports before forking ranks on this host."""
+    import torch
+
+    return PRELOAD_CUDA if torch.cuda.is_available() else PRELOAD_CPU
+
+
 def _context() -> mp.context.BaseContext:
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
+    ctx.set_forkserver_preload(list(preload_modules()))
     return ctx
 
 
@@ -59,6 +72,10 @@ def _run_rank(fn, rank, nprocs, port, threads, args, kwargs, results) -> None:
     )
     import torch
 
+    if torch.cuda._is_in_bad_fork():
+        results.put((rank, False, "CUDA was initialised in the launcher's forkserver before this rank was forked: "
+                                  "a module in PRELOAD_CUDA (megatron_refine/runtime/launch.py) touches the GPU at import"))
+        return
     from megatron_refine.runtime import distributed
 
     torch.set_num_threads(threads)

@@ -42,7 +42,7 @@ def test_presets_build_their_configs():
 def _published_sizes():
     from megatron_refine.models.summary import parameter_counts
 
-    initialize()
+    initialize(device="cpu")
     return {name: parameter_counts(get_config(name), PUBLISHED_VOCAB_SIZE) for name in ("deltanet_1p3b", "lact_760m")}
 
 

@@ -25,7 +25,7 @@ def _alone(ids):
 
 
 def _packed_equals_separate(name, tp):
-    initialize(tp=tp, seed=4)
+    initialize(tp=tp, seed=4, device="cpu")
     model = tiny_fast_weight_model(name, params_dtype=torch.float64, sequence_parallel=tp > 1)
     ids = token_batch(2, T, seed=3)
     packed = model(ids, None, None, packed_seq_params=packed_seq_params(CU_SEQLENS))  # [B, T, V/t]
@@ -69,7 +69,7 @@ def _decode(model, tokens, cache):
 
 
 def _branches_of_packed_documents(name):
-    initialize(seed=5)
+    initialize(seed=5, device="cpu")
     model = tiny_fast_weight_model(name, params_dtype=torch.float64)
     ids = token_batch(2, T, seed=6)
     k = 4
@@ -94,7 +94,7 @@ def test_branch_states_of_packed_documents_are_each_documents_own(name):
 
 
 def _continuation_equals_decoder(name, tp):
-    initialize(tp=tp, seed=6)
+    initialize(tp=tp, seed=6, device="cpu")
     model = tiny_fast_weight_model(name, sequence_parallel=tp > 1)
     ids = token_batch(2, T, seed=8)
     positions = torch.tensor([[7, 15, 26], [0, 14, 33]])  # inside LaCT chunks, at a chunk's last token
@@ -122,7 +122,7 @@ def test_packed_seq_params_must_cover_the_micro_batch():
 
 
 def _bad_packing():
-    initialize(seed=0)
+    initialize(seed=0, device="cpu")
     model = tiny_fast_weight_model("deltanet_tiny")
     with pytest.raises(ValueError, match="must run from 0 to the micro-batch's 2 x 40 tokens"):
         model(token_batch(2, T), None, None, packed_seq_params=packed_seq_params(torch.tensor([0, 5, 40])))

@@ -48,7 +48,7 @@ def _grads_into_params(model):
 
 def _reference(name, root):
     """TP=1: logits, loss; weights saved to root/w, gradients saved (as a checkpoint) to root/g."""
-    initialize(seed=11)
+    initialize(seed=11, device="cpu")
     model = tiny_fast_weight_model(name)
     ids = token_batch(B, T + 1, seed=1)
     with torch.no_grad():
@@ -61,7 +61,7 @@ def _reference(name, root):
 
 
 def _tensor_parallel(name, root, sequence_parallel):
-    initialize(tp=2, seed=12)
+    initialize(tp=2, seed=12, device="cpu")
     model = tiny_fast_weight_model(name, sequence_parallel=sequence_parallel)
     _load(model, root / "w")
     ids = token_batch(B, T + 1, seed=1)
@@ -86,7 +86,7 @@ def test_tp2_equals_tp1_outputs_and_gradients(name, sequence_parallel, tmp_path)
 
 
 def _pipeline(name, root):
-    initialize(pp=2, seed=13)
+    initialize(pp=2, seed=13, device="cpu")
     model = tiny_fast_weight_model(name)
     _load(model, root / "w")
     ids = token_batch(B, T + 1, seed=1)[:, :T]
@@ -110,7 +110,7 @@ def test_pp2_forward_equals_pp1(name, tmp_path):
 
 
 def _save_at_tp2(name, root):
-    initialize(tp=2, seed=14)
+    initialize(tp=2, seed=14, device="cpu")
     model = tiny_fast_weight_model(name, sequence_parallel=True)
     _save(model, root / "tp2")
     with torch.no_grad():
@@ -118,7 +118,7 @@ def _save_at_tp2(name, root):
 
 
 def _load_at_tp1(name, root):
-    initialize(seed=15)
+    initialize(seed=15, device="cpu")
     model = tiny_fast_weight_model(name)
     _load(model, root / "tp2")
     with torch.no_grad():

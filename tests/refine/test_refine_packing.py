@@ -50,7 +50,7 @@ def test_selection_never_crosses_a_document_boundary(mode):
 
 
 def _refine_on_packed_rows(name):
-    initialize(seed=3)
+    initialize(seed=3, device="cpu")
     model = tiny_fast_weight_model(name)
     ids = token_batch(2, T + 1, seed=4)
     # Row 0: documents of 12 and 4 tokens (too short for any rollout), then one of 48; row 1: one document.
@@ -72,7 +72,7 @@ def test_refine_masks_chunks_without_an_eligible_position(name):
 
 
 def _perturbed_decoder(name):
-    initialize(seed=5)
+    initialize(seed=5, device="cpu")
     model = tiny_fast_weight_model(name)
     ids = token_batch(2, T + 1, seed=6)
     cfg = RefineConfig(n_chunks=3, margin=6, k=4)

@@ -13,7 +13,7 @@ T = 64
 
 
 def _branched_equals_rerun(name):
-    initialize(seed=4)
+    initialize(seed=4, device="cpu")
     model = tiny_fast_weight_model(name, params_dtype=torch.float64)
     ids = token_batch(2, T, seed=3)
     positions = torch.tensor([[7, 30, 41], [12, 19, 50]])
@@ -46,7 +46,7 @@ def _refine_grads(tp, root):
     """A REFINE loss on 2 documents, all-reduced the way DDP would: loss and flattened full gradients."""
     from megatron.core import parallel_state
 
-    initialize(tp=tp, seed=6)
+    initialize(tp=tp, seed=6, device="cpu")
     model = tiny_fast_weight_model("deltanet_tiny")
     from megatron.core import dist_checkpointing
 
@@ -77,7 +77,7 @@ def test_tp2_refine_step_equals_tp1(tmp_path):
 def _kl_to_a_copy_is_zero():
     from megatron_refine.models import frozen_copy
 
-    initialize(seed=9)
+    initialize(seed=9, device="cpu")
     model = tiny_fast_weight_model("lact_tiny")
     reference = frozen_copy(model)
     ids = token_batch(2, T + 1, seed=2)

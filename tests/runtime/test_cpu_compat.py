@@ -1,4 +1,4 @@
-"""The CPU compatibility patches: applied only without CUDA, reversible, and each one doing its job."""
+"""The CPU compatibility patches: applied for a CPU runtime only, reversible, and each one doing its job."""
 
 import torch
 from megatron.core import parallel_state
@@ -26,13 +26,28 @@ def test_apply_replaces_every_target_and_revert_restores_it():
     assert all(p.reason for p in PATCHES)
 
 
-def test_nothing_is_patched_when_cuda_is_available(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def _patched_during_a_cpu_runtime():
+    from megatron_refine.runtime import current_device, destroy
+
     originals = {p.target: _current(p.target) for p in PATCHES}
-    assert cpu_compat.apply() is False
-    assert not cpu_compat.is_applied()
-    for p in PATCHES:
-        assert _current(p.target) is originals[p.target]
+    initialize(device="cpu")
+    applied = cpu_compat.is_applied() and current_device() == torch.device("cpu")
+    destroy()
+    restored = all(_current(p.target) is originals[p.target] for p in PATCHES)
+    return applied, restored, cpu_compat.is_applied()
+
+
+def test_a_cpu_runtime_applies_the_patches_and_destroy_reverts_them():
+    """So a process (a test rank on a GPU host) that ran a CPU runtime can run the stock CUDA path after it."""
+    assert spawn(_patched_during_a_cpu_runtime, 1) == [(True, True, False)]
+
+
+def test_the_optimizers_see_cpu_parameters_by_their_cuda_type_names():
+    seen = []
+    wrapped = cpu_compat._with_cuda_literals_on_cpu(lambda *ts: seen.extend(t.type() for t in ts))
+    wrapped(torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16))
+    assert seen == ["torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor"]
+    assert torch.zeros(1).type() == "torch.FloatTensor"  # only inside the patched functions
 
 
 def test_clip_grad_by_total_norm_scales_grads_in_place():
@@ -52,13 +67,13 @@ def test_clip_grad_by_total_norm_scales_grads_in_place():
 
 
 def _rng_streams():
-    rt = initialize(tp=2, seed=123)
+    rt = initialize(tp=2, seed=123, device="cpu")
     default = torch.randn(4)
     with get_cuda_rng_tracker().fork():
         model_parallel = torch.randn(4)
     after_fork = torch.randn(4)
     # Reseeding reproduces both streams; the fork left the default stream where it was.
-    initialize(tp=2, seed=123)
+    initialize(tp=2, seed=123, device="cpu")
     again = torch.randn(4)
     following = torch.randn(4)
     with get_cuda_rng_tracker().fork():
@@ -75,3 +90,16 @@ def test_rng_tracker_gives_tensor_parallel_streams_on_cpu():
     assert torch.equal(default0, default1)  # the data-parallel stream is shared across TP ranks
     assert not torch.equal(mp0, mp1)  # the tensor-parallel stream differs per TP rank
     assert not torch.equal(default0, mp0)
+
+
+def test_a_cpu_runtime_uses_megatrons_torch_optimizer_and_kernels_even_where_te_or_apex_is_installed():
+    from megatron.core import optimizer, utils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+
+    originals = {p.target: _current(p.target) for p in cpu_compat.LOCAL_KERNELS}
+    with cpu_compat.applied():
+        assert optimizer.USING_PYTORCH_OPTIMIZER and not distrib_optimizer.HAVE_APEX_OR_TE
+        assert clip_grads.multi_tensor_applier is utils.local_multi_tensor_applier
+        assert clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm
+        assert optimizer.optimizer.multi_tensor_scale_impl is utils.local_multi_tensor_scale
+    assert all(_current(p.target) is originals[p.target] for p in cpu_compat.LOCAL_KERNELS)

@@ -19,7 +19,7 @@ def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train_steps():
-    rt = initialize(tp=1, seed=5)
+    rt = initialize(tp=1, seed=5, device="cpu")
     config = tiny_config()
     model = DistributedDataParallel(
         config,

@@ -34,7 +34,7 @@ def _sharded_state_dict(model):
 
 
 def _save_tp2(ckpt_dir: str) -> torch.Tensor:
-    initialize(tp=2, seed=21)
+    initialize(tp=2, seed=21, device="cpu")
     model = swiglu_mlp(tiny_config(tp=2, sequence_parallel=True))
     start_write_results_queue()
     dist_checkpointing.save(_sharded_state_dict(model), ckpt_dir)
@@ -42,7 +42,7 @@ def _save_tp2(ckpt_dir: str) -> torch.Tensor:
 
 
 def _load(ckpt_dir: str, tp: int) -> torch.Tensor:
-    initialize(tp=tp, seed=999)  # a different seed: the weights must come from the checkpoint
+    initialize(tp=tp, seed=999, device="cpu")  # a different seed: the weights must come from the checkpoint
     model = swiglu_mlp(tiny_config(tp=tp))
     before = _full_output(model, sequence_parallel=False)
     model.load_state_dict(dist_checkpointing.load(_sharded_state_dict(model), ckpt_dir))

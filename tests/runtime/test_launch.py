@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 from megatron_refine.runtime import ParallelLayout, RankFailed, initialize, spawn
 
@@ -67,7 +68,7 @@ def test_layout_not_dividing_world_says_what_to_change():
 
 
 def _initialize_tp3():
-    initialize(tp=3)
+    initialize(tp=3, device="cpu")
 
 
 def test_initialize_rejects_an_invalid_layout_on_every_rank():
@@ -87,3 +88,49 @@ def test_tensor_results_survive_the_ranks_exiting():
         results = spawn(_tensors, 2)
         assert [r["rank"] for r in results] == [0, 1]
         assert all(float(r["weights"][-1]) == 99_999.0 for r in results)
+
+
+_PRELOAD_PROBE = """
+import importlib, sys, torch
+torch.cuda.is_available = lambda: True  # what a GPU host answers
+from megatron_refine.runtime.launch import preload_modules
+for name in preload_modules():
+    importlib.import_module(name)
+print(sorted(m for m in ("fla", "transformer_engine", "megatron.core.ssm.gated_delta_net") if m in sys.modules))
+print(torch.cuda.is_initialized())
+"""
+
+
+def test_the_forkserver_on_a_cuda_host_imports_nothing_that_initialises_cuda():
+    """fla initialises CUDA at import (fla/utils/hardware.py) and megatron-core's GPT stack imports fla: a
+    forkserver that preloads them makes every forked rank fail at torch.cuda.set_device."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PRELOAD_PROBE], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "False"], out.stdout + out.stderr
+    # The CPU preload does pull fla in (what made the old single list wrong on GPU hosts).
+    probe = _PRELOAD_PROBE.replace("lambda: True", "lambda: False")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "fla" in out.stdout.split("\n")[0], out.stdout + out.stderr
+
+
+def test_an_unknown_device_is_refused():
+    with pytest.raises(ValueError, match="device must be 'cuda' or 'cpu'"):
+        initialize(device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA")
+def test_a_cuda_runtime_without_cuda_says_to_use_the_cpu():
+    with pytest.raises(ValueError, match="no CUDA.*use device='cpu'"):
+        initialize(device="cuda")
+
+
+def test_more_local_ranks_than_gpus_is_refused_with_the_fix(monkeypatch):
+    """Two ranks on a 1-GPU host would share cuda:0, which NCCL refuses: say what to launch instead."""
+    from megatron_refine.runtime.distributed import _cuda_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"2 ranks on this node but 1 GPU\(s\): start at most 1 .*device='cpu'"):
+        _cuda_device(1)

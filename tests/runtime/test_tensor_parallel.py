@@ -37,7 +37,7 @@ def _column_row(sequence_parallel: bool):
 
 
 def _tp_column_row_matches_reference():
-    initialize(tp=2, seed=7)
+    initialize(tp=2, seed=7, device="cpu")
     fc1, fc2 = _column_row(sequence_parallel=False)
     torch.manual_seed(0)  # same input on both ranks
     x = torch.randn(SEQ, BATCH, HIDDEN, requires_grad=True)  # [s, b, h]
@@ -83,7 +83,7 @@ def _run(fc1, fc2, x, sequence_parallel):
 
 
 def _sp_on_equals_sp_off():
-    initialize(tp=2, seed=11)
+    initialize(tp=2, seed=11, device="cpu")
     torch.manual_seed(3)
     x = torch.randn(SEQ, BATCH, HIDDEN)
     fc1, fc2 = _column_row(sequence_parallel=False)
