@@ -75,6 +75,13 @@ def _train_and_report(cfg) -> None:
               f"{result.tokens_per_s:,.0f} tokens/s, skipped {result.skipped_steps}, checkpoint {result.checkpoint}")
 
 
+def torch_gpus(device: str | None) -> int:
+    """GPUs a run on `device` would use (0 for a CPU run)."""
+    import torch
+
+    return torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+
+
 def torch_rank() -> int:
     import torch.distributed as dist
 
@@ -93,6 +100,10 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, [*args.set, *flags])
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         raise SystemExit("--finetune needs --load PATH (the checkpoint folder to take the weights from)")
+    gpus = torch_gpus(cfg.device)
+    if gpus and args.nproc > gpus and "RANK" not in os.environ:
+        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs (one per rank), this host has {gpus}: "
+                         f"use --nproc {gpus}, or --set device=cpu")
     if args.nproc > 1 and "RANK" not in os.environ:
         spawn(_train_and_report, args.nproc, cfg, timeout=7 * 24 * 3600)
     else:
@@ -116,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="NTP pretraining steps (default 180)")
     demo.add_argument("--continue-steps", dest="continue_steps", type=int,
                       help="steps of each continuation, REFINE and matched NTP (default 40)")
-    demo.add_argument("--nproc", type=int, help="local data-parallel processes (default 2)")
+    demo.add_argument("--nproc", type=int, help="local data-parallel processes (default 2 on CPU, one per GPU up to 2)")
+    demo.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     demo.add_argument("--documents", type=int, help="documents in the built-in corpus (default 6000)")
     demo.add_argument("--out-dir", dest="out_dir", help="where outputs go (default demo_output)")
     demo.set_defaults(func=_demo)

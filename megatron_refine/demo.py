@@ -2,7 +2,7 @@
 
 1. writes the built-in corpus (key-value registries, facts, needles) as tokenized webdataset shards;
 2. pretrains a small DeltaNet with next-token prediction on local data-parallel ranks (2 gloo processes on
-   a CPU) with Megatron's DDP, optimizer and schedules, on packed rows whose fast-weight state restarts at
+   a CPU; one NCCL rank per GPU, at most 2, on CUDA) with Megatron's DDP, optimizer and schedules, on packed rows whose fast-weight state restarts at
    every document (the trainer's default), saving an atomic dist checkpoint;
 3. continues from that checkpoint twice, on the same data for the same steps: REFINE mid-training
    (NTP steps interleaved with REFINE steps) and a matched NTP-only continuation;
@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megatron_refine.runtime import spawn
@@ -24,7 +24,8 @@ CORPUS_SEED, RECALL_SEED = 0, 10_000  # the recall registries never appear in th
 @dataclass
 class DemoConfig:
     out_dir: str = "demo_output"
-    nproc: int = 2
+    nproc: int | None = None  # data-parallel ranks: 2 on the CPU, one per GPU (at most 2) on CUDA
+    device: str | None = None  # "cuda" or "cpu"; default CUDA when the host has it
     steps: int = 180  # NTP pretraining steps
     continue_steps: int = 40  # steps of each continuation (REFINE mid-training, matched NTP)
     documents: int = 6000
@@ -36,12 +37,18 @@ class DemoConfig:
     recall_examples: int = 100
 
 
+def _global_batch(cfg: DemoConfig) -> int:
+    """The same tokens a step on one GPU as on 2 CPU ranks (two micro-batches per step there)."""
+    return cfg.micro_batch_size * max(2, cfg.nproc)
+
+
 def _train_config(cfg: DemoConfig, out: Path, name: str, *extra: str):
     from megatron_refine.training import load_config
 
     return load_config("tiny-deltanet", [
         f"data.path={out / 'data'}", f"data.seq_length={cfg.seq_length}",
-        f"data.micro_batch_size={cfg.micro_batch_size}", f"data.global_batch_size={cfg.micro_batch_size * cfg.nproc}",
+        f"data.micro_batch_size={cfg.micro_batch_size}", f"data.global_batch_size={_global_batch(cfg)}",
+        f"device={cfg.device}",
         f"model.overrides.hidden_size={cfg.hidden_size}", f"model.overrides.num_layers={cfg.num_layers}",
         "model.overrides.num_attention_heads=4", f"model.overrides.ffn_hidden_size={3 * cfg.hidden_size}",
         "model.overrides.delta_rule_chunk_size=64",
@@ -76,7 +83,7 @@ def _run_rank(cfg: DemoConfig, out: Path) -> dict:
     run("refine-mid", *continued, "stage=refine-mid")
     run("ntp-continued", *continued)
     return {"runs": runs, "parameters": sum(p.numel() for p in pretrained.model.parameters()),
-            "world": torch.distributed.get_world_size()}
+            "world": torch.distributed.get_world_size(), "backend": torch.distributed.get_backend()}
 
 
 def _plot(curves: dict[str, tuple[list, list]], ylabel: str, title: str, path: Path) -> None:
@@ -97,9 +104,22 @@ def _plot(curves: dict[str, tuple[list, list]], ylabel: str, title: str, path: P
     plt.close(fig)
 
 
+def _resolve_devices(cfg: DemoConfig) -> DemoConfig:
+    """CUDA when the host has it, with one rank per GPU (NCCL refuses two ranks on one device)."""
+    import torch
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    nproc = cfg.nproc or (min(2, gpus) if gpus else 2)
+    if gpus and nproc > gpus:
+        raise ValueError(f"--nproc {nproc} needs {nproc} GPUs, this host has {gpus}: use --nproc {gpus} or --device cpu")
+    return replace(cfg, device=device, nproc=nproc)
+
+
 def run(cfg: DemoConfig) -> dict:
     from megatron_refine.data import write_builtin_corpus
 
+    cfg = _resolve_devices(cfg)
     start = time.perf_counter()
     out = Path(cfg.out_dir)
     print(f"megatron-refine demo -> {out}/", flush=True)
@@ -122,7 +142,8 @@ def run(cfg: DemoConfig) -> dict:
 
     rows = [
         ("model", f"DeltaNet, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {result['parameters']:,d} parameters"),
-        ("layout", f"{result['world']} gloo ranks, data parallel; {cfg.micro_batch_size * cfg.nproc} x {cfg.seq_length} tokens a step"),
+        ("layout", f"{result['world']} {result['backend']} ranks on {cfg.device}, data parallel; "
+                   f"{_global_batch(cfg)} x {cfg.seq_length} tokens a step"),
         ("NTP pretraining", f"{len(ntp['losses'])} steps, loss {ntp['losses'][0]:.3f} -> {ntp['losses'][-1]:.3f}, "
                             f"{ntp['tokens_per_s']:,.0f} tokens/s; recall {recall(ntp)}"),
     ]

@@ -38,7 +38,7 @@ def test_model_info_rejects_an_unknown_config():
 def test_demo_runs_end_to_end_at_small_scale(tmp_path):
     """The README's main job with a few steps: corpus, 2-rank NTP pretraining, REFINE and matched NTP
     continuations, recall evaluations, checkpoints, plots."""
-    cfg = DemoConfig(out_dir=str(tmp_path), steps=12, continue_steps=4, documents=160, seq_length=64,
+    cfg = DemoConfig(out_dir=str(tmp_path), device="cpu", steps=12, continue_steps=4, documents=160, seq_length=64,
                      micro_batch_size=2, hidden_size=32, num_layers=1, recall_examples=4)
     runs = run(cfg)["runs"]
     assert len(runs["ntp"]["losses"]) == 12 and runs["ntp"]["losses"][-1] < runs["ntp"]["losses"][0]
@@ -61,7 +61,7 @@ def _train_cli(data):
     from megatron_refine.cli import main
 
     main(["train", "--config", "tiny-deltanet", "--set", f"data.path={data}", "--set", "train_steps=2",
-          "--set", "optimizer.warmup_steps=1", "--set", "data.seq_length=48", "--stage", "refine-mid"])
+          "--set", "optimizer.warmup_steps=1", "--set", "data.seq_length=48", "--set", "device=cpu", "--stage", "refine-mid"])
 
 
 def test_train_command_runs_the_refine_stage_from_a_named_config(tmp_path):
@@ -76,3 +76,18 @@ def test_finetune_without_load_is_rejected():
     args = build_parser().parse_args(["train", "--finetune"])
     with pytest.raises(SystemExit, match="--finetune needs --load"):
         args.func(args)
+
+
+def test_the_demo_fits_its_ranks_to_the_gpus(monkeypatch):
+    """One NCCL rank per GPU: on a 1-GPU host the demo runs 1 rank (same tokens a step), never 2 on cuda:0."""
+    import torch
+
+    from megatron_refine.demo import _global_batch, _resolve_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = _resolve_devices(DemoConfig())
+    assert (cfg.device, cfg.nproc, _global_batch(cfg)) == ("cuda", 1, 16)
+    assert _resolve_devices(DemoConfig(device="cpu")).nproc == 2
+    with pytest.raises(ValueError, match="--nproc 2 needs 2 GPUs, this host has 1: use --nproc 1 or --device cpu"):
+        _resolve_devices(DemoConfig(nproc=2))

@@ -74,6 +74,7 @@ def select_positions(
             pick = chunk.masked_fill(~ok, torch.inf).argmin(-1)
         else:
             weights = ok.float() if mode == "uniform" else torch.softmax(chunk.masked_fill(~ok, -torch.inf), dim=-1)
-            pick = torch.multinomial(weights.cpu(), 1, generator=generator)[:, 0].to(chunk.device)
+            on = weights.device if generator is None else generator.device  # multinomial wants them together
+            pick = torch.multinomial(weights.to(on), 1, generator=generator)[:, 0].to(chunk.device)
         positions.append(lo + pick)
     return torch.stack(positions, dim=1)

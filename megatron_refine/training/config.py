@@ -86,6 +86,10 @@ class TrainConfig:
     train_steps: int = 100
     exit_interval: int | None = None  # stop (after saving, when checkpoint.save is set) at a multiple of this step
     seed: int = 1234
+    # "cuda" (one GPU per local rank, NCCL, bf16) or "cpu" (gloo, fp32); default CUDA when the host has it.
+    device: str | None = None
+    # bf16 parameters with Megatron's mixed-precision optimizer (fp32 main weights); default on with CUDA.
+    bf16: bool | None = None
     # Bitwise-reproducible runs: deterministic torch kernels, cuBLAS workspace, megatron-core's
     # deterministic_mode, NCCL ring all-reduce (README, Training: what stays nondeterministic on CUDA).
     deterministic: bool = False

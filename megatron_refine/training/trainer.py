@@ -3,7 +3,8 @@
 setup: process groups -> data -> model (GPTModel over the fast-weight stack) -> DDP -> optimizer ->
 scheduler -> loader -> optional checkpoint load. Each step: `num_microbatches` packed micro-batches through
 Megatron's forward-backward schedule (pipeline schedules when PP > 1), a DP-averaged loss, a skipped step
-when it is NaN/Inf, else the optimizer and scheduler step. bf16 on GPU, fp32 on CPU.
+when it is NaN/Inf, else the optimizer and scheduler step. bf16 and the distributed optimizer on GPU, fp32
+and Megatron's plain optimizer on CPU by default (`bf16`, `optimizer.use_distributed_optimizer` override).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
     par, data, opt = cfg.parallel, cfg.data, cfg.optimizer
     if cfg.deterministic:
         set_deterministic()
-    rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed)
+    rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed,
+                               device=cfg.device)
     dataset = ShardedDataset.open(data.path)
     dp = rt.layout.data_parallel_size
     if data.global_batch_size % (data.micro_batch_size * dp) != 0:
@@ -96,8 +98,9 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
             )
     if par.sequence_parallel and data.seq_length % par.tensor_model_parallel_size != 0:
         raise ValueError(f"with sequence parallelism seq_length ({data.seq_length}) must be divisible by TP")
-    cuda = torch.cuda.is_available()
-    dtype = dict(params_dtype=torch.bfloat16, bf16=True) if cuda else dict(params_dtype=torch.float32)
+    cuda = rt.device.type == "cuda"
+    bf16 = cuda if cfg.bf16 is None else cfg.bf16
+    dtype = dict(params_dtype=torch.bfloat16, bf16=True) if bf16 else dict(params_dtype=torch.float32)
     model_config = get_config(
         cfg.model.config, tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size, sequence_parallel=par.sequence_parallel,
@@ -115,7 +118,7 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
-            adam_beta2=opt.adam_beta2, clip_grad=opt.clip_grad, bf16=cuda, params_dtype=dtype["params_dtype"],
+            adam_beta2=opt.adam_beta2, clip_grad=opt.clip_grad, bf16=bf16, params_dtype=dtype["params_dtype"],
             use_distributed_optimizer=distributed_optimizer,
         ),
         [model],
@@ -138,6 +141,9 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
     if ckpt.load:
         if ckpt.finetune:
             load_checkpoint(ckpt.load, module, expected_vocab_size=dataset.vocab_size)
+            # The mixed-precision and distributed optimizers keep fp32 main copies of the weights, taken when
+            # they were built: refresh them, or the first step writes the random initial weights back.
+            optimizer.reload_model_params()
         else:
             trainer.start_step = load_checkpoint(ckpt.load, module, optimizer, scheduler, loader,
                                                  expected_vocab_size=dataset.vocab_size)
@@ -222,7 +228,8 @@ def train_step(trainer: Trainer, batches: list[dict], step: int = 1) -> StepResu
     if is_refine_step(cfg, step):
         # Same documents, same draws on every TP rank; different per DP rank and step; reproducible on resume.
         seed = (cfg.refine.seed * 1_000_003 + step) * 1009 + parallel_state.get_data_parallel_rank()
-        forward_step = _refine_forward_step(trainer, torch.Generator().manual_seed(seed))
+        # On the model's device: torch.multinomial on CUDA probabilities needs a CUDA generator.
+        forward_step = _refine_forward_step(trainer, torch.Generator(trainer.runtime.device).manual_seed(seed))
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
         seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=False,

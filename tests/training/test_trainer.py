@@ -17,7 +17,7 @@ SEQ = 32
 def _config(corpus, *extra):
     return load_config("tiny-deltanet", [
         f"data.path={corpus}", f"data.seq_length={SEQ}", "data.micro_batch_size=2", "data.global_batch_size=4",
-        "optimizer.warmup_steps=0", "optimizer.lr=3e-3", "logging.log_interval=100", *extra,
+        "optimizer.warmup_steps=0", "optimizer.lr=3e-3", "logging.log_interval=100", "device=cpu", *extra,
     ])
 
 
@@ -55,6 +55,10 @@ def _steps(corpus, layout, root, load=None):
 # greedy rollouts (sampling reproducibility is covered by the resume test).
 REFINE = ["stage=refine-mid", "refine.every=1", "refine.n_chunks=2", "refine.margin=5", "refine.k=3",
           "refine.selection=argmax", "refine.temperature=0"]
+# Across TP layouts (one DP rank, so the same seeded draws): sampled positions and rollouts. An argmax over the
+# near-flat entropies and logits of a barely trained model flips on float rounding, which differs between TP
+# layouts; a sampled draw moves only if its uniform lands within rounding of a bucket edge.
+REFINE_SAMPLED = [*REFINE[:-2], "refine.selection=entropy", "refine.temperature=1"]
 
 
 @pytest.mark.parametrize("layout, nproc, common", [
@@ -63,7 +67,7 @@ REFINE = ["stage=refine-mid", "refine.every=1", "refine.n_chunks=2", "refine.mar
     (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2, []),  # TP=2 + SP
     (["parallel.pipeline_model_parallel_size=2"], 2, []),  # PP=2 (pipeline schedule on gloo)
     (["parallel.tensor_model_parallel_size=1"], 2, REFINE),  # REFINE steps, DP=2
-    (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2, REFINE),  # REFINE, TP=2 + SP
+    (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2, REFINE_SAMPLED),  # TP=2 + SP
 ], ids=["dp2", "tp2", "tp2-sp", "pp2", "refine-dp2", "refine-tp2-sp"])
 def test_parallel_training_steps_match_one_rank(corpus, tmp_path, layout, nproc, common):
     (reference,) = spawn(_steps, 1, corpus, common, tmp_path)
@@ -81,15 +85,60 @@ def _train(corpus, root, steps, load, *extra):
     return result.losses, {n: p.detach().clone() for n, p in result.model.named_parameters()}
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
-    full_losses, full_params = spawn(_train, 2, corpus, tmp_path / "a", 6, False)[0]
-    spawn(_train, 2, corpus, tmp_path / "b", 6, False, "exit_interval=3")  # stops after step 3's checkpoint
-    resumed_losses, resumed_params = spawn(_train, 2, corpus, tmp_path / "b", 6, True)[0]
+DISTRIBUTED_OPTIMIZER = "optimizer.use_distributed_optimizer=true"  # the GPU default
+
+
+@pytest.mark.parametrize("optimizer", [[], [DISTRIBUTED_OPTIMIZER]], ids=["optimizer", "distributed-optimizer"])
+def test_kill_and_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, optimizer):
+    full_losses, full_params = spawn(_train, 2, corpus, tmp_path / "a", 6, False, *optimizer)[0]
+    spawn(_train, 2, corpus, tmp_path / "b", 6, False, "exit_interval=3", *optimizer)  # stops after step 3's save
+    resumed_losses, resumed_params = spawn(_train, 2, corpus, tmp_path / "b", 6, True, *optimizer)[0]
     assert len(resumed_losses) == 3
     torch.testing.assert_close(torch.tensor(resumed_losses), torch.tensor(full_losses[3:]), rtol=1e-5, atol=1e-6)
     for name, p in full_params.items():
         torch.testing.assert_close(resumed_params[name], p, rtol=1e-5, atol=1e-6)
     assert latest_iteration(tmp_path / "b") == 6
+
+
+def _steps_after_resume(corpus, root, *extra):
+    """Two steps on fixed global batches after loading `root` (optimizer state included, or weights only)."""
+    trainer = setup(_config(corpus, f"checkpoint.load={root}", *extra))
+    results = [train_step(trainer, _my_micro_batches(trainer, b)) for b in _global_batches(2, seed=1)]
+    return [r.loss for r in results], {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+
+
+def test_distributed_optimizer_state_resumes_at_another_data_parallel_size(corpus, tmp_path):
+    """Saved at DP=2 (megatron-core's dp_reshardable format), resumed at DP=1: the Adam moments come back, so
+    the next steps equal those of a DP=2 resume; a weights-only load (fresh moments) differs."""
+    spawn(_train, 2, corpus, tmp_path, 3, False, DISTRIBUTED_OPTIMIZER)
+    at_dp2 = spawn(_steps_after_resume, 2, corpus, tmp_path, DISTRIBUTED_OPTIMIZER)[0]
+    at_dp1 = spawn(_steps_after_resume, 1, corpus, tmp_path, DISTRIBUTED_OPTIMIZER)[0]
+    fresh = spawn(_steps_after_resume, 1, corpus, tmp_path, DISTRIBUTED_OPTIMIZER, "checkpoint.finetune=true")[0]
+    torch.testing.assert_close(torch.tensor(at_dp1[0]), torch.tensor(at_dp2[0]), rtol=1e-5, atol=1e-6)
+    for name, p in at_dp2[1].items():
+        torch.testing.assert_close(at_dp1[1][name], p, rtol=1e-5, atol=1e-6)
+    assert max((fresh[1][n] - p).abs().max().item() for n, p in at_dp2[1].items()) > 1e-4
+
+
+def _finetune_bf16(corpus, root, *extra):
+    """--finetune into bf16 parameters with Megatron's mixed-precision optimizer (fp32 main weights)."""
+    from megatron_refine.training.checkpointing import checkpoint_dir, load_model_weights
+
+    trainer = setup(_config(corpus, f"checkpoint.load={root}", "checkpoint.finetune=true", "bf16=true",
+                            "optimizer.lr=1e-6", "optimizer.min_lr=1e-7", *extra))
+    assert next(trainer.module.parameters()).dtype == torch.bfloat16
+    saved = setup(_config(corpus)).module  # fp32, given the checkpoint's weights
+    load_model_weights(checkpoint_dir(root, latest_iteration(root)), saved)
+    assert not train_step(trainer, [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]).skipped
+    for (name, p), q in zip(trainer.module.named_parameters(), saved.parameters()):
+        # A step of lr 1e-6 moves nothing past bf16 rounding; one from the random initial weights would.
+        torch.testing.assert_close(p.float(), q, rtol=1e-2, atol=1e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("optimizer", [[], [DISTRIBUTED_OPTIMIZER]], ids=["mixed-precision", "distributed-optimizer"])
+def test_finetune_in_bf16_keeps_the_loaded_weights(corpus, tmp_path, optimizer):
+    spawn(_train, 1, corpus, tmp_path, 3, False, "optimizer.lr=3e-2")  # weights far from the initial ones
+    spawn(_finetune_bf16, 1, corpus, tmp_path, *optimizer)
 
 
 def _crash_during_save(corpus, root):
