@@ -4,6 +4,8 @@
 - `lact_swiglu`, `lact_swiglu_step`, `LaCTState`: LaCT's large-chunk fast-weight SwiGLU.
 Both take `states_at=[B, P]` positions and return, differentiably, the states after those tokens, and
 `cu_seqlens` for packed sequences (fla's varlen convention, `varlen.py`), each restarting from its own state.
+- `set_debug_checks`: the value checks (NaN / Inf, `cu_seqlens` contents, position ranges) read tensors on the
+  host, so by default they run on CPU tensors only: on CUDA the ops never stall the stream inside the layer loop.
 """
 
 from megatron_refine.kernels.delta_rule import delta_rule, delta_rule_step, fla_available, recurrent_delta_rule
@@ -16,6 +18,7 @@ from megatron_refine.kernels.lact import (
     low_rank_fast_weight,
     zeropower_via_newtonschulz5,
 )
+from megatron_refine.kernels.utils import get_debug_checks, set_debug_checks
 
 __all__ = [
     "LACT_NS_COEFFICIENTS",
@@ -24,9 +27,11 @@ __all__ = [
     "delta_rule",
     "delta_rule_step",
     "fla_available",
+    "get_debug_checks",
     "lact_swiglu",
     "lact_swiglu_step",
     "low_rank_fast_weight",
     "recurrent_delta_rule",
+    "set_debug_checks",
     "zeropower_via_newtonschulz5",
 ]

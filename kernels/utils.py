@@ -1,8 +1,48 @@
-"""Input checks shared by the fast-weight ops: errors a caller can cause get a message naming the fix."""
+"""Input checks shared by the fast-weight ops: errors a caller can cause get a message naming the fix.
+
+Metadata checks (type, rank, dtype, shapes) are free and always run. Value checks (NaN / Inf, `cu_seqlens`
+contents, `states_at` ranges) read tensor values on the host; on CUDA that stalls the stream, once per layer
+and decoding step, so by default they run on CPU tensors only (where a read costs no device sync). On CUDA the
+packed document starts are validated once per forward where the model builds them (`models/packing.py`).
+`set_debug_checks(True)` (or `MEGATRON_REFINE_DEBUG_CHECKS=1`) runs them on every device, `False` (`=0`) nowhere.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+DEBUG_CHECKS_ENV = "MEGATRON_REFINE_DEBUG_CHECKS"
+
+
+def _mode_from_env() -> bool | None:
+    value = os.environ.get(DEBUG_CHECKS_ENV, "").strip().lower()
+    return None if value in ("", "auto") else value not in ("0", "false", "off")
+
+
+_debug_checks: bool | None = _mode_from_env()
+
+
+def set_debug_checks(mode: bool | None) -> None:
+    """Value checks: True on every device (a host sync per op call on CUDA: for debugging), False never,
+    None (the default) on CPU tensors only."""
+    global _debug_checks
+    _debug_checks = mode
+
+
+def get_debug_checks() -> bool | None:
+    return _debug_checks
+
+
+def value_checks_on(x: torch.Tensor) -> bool:
+    """Whether the value checks read `x` (see `set_debug_checks`)."""
+    return x.device.type == "cpu" if _debug_checks is None else _debug_checks
+
+
+def version_of(x: torch.Tensor) -> int:
+    """`x`'s in-place version counter, for caches keyed by a tensor (-1 for inference tensors: they keep none)."""
+    return -1 if x.is_inference() else x._version
 
 
 def check_rank(name: str, x: torch.Tensor, ndim: int, layout: str) -> None:
@@ -20,22 +60,24 @@ def check_shape(name: str, x: torch.Tensor, expected: tuple[int, ...], layout: s
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
-    if not torch.isfinite(x).all():
+    """A value check (`set_debug_checks`)."""
+    if value_checks_on(x) and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf; check the projection producing it (and the loss scale)")
 
 
 def check_positions(positions: torch.Tensor, batch: int, length: int) -> None:
-    """`positions [B, P]`: token indices in [0, T) whose post-token state is requested."""
+    """`positions [B, P]`: token indices in [0, T) whose post-token state is requested (range: a value check)."""
     check_rank("states_at", positions, 2, "[B, P]")
     if positions.shape[0] != batch:
         raise ValueError(f"states_at has batch {positions.shape[0]}, the inputs have batch {batch}")
     if positions.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"states_at must hold integer positions, got {positions.dtype}")
-    if positions.numel() and (positions.min() < 0 or positions.max() >= length):
-        raise ValueError(
-            f"states_at positions must lie in [0, {length}) (the sequence length), got "
-            f"[{int(positions.min())}, {int(positions.max())}]"
-        )
+    if positions.numel() and value_checks_on(positions):
+        low, high = (int(x) for x in torch.aminmax(positions))
+        if low < 0 or high >= length:
+            raise ValueError(
+                f"states_at positions must lie in [0, {length}) (the sequence length), got [{low}, {high}]"
+            )
 
 
 def pad_time(x: torch.Tensor, multiple: int) -> torch.Tensor:

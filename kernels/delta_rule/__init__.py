@@ -5,6 +5,10 @@ scale defaults to K^-0.5. Packed sequences as in fla: `[1, total, ...]` with `cu
 `[N, H, K, V]` (see `kernels/varlen.py`). On CUDA with fla installed and a bf16/fp16 input, `delta_rule`
 runs fla's Triton `chunk_delta_rule` (varlen included); everywhere else (and with `use_reference=True`, or
 when `states_at` is asked for) it runs the PyTorch chunked algorithm in `chunk.py`, accumulating in fp32.
+
+No op here reads a tensor on the host on CUDA (no stream sync per layer or decoding step), except a packed
+layout's lengths, once per `cu_seqlens` tensor. The value checks (finite beta, `cu_seqlens` contents,
+`states_at` range) run on CPU tensors only unless `set_debug_checks(True)` (see `kernels/utils.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from megatron_refine.kernels.delta_rule.chunk import chunk_delta_rule_torch
 from megatron_refine.kernels.delta_rule.recurrent import delta_rule_step_torch, recurrent_delta_rule_torch
 from megatron_refine.kernels.utils import check_finite, check_positions, check_rank, check_shape
-from megatron_refine.kernels.varlen import batch_cu_seqlens, check_cu_seqlens
+from megatron_refine.kernels.varlen import ChunkLayout, check_cu_seqlens, packed_layout
 
 __all__ = ["delta_rule", "delta_rule_step", "recurrent_delta_rule", "fla_available"]
 
@@ -99,11 +103,14 @@ def delta_rule(
             q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
         )
-    packed = cu_seqlens if cu_seqlens is not None else batch_cu_seqlens(B, T, q.device)
+    if cu_seqlens is None:
+        layout = ChunkLayout.for_batch(B, T, chunk_size, q.device)
+    else:
+        layout = packed_layout(cu_seqlens, chunk_size)
     flat_positions = None if states_at is None else (states_at + torch.arange(B, device=q.device)[:, None] * T).flatten()
     o, final_state, states = chunk_delta_rule_torch(
-        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), beta.flatten(0, 1), scale, packed,
-        initial_state, output_final_state, chunk_size, flat_positions,
+        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), beta.flatten(0, 1), scale, layout,
+        initial_state, output_final_state, flat_positions,
     )
     o = o.view(B, T, *o.shape[1:])
     return (o, final_state) if states_at is None else (o, final_state, states.view(B, -1, *states.shape[1:]))

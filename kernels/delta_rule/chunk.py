@@ -27,21 +27,20 @@ def chunk_delta_rule_torch(
     v: torch.Tensor,
     beta: torch.Tensor,
     scale: float,
-    cu_seqlens: torch.Tensor,
+    layout: ChunkLayout,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
     states_at: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Packed q, k [total, H, K], v [total, H, V], beta [total, H], cu_seqlens [N + 1], states_at [P]
-    -> (o [total, H, V], final [N, H, K, V], states [P, H, K, V]).
+    """Packed q, k [total, H, K], v [total, H, V], beta [total, H] cut into chunks by `layout`, states_at [P]
+    -> (o [total, H, V], final [N, H, K, V], states [P, H, K, V]). Reads no tensor on the host.
 
     Accumulates in fp32 (fp64 inputs stay fp64); o is returned in v's dtype, the states in fp32.
     """
     total, H, K = q.shape
     V = v.shape[-1]
     out_dtype, acc = v.dtype, compute_dtype(v)
-    layout = ChunkLayout.build(cu_seqlens, chunk_size)
+    chunk_size = layout.chunk_size
     # Slots past a sequence's end are zeros: k = 0 and beta = 0 write nothing, so the padding is exact.
     heads_first = lambda x: layout.gather(x.to(acc)).transpose(1, 2)  # noqa: E731  [pairs, C, H, D] -> [pairs, H, C, D]
     q, k, v = heads_first(q) * scale, heads_first(k), heads_first(v)
@@ -58,12 +57,11 @@ def chunk_delta_rule_torch(
         S = q.new_zeros(N, H, K, V)
     else:
         S = initial_state.to(acc)[layout.order]  # sequences in layout order
-    wanted = set() if states_at is None else set(layout.locate(states_at)[1].unique().tolist())
-    outputs, new_values, chunk_starts = [], [], {}
+    outputs, new_values, chunk_starts = [], [], []
     for j, (m, first) in enumerate(zip(layout.active, layout.offsets)):
         rows, S_run = slice(first, first + m), S[:m]  # the m sequences still running
-        if j in wanted:
-            chunk_starts[j] = S_run
+        if states_at is not None:  # every chunk's, in pair order: which chunks the positions need is data
+            chunk_starts.append(S_run)
         U = u[rows] - w[rows] @ S_run  # [m, H, C, V]
         outputs.append(q[rows] @ S_run + qk[rows] @ U)
         new_values.append(U)
@@ -74,26 +72,19 @@ def chunk_delta_rule_torch(
 
     states = None
     if states_at is not None:
-        states = _states_after(layout, states_at, chunk_starts, k, torch.cat(new_values))
+        states = _states_after(layout, states_at, torch.cat(chunk_starts), k, torch.cat(new_values))
     return o, (S[layout.rank] if output_final_state else None), states
 
 
 def _states_after(
     layout: ChunkLayout,
     positions: torch.Tensor,  # [P] token indices
-    chunk_starts: dict[int, torch.Tensor],  # chunk j -> start states of the sequences running at j [m_j, H, K, V]
+    chunk_starts: torch.Tensor,  # [pairs, H, K, V] the state each (sequence, chunk) pair starts from
     k: torch.Tensor,  # [pairs, H, C, K]
     new_values: torch.Tensor,  # [pairs, H, C, V]
 ) -> torch.Tensor:
     """State after each position: its chunk's start state plus the writes of the chunk's tokens up to it."""
-    order = sorted(chunk_starts)
-    base = torch.zeros(len(layout.active), dtype=torch.long, device=positions.device)
-    sizes = [chunk_starts[j].shape[0] for j in order]
-    base[torch.tensor(order, device=positions.device)] = torch.tensor(
-        [sum(sizes[:i]) for i in range(len(order))], device=positions.device)
-    starts = torch.cat([chunk_starts[j] for j in order])  # [sum m_j, H, K, V]
-    rank, chunk, offset, pair = layout.locate(positions)
-    S0 = starts[base[chunk] + rank]  # [P, H, K, V]
-    C = layout.chunk_size
-    upto = (torch.arange(C, device=positions.device) <= offset[:, None])[:, None, :, None]  # [P, 1, C, 1]
-    return S0 + (k[pair] * upto).transpose(-1, -2) @ new_values[pair]
+    _, _, offset, pair = layout.locate(positions)
+    slots = torch.arange(layout.chunk_size, device=positions.device)
+    upto = (slots <= offset[:, None])[:, None, :, None]  # [P, 1, C, 1]
+    return chunk_starts[pair] + (k[pair] * upto).transpose(-1, -2) @ new_values[pair]

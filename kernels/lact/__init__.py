@@ -6,6 +6,12 @@ coefficients `[B, T, H]` (after the sigmoid). Initial fast weights are learned p
 (w0, w2) and `[H, D, Dh]` (w1), copied per sequence, or already per sequence `[N, H, ...]`. Packed sequences
 as in fla: `[1, total, ...]` with `cu_seqlens [N + 1]` (see `kernels/varlen.py`); a sequence can also run on
 from a `LaCTState` (`initial_state`). The PyTorch path (fp32) runs everywhere; there is no fused kernel yet.
+
+On CUDA neither `lact_swiglu` nor a decode loop of `lact_swiglu_step` reads a tensor on the host (no stream
+sync per layer or step), except: a packed layout's lengths, once per `cu_seqlens` tensor; `states_at` (which
+chunks it needs is data); a continuation from a state (its partial chunks set the length); and the first step
+from a state made elsewhere (see `chunk.py`). The value checks (finite rates, `cu_seqlens` contents,
+`states_at` range) run on CPU tensors only unless `set_debug_checks(True)` (see `kernels/utils.py`).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from megatron_refine.kernels.lact.muon import (
 )
 from megatron_refine.kernels.utils import check_finite, check_positions, check_rank, check_shape, compute_dtype
 from megatron_refine.kernels.varlen import (
+    ChunkLayout,
     batch_cu_seqlens,
     check_cu_seqlens,
+    packed_layout,
     prepare_lens,
     prepare_position_ids,
     prepare_sequence_ids,
@@ -123,8 +131,7 @@ def lact_swiglu(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if states_at is not None:
         check_positions(states_at, B, T)
-    packed = cu_seqlens if cu_seqlens is not None else batch_cu_seqlens(B, T, q.device)
-    N = packed.numel() - 1
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     flat = lambda x: None if x is None else x.flatten(0, 1)  # noqa: E731
     q, k, v, momentum = flat(q), flat(k), flat(v), flat(momentum)
     lr = flat(torch.stack([lr0, lr1, lr2], dim=-1))  # [total, H, 3]
@@ -146,11 +153,15 @@ def lact_swiglu(
         )
         norms = tuple(x.to(compute_dtype(q)).norm(dim=-1, keepdim=True) for x in weights) if weight_norm else None
         dw = tuple(torch.zeros_like(x, dtype=compute_dtype(q)) for x in weights) if momentum is not None else None
+        if cu_seqlens is None:
+            layout = ChunkLayout.for_batch(B, T, chunk_size, q.device)
+        else:
+            layout = packed_layout(cu_seqlens, chunk_size)
         o, final, states = lact_swiglu_torch(
-            q, k, v, lr, momentum, packed, weights, norms, dw, chunk_size, use_muon, ns_coefficients,
-            output_final_state, positions,
+            q, k, v, lr, momentum, layout, weights, norms, dw, use_muon, ns_coefficients, output_final_state, positions,
         )
     else:
+        packed = cu_seqlens if cu_seqlens is not None else batch_cu_seqlens(B, T, q.device)
         o, final, states = _continue(
             initial_state, q, k, v, lr, momentum, packed, use_muon, ns_coefficients, output_final_state, positions,
         )
@@ -169,7 +180,7 @@ def _continue(state: LaCTState, q, k, v, lr, momentum, cu_seqlens, use_muon, ns_
     lens = prepare_lens(cu_seqlens)
     ell = state.length  # [N] tokens already in each partial chunk
     virtual_cu = torch.cat([cu_seqlens.new_zeros(1), torch.cumsum(lens + ell, 0)])
-    total_v = int(virtual_cu[-1])
+    total_v = int(virtual_cu[-1])  # host reads here and in the layout: the partial chunks' lengths are data
     seq = prepare_sequence_ids(virtual_cu, total_v)
     within = prepare_position_ids(virtual_cu, total_v)
     from_state = within < ell[seq]  # [total_v]
@@ -185,15 +196,17 @@ def _continue(state: LaCTState, q, k, v, lr, momentum, cu_seqlens, use_muon, ns_
     qv = virtual(q.to(acc), None)  # the partial chunk's outputs are discarded
     kv, vv, lrv = virtual(k.to(acc), state.k), virtual(v.to(acc), state.v), virtual(lr.to(acc), state.lr)
     mv = None if momentum is None else virtual(momentum.to(acc), state.momentum)
-    positions_v = None
-    if positions is not None:
+
+    def to_virtual(positions: torch.Tensor) -> torch.Tensor:  # indices of new tokens -> into the virtual sequences
         s = torch.searchsorted(cu_seqlens, positions, right=True) - 1
-        positions_v = positions + virtual_cu[s] + ell[s] - cu_seqlens[s]
+        return positions + virtual_cu[s] + ell[s] - cu_seqlens[s]
+
+    layout = ChunkLayout.build(virtual_cu, C)  # a new tensor per call: nothing to cache
     o, final, states = lact_swiglu_torch(
-        qv, kv, vv, lrv, mv, virtual_cu, (state.w0, state.w1, state.w2), state.norms, state.dw, C,
-        use_muon, ns_coefficients, output_final_state, positions_v,
+        qv, kv, vv, lrv, mv, layout, (state.w0, state.w1, state.w2), state.norms, state.dw,
+        use_muon, ns_coefficients, output_final_state, None if positions is None else to_virtual(positions),
     )
-    return o[~from_state], final, states
+    return o[to_virtual(torch.arange(q.shape[0], device=q.device))], final, states
 
 
 def lact_swiglu_step(

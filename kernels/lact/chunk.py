@@ -8,6 +8,9 @@ mean momentum coefficient times the previous update), Muon (Newton-Schulz-5 of t
 (each row rescaled back to its initial L2 norm). A chunk's update fires when its last token arrives, so the
 state after token p is (weights after the chunks completed by p, the partial chunk's keys / values / rates).
 All math in fp32 (fp64 inputs stay fp64); internally heads fold into the batch: [M = N * H, ...].
+Host reads: whether a chunk's update fires is decided from the layout's host lengths (and, in the decode step,
+from the lengths the previous step left on `state.length`), so neither the chunked forward nor a decode loop
+reads the device; only `states_at` (which chunks the positions need is data) and a state from elsewhere do.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_refine.kernels.lact.muon import zeropower_via_newtonschulz5
-from megatron_refine.kernels.utils import compute_dtype
+from megatron_refine.kernels.utils import compute_dtype, version_of
 from megatron_refine.kernels.varlen import ChunkLayout, prepare_lens
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -36,7 +39,7 @@ class LaCTState:
     k: torch.Tensor  # [N, C, H, D], the partial chunk's keys (zero past `length`)
     v: torch.Tensor  # [N, C, H, D]
     lr: torch.Tensor  # [N, C, H, 3], per-token rates for w0, w1, w2
-    length: torch.Tensor  # [N], tokens in the partial chunk
+    length: torch.Tensor  # [N], tokens in the partial chunk (the step keeps a host copy on it: `_host_lengths`)
     norms: Weights | None = None  # initial row norms [N, H, rows, 1], when weight norm is on
     dw: Weights | None = None  # the previous update, when momentum is on
     momentum: torch.Tensor | None = None  # [N, C, H], the partial chunk's momentum coefficients
@@ -61,12 +64,13 @@ class LaCTState:
         w = tuple(x.to(compute_dtype(x)).expand(batch_size, *x.shape) for x in (w0, w1, w2))
         H, D = w1.shape[0], w1.shape[1]
         zeros = w[0].new_zeros
+        length = torch.zeros(batch_size, dtype=torch.long, device=w0.device)
         return cls(
             *w,
             k=zeros(batch_size, chunk_size, H, D),
             v=zeros(batch_size, chunk_size, H, D),
             lr=zeros(batch_size, chunk_size, H, 3),
-            length=torch.zeros(batch_size, dtype=torch.long, device=w0.device),
+            length=_with_host_lengths(length, [0] * batch_size),
             norms=tuple(x.norm(dim=-1, keepdim=True) for x in w) if weight_norm else None,
             dw=tuple(torch.zeros_like(x) for x in w) if use_momentum else None,
             momentum=zeros(batch_size, chunk_size, H) if use_momentum else None,
@@ -135,11 +139,10 @@ def lact_swiglu_torch(
     v: torch.Tensor,
     lr: torch.Tensor,  # [total, H, 3]
     momentum: torch.Tensor | None,  # [total, H]
-    cu_seqlens: torch.Tensor,  # [N + 1]
+    layout: ChunkLayout,  # the N sequences cut into chunks
     weights: Weights,  # each [N, H, ...]: the weights each sequence starts from
     norms: Weights | None,  # [N, H, rows, 1] row norms weight norm restores, None for no weight norm
     dw: Weights | None,  # [N, H, ...] previous update (momentum on), or None
-    chunk_size: int,
     use_muon: bool,
     ns_coefficients: Sequence[tuple[float, float, float]],
     output_final_state: bool,
@@ -147,42 +150,36 @@ def lact_swiglu_torch(
 ) -> tuple[torch.Tensor, LaCTState | None, LaCTState | None]:
     """-> (o [total, H, D], final LaCTState of N rows, LaCTState of P rows after `states_at`)."""
     total, H, D = q.shape
-    C = chunk_size
+    C, order, lengths = layout.chunk_size, layout.order, layout.lengths
     acc = compute_dtype(q)
-    layout = ChunkLayout.build(cu_seqlens, C)
-    order = layout.order
     qf, kf, vf, lrf = (_heads_into_rows(layout.gather(x.to(acc))) for x in (q, k, v, lr))  # [pairs*H, C, ...]
     mf = None if momentum is None else _heads_into_rows(layout.gather(momentum.to(acc)))
     in_order = lambda ws: None if ws is None else tuple(_fold_weights(x.to(acc)[order]) for x in ws)  # noqa: E731
     w, norms, dw = in_order(weights), in_order(norms), in_order(dw)
 
     # Snapshots of (weights, dw) after c completed chunks, for the states asked for.
-    requests = [] if states_at is None else [states_at]
-    if output_final_state:
-        requests.append(cu_seqlens[1:] - 1)
-    wanted = set()
-    if requests:
-        positions = torch.cat(requests)
-        within = positions - cu_seqlens[layout.sequence_of(positions)]
-        wanted = set(((within + 1) // C).unique().tolist())
+    wanted = {n // C for n in lengths} if output_final_state else set()
+    if states_at is not None:
+        within = states_at - layout.cu_seqlens[layout.sequence_of(states_at)]
+        wanted |= set(((within + 1) // C).tolist())  # one host read: which snapshots the positions need is data
     snapshots = {0: (w, dw)} if 0 in wanted else {}
 
-    lens_in_order = prepare_lens(cu_seqlens)[order]
     outputs = []
     for j, (m, first) in enumerate(zip(layout.active, layout.offsets)):
         rows = slice(first * H, (first + m) * H)  # this chunk of the m sequences still running, heads folded
         w_run = tuple(x[: m * H] for x in w)
         outputs.append(swiglu_apply(*w_run, qf[rows]))
-        full = lens_in_order[:m] >= (j + 1) * C  # [m]: chunk j is complete, so its update fires
-        needed = (lens_in_order[:m] > (j + 1) * C) | (j + 1 in wanted)
-        if not bool((full & needed).any()):
+        end = (j + 1) * C  # chunk j is complete, so its update fires, in the sequences this long
+        if not any(n >= end and (n > end or j + 1 in wanted) for n in lengths[:m]):  # no fired update is used
             continue
         new_w, new_dw = swiglu_update(
             w_run, kf[rows], vf[rows], lrf[rows], None if mf is None else mf[rows],
             None if dw is None else tuple(x[: m * H] for x in dw), None if norms is None else tuple(x[: m * H] for x in norms),
             use_muon, ns_coefficients,
         )
-        fired = None if bool(full.all()) else full.repeat_interleave(H)[:, None, None]
+        fired = None  # every running sequence's update fired
+        if not all(n >= end for n in lengths[:m]):
+            fired = (prepare_lens(layout.cu_seqlens)[order[:m]] >= end).repeat_interleave(H)[:, None, None]
 
         def merge(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # the fired rows updated, the rest kept
             new = new if fired is None else torch.where(fired, new, old[: m * H])
@@ -199,7 +196,7 @@ def lact_swiglu_torch(
     def states(positions: torch.Tensor) -> LaCTState:
         return _states_after(layout, positions, snapshots, norms, k, v, lr, momentum, acc)
 
-    final = states(requests[-1]) if output_final_state else None
+    final = states(layout.cu_seqlens[1:] - 1) if output_final_state else None
     return o, final, (states(states_at) if states_at is not None else None)
 
 
@@ -270,6 +267,7 @@ def lact_swiglu_step_torch(
     N, H, D = q.shape
     C = state.chunk_size
     acc = state.w0.dtype
+    lengths = [n + 1 for n in _host_lengths(state.length)]
     w = tuple(_fold_weights(x) for x in (state.w0, state.w1, state.w2))
     o = swiglu_apply(*w, q.to(acc).reshape(N * H, 1, D)).view(N, H, D)
 
@@ -281,8 +279,8 @@ def lact_swiglu_step_torch(
     length = state.length + 1
     dw = None if state.dw is None else tuple(_fold_weights(x) for x in state.dw)
 
-    full = length == C  # [N]
-    if bool(full.any()):
+    if C in lengths:
+        full = length == C  # [N]
         norms = None if state.norms is None else tuple(_fold_weights(x) for x in state.norms)
         new_w, new_dw = swiglu_update(
             w, _fold(kb, acc), _fold(vb, acc), _fold(lrb, acc), None if mb is None else _fold(mb, acc),
@@ -296,11 +294,27 @@ def lact_swiglu_step_torch(
         kb, vb, lrb = (x * keep[:, None, None, None] for x in (kb, vb, lrb))
         mb = None if mb is None else mb * keep[:, None, None]
         length = torch.where(full, torch.zeros_like(length), length)
+        lengths = [n % C for n in lengths]
 
     unfold = lambda x: x.view(N, H, *x.shape[1:])  # noqa: E731
     return o, replace(
         state,
         w0=unfold(w[0]), w1=unfold(w[1]), w2=unfold(w[2]),
-        k=kb, v=vb, lr=lrb, length=length, momentum=mb,
+        k=kb, v=vb, lr=lrb, length=_with_host_lengths(length, lengths), momentum=mb,
         dw=None if dw is None else tuple(unfold(x) for x in dw),
     )
+
+
+def _with_host_lengths(length: torch.Tensor, values: list[int]) -> torch.Tensor:
+    """Leave `length`'s values on the tensor (with its version), for the next decode step to read without a sync."""
+    length._host_lengths = (version_of(length), values)
+    return length
+
+
+def _host_lengths(length: torch.Tensor) -> list[int]:
+    """`state.length` on the host: left by `LaCTState.initial` or the previous step on the tensor they made, else
+    read once (a state from `states_at` or an indexed cache: a new tensor, so its values are only on the device)."""
+    known = getattr(length, "_host_lengths", None)
+    if known is None or known[0] != version_of(length):
+        _with_host_lengths(length, length.tolist())  # data-dependent: which rows complete a chunk this step
+    return length._host_lengths[1]

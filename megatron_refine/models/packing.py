@@ -27,21 +27,30 @@ class Packing:
 
     @classmethod
     def from_params(cls, params: PackedSeqParams | None, batch: int, length: int) -> "Packing | None":
-        """Built once per forward: kept on the params object, which every layer receives."""
+        """Built once per forward: kept on the params object, which every layer receives.
+
+        The document starts are validated here, once per forward (one host read): the kernels check only
+        metadata on CUDA, as reading values there would stall the stream in every layer (`kernels/utils.py`).
+        """
         if params is None:
             return None
         cached = getattr(params, "_packing", None)
         if cached is not None and (cached.batch, cached.length) == (batch, length):
             return cached
-        cu = params.cu_seqlens_q
-        if cu is None or cu.ndim != 1 or int(cu[0]) != 0 or int(cu[-1]) != batch * length:
+        cu, total = params.cu_seqlens_q, batch * length
+        is_starts = isinstance(cu, torch.Tensor) and cu.ndim == 1 and cu.dtype in (torch.int32, torch.int64)
+        starts = cu.tolist() if is_starts else None
+        if starts is None or len(starts) < 2 or starts[0] != 0 or starts[-1] != total:
             raise ValueError(
                 f"packed_seq_params.cu_seqlens_q must run from 0 to the micro-batch's {batch} x {length} tokens "
-                "(document starts over the row-major flattened batch), got "
-                f"{None if cu is None else cu.tolist()}"
+                f"(a 1-D int tensor of document starts over the row-major flattened batch), got {starts or cu}"
             )
-        rows = torch.arange(batch + 1, device=cu.device, dtype=cu.dtype) * length
-        params._packing = cls(torch.unique(torch.cat([cu, rows])), batch, length)
+        if any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(
+                f"packed_seq_params.cu_seqlens_q must be strictly increasing (no empty documents), got {starts}"
+            )
+        starts = sorted(set(starts).union(range(0, total, length)))  # every row start is a boundary too
+        params._packing = cls(torch.tensor(starts, dtype=cu.dtype, device=cu.device), batch, length)
         return params._packing
 
     @cached_property
