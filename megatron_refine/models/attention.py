@@ -1,9 +1,15 @@
-"""Rotary embeddings and sliding-window causal attention (LaCT's SWA), full-sequence and one step."""
+"""Rotary embeddings and sliding-window causal attention (LaCT's SWA), full-sequence and one step.
+
+`sliding_window_attention` runs FlexAttention under a sliding-window block mask on CUDA (only key blocks
+inside the window are visited: memory O(T)) and `sliding_window_attention_dense`, SDPA under a [T, T] mask,
+everywhere else: the reference, as `use_reference=True` forces.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from megatron_refine.kernels.utils import compute_dtype
 
@@ -23,6 +29,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos.to(xf.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(xf.dtype)).to(x.dtype)
 
 
+def flex_available(q: torch.Tensor) -> bool:
+    """Whether the FlexAttention path takes this input: CUDA, a dtype and head dim (>= 16) its Triton kernel has."""
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and q.shape[-1] >= 16
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -30,13 +41,38 @@ def sliding_window_attention(
     window: int,
     sequence_ids: torch.Tensor | None = None,
     past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    *,
+    use_reference: bool = False,
 ) -> torch.Tensor:
     """Causal attention where each query sees itself and the `window - 1` tokens before it. [B, T, H, D].
 
     sequence_ids [B, T]: packed documents; a query sees only its own document's keys.
     past: (k_window, v_window [B, W-1, H, D], valid [B, W-1]): the keys before the first query (a cache).
+    use_reference: force the dense path even where FlexAttention could run.
+
+    Runs `sliding_window_attention_flex` where `flex_available`, else the dense reference. `past` runs dense:
+    `forward_from_cache` continues over a few rollout tokens (REFINE's k = 5), so its mask is only
+    [T, W-1+T], while FlexAttention would pad the T queries to a 128-row block.
     """
+    if past is None and not use_reference and flex_available(q):
+        return sliding_window_attention_flex(q, k, v, window, sequence_ids)
+    return sliding_window_attention_dense(q, k, v, window, sequence_ids, past)
+
+
+def sliding_window_attention_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sequence_ids: torch.Tensor | None = None,
+    past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The reference: SDPA under a [T, S] boolean mask, so memory and time grow as T * S."""
     B, T = q.shape[:2]
+    if past is not None and sequence_ids is not None:
+        raise ValueError(
+            "past and sequence_ids cannot be combined: a continuation from a cache runs one sequence per row"
+        )
     query_index = torch.arange(T, device=q.device)
     key_index = query_index
     if past is not None:
@@ -51,6 +87,65 @@ def sliding_window_attention(
         allowed = allowed & torch.cat([valid, valid.new_ones(B, T)], dim=1)[:, None, :]  # [B, T, S]
     mask = allowed if allowed.ndim == 2 else allowed[:, None]
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return o.transpose(1, 2)
+
+
+# FlexAttention is windowed only when compiled: eager flex_attention materialises the full [T, T] scores and
+# eager create_block_mask a dense [B, T, T] mask. torch.compile is lazy: each compiles on its first CUDA call.
+_flex_attention_compiled = torch.compile(flex_attention)
+_create_block_mask_compiled = torch.compile(create_block_mask)
+_last_block_mask: tuple = (None, None)  # (key, BlockMask) of the last call
+
+
+def _window_mask_mod(window: int, sequence_ids: torch.Tensor | None):
+    """mask_mod: key kv_idx is visible from query q_idx (the dense path's `allowed`, without `past`)."""
+
+    def causal_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    if sequence_ids is None:
+        return causal_window
+
+    def same_document(b, h, q_idx, kv_idx):
+        return causal_window(b, h, q_idx, kv_idx) & (sequence_ids[b, q_idx] == sequence_ids[b, kv_idx])
+
+    return same_document
+
+
+def sliding_window_block_mask(
+    window: int, sequence_ids: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> BlockMask:
+    """The sliding-window BlockMask (one per row with `sequence_ids`, else one broadcast over the batch).
+
+    Built once per forward: every layer passes the same `sequence_ids` tensor (`Packing` caches it), so the
+    last mask is reused while that very object (held here, so its id is not recycled) and the sizes match.
+    """
+    global _last_block_mask
+    key = (sequence_ids, None if sequence_ids is None else batch, length, window, device)
+    last_key, block_mask = _last_block_mask
+    if last_key is not None and last_key[0] is sequence_ids and last_key[1:] == key[1:]:
+        return block_mask
+    build = _create_block_mask_compiled if device.type == "cuda" else create_block_mask
+    block_mask = build(_window_mask_mod(window, sequence_ids), key[1], None, length, length, device=device)
+    _last_block_mask = key, block_mask
+    return block_mask
+
+
+def sliding_window_attention_flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sequence_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`sliding_window_attention_dense` (without `past`) by FlexAttention, visiting only the key blocks in the
+    window: memory O(T), time O(T * window). Compiled on CUDA; eager elsewhere, which only the tests run
+    (inductor's CPU build takes ~25 s; FlexAttention has no CPU backward, so CPU training runs dense).
+    """
+    B, T = q.shape[:2]
+    block_mask = sliding_window_block_mask(window, sequence_ids, B, T, q.device)
+    attend = _flex_attention_compiled if q.is_cuda else flex_attention
+    o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)  # [B, H, T, D]
     return o.transpose(1, 2)
 
 
