@@ -1,11 +1,17 @@
-"""Fast-weight kernel benchmark: chunked vs token-by-token, measured in one run, printed as ratios.
+"""Fast-weight kernel benchmark: chunked vs token-by-token, and fla vs PyTorch, measured in one run as ratios.
 
-    python benchmarks/kernels.py                 # CPU: T in {1024, 4096}
-    python benchmarks/kernels.py --lengths 1024  # quicker
+    python benchmarks/kernels.py                                   # CUDA when available, else CPU; T in {1024, 4096}
+    python benchmarks/kernels.py --device cpu --lengths 1024       # quicker
+    python benchmarks/kernels.py --device cuda --cases fla --lengths 4096 16384 --heads 16 --head-dim 128
 
-DeltaNet: `delta_rule` (chunked, PyTorch) vs `recurrent_delta_rule` (the decode step looped over T), forward
-and forward+backward. LaCT: `lact_swiglu` (chunked) vs `lact_swiglu_step` looped over T, forward. On CUDA
-also fla's Triton `chunk_delta_rule` (bf16) vs the PyTorch chunked path on the same inputs.
+Cases (`--cases`, default all three):
+- deltanet: `delta_rule(..., use_reference=True)` (chunked, PyTorch) vs `recurrent_delta_rule` (the decode step
+  looped over T), forward and forward+backward;
+- lact: `lact_swiglu` (chunked) vs `lact_swiglu_step` looped over T, forward;
+- fla (CUDA only): fla's Triton `chunk_delta_rule` vs the PyTorch chunked path on the same inputs, forward and
+  forward+backward. `--heads 16 --head-dim 128` is a DeltaNet-1.3B layer.
+Inputs live on `--device`, in bf16 on CUDA (what the bf16 trainer feeds the kernels; fla's kernel takes only
+half precision) and fp32 on CPU; every timing is bracketed by a CUDA synchronize on CUDA.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from megatron_refine.kernels import (
     recurrent_delta_rule,
 )
 
+CASES = ("deltanet", "lact", "fla")
 
-def timeit(fn, repeats: int) -> float:
-    """Median seconds of `fn` over `repeats` runs after one warm-up."""
+
+def timeit(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn` over `repeats` runs after one warm-up (which also runs fla's autotuning)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(repeats):
         sync()
@@ -43,10 +51,10 @@ def timeit(fn, repeats: int) -> float:
 
 def deltanet_inputs(B, T, H, K, device, dtype, requires_grad):
     g = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)  # [B, T, H, K]
     k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
     v = torch.randn(B, T, H, K, generator=g)
-    beta = torch.rand(B, T, H, generator=g)
+    beta = torch.rand(B, T, H, generator=g)  # [B, T, H]
     return [x.to(device, dtype).requires_grad_(requires_grad) for x in (q, k, v, beta)]
 
 
@@ -60,64 +68,93 @@ def forward_backward(op, inputs):
     return run
 
 
-def lact_inputs(B, T, H, D):
+def lact_inputs(B, T, H, D, device, dtype):
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    q, k = (F.normalize(F.silu(rnd(B, T, H, D)), dim=-1) for _ in range(2))
+    q, k = (F.normalize(F.silu(rnd(B, T, H, D)), dim=-1) for _ in range(2))  # [B, T, H, D]
     v = F.silu(rnd(B, T, H, D))
-    lrs = [F.softplus(rnd(B, T, H) - 6.0) for _ in range(3)]
+    lrs = [F.softplus(rnd(B, T, H) - 6.0) for _ in range(3)]  # [B, T, H]
     momentum = torch.sigmoid(rnd(B, T, H))
-    w = (rnd(H, D, D) / D**0.5, rnd(H, D, D) / D**0.5, rnd(H, D, D) / D**0.5)
-    return q, k, v, lrs, momentum, w
+    w = [rnd(H, D, D) / D**0.5 for _ in range(3)]  # [H, D, D]
+    on = lambda xs: [x.to(device, dtype) for x in xs]  # noqa: E731
+    return *on([q, k, v]), on(lrs), momentum.to(device, dtype), on(w)
+
+
+def deltanet_rows(T, args, device, dtype):
+    B, H, K, n = args.batch, args.heads, args.head_dim, args.repeats
+    chunked = lambda *x: delta_rule(*x, use_reference=True)  # noqa: E731
+    fwd_in = deltanet_inputs(B, T, H, K, device, dtype, False)
+    with torch.no_grad():
+        chunk_f = timeit(lambda: chunked(*fwd_in), n, device)
+        rec_f = timeit(lambda: recurrent_delta_rule(*fwd_in), n, device)
+    bwd_in = deltanet_inputs(B, T, H, K, device, dtype, True)
+    chunk_fb = timeit(forward_backward(chunked, bwd_in), n, device)
+    rec_fb = timeit(forward_backward(recurrent_delta_rule, bwd_in), n, device)
+    return [(f"deltanet T={T} fwd", chunk_f, rec_f), (f"deltanet T={T} fwd+bwd", chunk_fb, rec_fb)]
+
+
+def lact_rows(T, args, device, dtype):
+    B, H, D, C = args.batch, args.heads, args.head_dim, args.lact_chunk
+    q, k, v, lrs, m, w = lact_inputs(B, T, H, D, device, dtype)
+
+    def steps():
+        state = LaCTState.initial(*w, B, C, use_momentum=True)
+        for t in range(T):
+            _, state = lact_swiglu_step(
+                q[:, t], k[:, t], v[:, t], *(lr[:, t] for lr in lrs), state, momentum=m[:, t], use_muon=True
+            )
+
+    with torch.no_grad():
+        chunked = timeit(lambda: lact_swiglu(q, k, v, *lrs, *w, chunk_size=C, momentum=m, use_muon=True),
+                         args.repeats, device)
+        looped = timeit(steps, max(1, args.repeats // 2), device)
+    return [(f"lact T={T} C={C} fwd", chunked, looped)]
+
+
+def fla_rows(T, args, device):
+    B, H, K, n = args.batch, args.heads, args.head_dim, args.repeats
+    chunked = lambda *x: delta_rule(*x, use_reference=True)  # noqa: E731
+    fwd_in = deltanet_inputs(B, T, H, K, device, torch.bfloat16, False)
+    with torch.no_grad():
+        fla_f = timeit(lambda: delta_rule(*fwd_in), n, device)  # dispatches to fla on CUDA bf16
+        ref_f = timeit(lambda: chunked(*fwd_in), n, device)
+    bwd_in = deltanet_inputs(B, T, H, K, device, torch.bfloat16, True)
+    fla_fb = timeit(forward_backward(delta_rule, bwd_in), n, device)
+    ref_fb = timeit(forward_backward(chunked, bwd_in), n, device)
+    return [(f"deltanet T={T} fwd: fla vs PyTorch", fla_f, ref_f),
+            (f"deltanet T={T} fwd+bwd: fla vs PyTorch", fla_fb, ref_fb)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--lact-chunk", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    B, H, K = args.batch, args.heads, args.head_dim
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, B={B} H={H} D={K}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this host has no CUDA (or torch is a CPU build); use --device cpu")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(f"device {device}{gpu}, dtype {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, B={args.batch} H={args.heads} D={args.head_dim}")
+    with_fla = "fla" in args.cases and fla_available(torch.empty(1, device=device, dtype=torch.bfloat16))
+    if "fla" in args.cases and not with_fla:
+        print("fla case skipped: fla's Triton kernel needs CUDA and an importable fla")
 
     rows = []
     for T in args.lengths:
-        fwd_in = deltanet_inputs(B, T, H, K, device, torch.float32, False)
-        with torch.no_grad():
-            chunk_f = timeit(lambda: delta_rule(*fwd_in, use_reference=True), args.repeats)
-            rec_f = timeit(lambda: recurrent_delta_rule(*fwd_in), args.repeats)
-        bwd_in = deltanet_inputs(B, T, H, K, device, torch.float32, True)
-        chunk_fb = timeit(forward_backward(lambda *x: delta_rule(*x, use_reference=True), bwd_in), args.repeats)
-        rec_fb = timeit(forward_backward(recurrent_delta_rule, bwd_in), args.repeats)
-        rows += [
-            (f"deltanet T={T} fwd", chunk_f, rec_f),
-            (f"deltanet T={T} fwd+bwd", chunk_fb, rec_fb),
-        ]
-
-        q, k, v, lrs, m, w = lact_inputs(B, T, H, K)
-        C = args.lact_chunk
-
-        def lact_steps():
-            state = LaCTState.initial(*w, B, C, use_momentum=True)
-            for t in range(T):
-                _, state = lact_swiglu_step(
-                    q[:, t], k[:, t], v[:, t], *(lr[:, t] for lr in lrs), state, momentum=m[:, t], use_muon=True
-                )
-
-        with torch.no_grad():
-            lact_f = timeit(lambda: lact_swiglu(q, k, v, *lrs, *w, chunk_size=C, momentum=m, use_muon=True), args.repeats)
-            lact_rec = timeit(lact_steps, max(1, args.repeats // 2))
-        rows.append((f"lact T={T} C={C} fwd", lact_f, lact_rec))
-
-        if fla_available(torch.empty(1, device=device, dtype=torch.bfloat16)):
-            half = deltanet_inputs(B, T, H, K, device, torch.bfloat16, True)
-            fla_fb = timeit(forward_backward(delta_rule, half), args.repeats)
-            ref_fb = timeit(forward_backward(lambda *x: delta_rule(*x, use_reference=True), half), args.repeats)
-            rows.append((f"deltanet T={T} fwd+bwd bf16: fla vs reference", fla_fb, ref_fb))
+        if "deltanet" in args.cases:
+            rows += deltanet_rows(T, args, device, dtype)
+        if "lact" in args.cases:
+            rows += lact_rows(T, args, device, dtype)
+        if with_fla:
+            rows += fla_rows(T, args, device)
 
     print(f"{'case':<48} {'fast (ms)':>10} {'baseline (ms)':>14} {'speed-up':>9}")
     for name, fast, slow in rows:

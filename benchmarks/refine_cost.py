@@ -1,7 +1,8 @@
-"""What a REFINE step costs, measured in one run on a tiny model (CPU by default).
+"""What a REFINE step costs, measured in one run on a small model (CUDA when available, else CPU).
 
     python benchmarks/refine_cost.py                      # T in {256, 512, 1024}
     python benchmarks/refine_cost.py --lengths 512 --mixer lact_tiny
+    python benchmarks/refine_cost.py --device cuda --lengths 4096 16384 --hidden 1024 --layers 8 --heads 8
 
 For each sequence length, on the same batch (forward + backward, no optimizer step):
 - NTP step: the plain next-token loss;
@@ -14,6 +15,8 @@ For each sequence length, on the same batch (forward + backward, no optimizer st
 - packed: the NTP and REFINE steps again with `--documents` documents per row and the state reset at each
   (`packed_seq_params`, the trainer's default), to show what document boundaries cost.
 The last line is `refine/ntp step time ratio: X.XX` at the longest length (packed documents).
+The model trains as the trainer would on that device: bf16 on CUDA (fla's kernels for DeltaNet), fp32 on CPU;
+timings are bracketed by a CUDA synchronize on CUDA.
 """
 
 from __future__ import annotations
@@ -27,17 +30,21 @@ import torch
 from megatron_refine.runtime import spawn
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn` over `repeats` runs after one warm-up."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def _bench(args) -> list[tuple]:
+def _bench(args) -> tuple[str, list[tuple]]:
     from megatron_refine.models import build_model, get_config, packed_seq_params
     from megatron_refine.models.generation import sample_tokens
     from megatron_refine.refine import RefineConfig, refine_loss, select
@@ -45,46 +52,52 @@ def _bench(args) -> list[tuple]:
     from megatron_refine.refine.vocab import vocab_parallel_log_probs
     from megatron_refine.runtime import initialize
 
-    initialize(seed=0)
-    config = get_config(args.mixer, use_cpu_initialization=True, hidden_size=args.hidden, num_layers=args.layers,
-                        num_attention_heads=4, ffn_hidden_size=3 * args.hidden, delta_rule_chunk_size=64)
-    model = build_model(config, 257)
+    device = initialize(seed=0, device=args.device).device
+    cuda = device.type == "cuda"
+    dtype = dict(params_dtype=torch.bfloat16, bf16=True) if cuda else dict(params_dtype=torch.float32)
+    config = get_config(args.mixer, use_cpu_initialization=not cuda, hidden_size=args.hidden, num_layers=args.layers,
+                        num_attention_heads=args.heads, ffn_hidden_size=3 * args.hidden, delta_rule_chunk_size=64,
+                        **dtype)
+    model = build_model(config, 257).to(device)
     cfg = RefineConfig()
     rows = []
     for T in args.lengths:
-        g = torch.Generator().manual_seed(T)
-        ids = torch.randint(0, 257, (args.batch, T + 1), generator=g)
+        g = torch.Generator().manual_seed(T)  # the data: the same on every device
+        sampler = torch.Generator(device).manual_seed(T)  # draws from probabilities on the model's device
+        ids = torch.randint(0, 257, (args.batch, T + 1), generator=g).to(device)
         tokens, labels = ids[:, :-1], ids[:, 1:]
         # Documents of random lengths (at least 2 * margin + 1 tokens), the same for every row.
         cuts = sorted(torch.randperm(T // 64 - 1, generator=g)[: args.documents - 1].add(1).mul(64).tolist())
         starts = [b * T + c for b in range(args.batch) for c in [0, *cuts]] + [args.batch * T]
-        packed = packed_seq_params(torch.tensor(starts))
+        packed = packed_seq_params(torch.tensor(starts, device=device))
 
         def ntp(params=None):
             model(tokens, None, None, labels=labels, packed_seq_params=params).mean().backward()
             model.zero_grad(set_to_none=True)
 
         def refine(params=None):
-            loss, _ = refine_loss(model, tokens, labels, cfg, torch.Generator().manual_seed(1), packed_seq_params=params)
+            loss, _ = refine_loss(model, tokens, labels, cfg, torch.Generator(device).manual_seed(1),
+                                  packed_seq_params=params)
             loss.backward()
             model.zero_grad(set_to_none=True)
 
         def reencode():
-            positions, _, _ = select(model, tokens, cfg, torch.Generator().manual_seed(1))
+            positions, _, _ = select(model, tokens, cfg, torch.Generator(device).manual_seed(1))
             loss = model(tokens, None, None, labels=labels).mean()  # the NTP part
             rollouts, prefixes = [], []
             with torch.no_grad():  # sample each rollout after prefilling its own prefix
                 for b in range(args.batch):
                     for p in positions[b].tolist():
                         prefix = tokens[b : b + 1, : p + 1]
-                        out = model.forward_with_branch_states(prefix, torch.tensor([[p]]))
+                        out = model.forward_with_branch_states(prefix, torch.tensor([[p]], device=device))
                         logits, rollout = out.logits[:, -1], []
                         for _ in range(cfg.k):
-                            rollout.append(sample_tokens(logits, generator=g))
+                            rollout.append(sample_tokens(logits, generator=sampler))
                             logits, _ = model.step(rollout[-1], out.cache)
                         rollouts.append(torch.cat(rollout))
                         prefixes.append(prefix[0])
-            rewards = torch.rand(args.batch, cfg.n_chunks, generator=g)  # scoring is not what differs
+            # Scoring is not what differs.
+            rewards = torch.rand(args.batch, cfg.n_chunks, generator=sampler, device=device)
             advantages = grpo_advantages(rewards).flatten()
             for prefix, rollout, a in zip(prefixes, rollouts, advantages):  # a full pass per rollout
                 seq = torch.cat([prefix, rollout[:-1]])[None]
@@ -93,25 +106,30 @@ def _bench(args) -> list[tuple]:
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-        t_ntp, t_refine, t_reencode = (_time(f, args.repeats) for f in (ntp, refine, reencode))
-        t_ntp_packed, t_refine_packed = (_time(lambda f=f: f(packed), args.repeats) for f in (ntp, refine))
+        t_ntp, t_refine, t_reencode = (_time(f, args.repeats, device) for f in (ntp, refine, reencode))
+        t_ntp_packed, t_refine_packed = (_time(lambda f=f: f(packed), args.repeats, device) for f in (ntp, refine))
         rows.append((T, t_ntp, t_refine, t_reencode, t_ntp_packed, t_refine_packed))
-    return rows
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if cuda else ""
+    return f"device {device}{gpu}, dtype {str(config.params_dtype).removeprefix('torch.')}", rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--mixer", default="deltanet_tiny", choices=["deltanet_tiny", "lact_tiny"])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--documents", type=int, default=4, help="documents per row in the packed runs")
     args = parser.parse_args()
-    rows = spawn(_bench, 1, args, timeout=3600)[0]
-    print(f"{args.mixer}, hidden {args.hidden}, {args.layers} layers, batch {args.batch}, n_chunks 8, k 5, "
-          f"threads {torch.get_num_threads()}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this host has no CUDA (or torch is a CPU build); use --device cpu")
+    header, rows = spawn(_bench, 1, args, timeout=3600)[0]
+    print(f"{header}, {args.mixer}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
+          f"batch {args.batch}, n_chunks 8, k 5, threads {torch.get_num_threads()}")
     print(f"{'T':>6} {'NTP (ms)':>10} {'REFINE (ms)':>12} {'re-encode (ms)':>15} {'refine/ntp':>11} "
           f"{'re-encode/refine':>17} | {'packed NTP':>11} {'packed REFINE':>14} {'refine/ntp':>11}")
     for T, ntp, refine, reencode, ntp_p, refine_p in rows:
