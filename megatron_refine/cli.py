@@ -75,13 +75,6 @@ def _train_and_report(cfg) -> None:
               f"{result.tokens_per_s:,.0f} tokens/s, skipped {result.skipped_steps}, checkpoint {result.checkpoint}")
 
 
-def torch_gpus(device: str | None) -> int:
-    """GPUs a run on `device` would use (0 for a CPU run)."""
-    import torch
-
-    return torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
-
-
 def torch_rank() -> int:
     import torch.distributed as dist
 
@@ -90,7 +83,7 @@ def torch_rank() -> int:
 
 def _train(args: argparse.Namespace) -> None:
     """Runs in this process under torchrun; `--nproc N` starts N local ranks itself."""
-    from megatron_refine.runtime import spawn
+    from megatron_refine.runtime import local_gpus, spawn
     from megatron_refine.training import load_config
 
     flags = [f"checkpoint.load={args.load}"] if args.load else []
@@ -100,7 +93,7 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, [*args.set, *flags])
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         raise SystemExit("--finetune needs --load PATH (the checkpoint folder to take the weights from)")
-    gpus = torch_gpus(cfg.device)
+    gpus = local_gpus(cfg.device)
     if gpus and args.nproc > gpus and "RANK" not in os.environ:
         raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs (one per rank), this host has {gpus}: "
                          f"use --nproc {gpus}, or --set device=cpu")

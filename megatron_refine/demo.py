@@ -2,8 +2,9 @@
 
 1. writes the built-in corpus (key-value registries, facts, needles) as tokenized webdataset shards;
 2. pretrains a small DeltaNet with next-token prediction on local data-parallel ranks (2 gloo processes on
-   a CPU; one NCCL rank per GPU, at most 2, on CUDA) with Megatron's DDP, optimizer and schedules, on packed rows whose fast-weight state restarts at
-   every document (the trainer's default), saving an atomic dist checkpoint;
+   a CPU; one NCCL rank per GPU, at most 2, on CUDA) with Megatron's DDP, optimizer and schedules, on packed
+   rows whose fast-weight state restarts at every document (the trainer's default), saving an atomic dist
+   checkpoint;
 3. continues from that checkpoint twice, on the same data for the same steps: REFINE mid-training
    (NTP steps interleaved with REFINE steps) and a matched NTP-only continuation;
 4. evaluates key-value recall on held-out registries (greedy decoding with the cached decoder) after
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from megatron_refine.runtime import spawn
+from megatron_refine.runtime import local_gpus, spawn
 
 CORPUS_SEED, RECALL_SEED = 0, 10_000  # the recall registries never appear in the training corpus
 
@@ -106,10 +107,10 @@ def _plot(curves: dict[str, tuple[list, list]], ylabel: str, title: str, path: P
 
 def _resolve_devices(cfg: DemoConfig) -> DemoConfig:
     """CUDA when the host has it, with one rank per GPU (NCCL refuses two ranks on one device)."""
-    import torch
-
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    gpus = local_gpus(cfg.device)
+    if cfg.device == "cuda" and not gpus:
+        raise ValueError("--device cuda, but this host has no CUDA (or torch is a CPU build): use --device cpu")
+    device = "cuda" if gpus else "cpu"
     nproc = cfg.nproc or (min(2, gpus) if gpus else 2)
     if gpus and nproc > gpus:
         raise ValueError(f"--nproc {nproc} needs {nproc} GPUs, this host has {gpus}: use --nproc {gpus} or --device cpu")

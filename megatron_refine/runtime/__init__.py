@@ -7,6 +7,7 @@ from megatron_refine.runtime.distributed import (
     current_device,
     destroy,
     initialize,
+    local_gpus,
     set_deterministic,
     set_random_seed,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "current_device",
     "destroy",
     "initialize",
+    "local_gpus",
     "set_deterministic",
     "set_random_seed",
     "spawn",

@@ -126,6 +126,11 @@ def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def local_gpus(device: str | None = None) -> int:
+    """GPUs a run on `device` (default CUDA when available) has on this node: 0 for a CPU run."""
+    return torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+
+
 def _cuda_device(local_rank: int) -> torch.device:
     """One GPU per local rank: more local ranks than GPUs would share a device, which NCCL refuses."""
     gpus = torch.cuda.device_count()

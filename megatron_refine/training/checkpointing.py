@@ -165,15 +165,16 @@ def _restore_adam_steps(optimizer, loaded: dict) -> None:
     gives every parameter the same step tensor (which torch's Adam then increments once per parameter) and its
     dp_reshardable load copies the step from before the load into it: give each parameter its own step,
     the saved one."""
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    chained, distributed = getattr(optimizer, "chained_optimizers", [optimizer]), _distributed_optimizers(optimizer)
     states = [loaded] if len(chained) == 1 else [loaded[i] for i in range(len(chained))]
     for opt, state in zip(chained, states):
-        if opt not in _distributed_optimizers(optimizer):
+        steps = {g["step"] for g in state["optimizer"]["param_groups"] if "step" in g} if opt in distributed else ()
+        if len(steps) != 1:  # not a distributed optimizer, or nothing trained yet
             continue
-        steps = {g["step"] for g in state["optimizer"]["param_groups"] if "step" in g}
+        step = steps.pop()
         for param_state in opt.optimizer.state.values():
-            if "step" in param_state and len(steps) == 1:
-                param_state["step"] = param_state["step"].new_full((), next(iter(steps)))
+            if "step" in param_state:  # torch Adam's; fused Adams (TE, apex) keep none per parameter
+                param_state["step"] = param_state["step"].new_full((), step)
 
 
 def _load(template: dict, path: Path) -> dict:
