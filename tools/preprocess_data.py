@@ -4,7 +4,9 @@
     python tools/preprocess_data.py --builtin-corpus 4000 --output-dir shards/
 """
 
-from megatron_refine.data.preprocess import main
+import sys
+
+from megatron_refine.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["preprocess", *sys.argv[1:]])  # the console script's handling: one-line errors, --debug

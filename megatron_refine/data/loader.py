@@ -45,9 +45,11 @@ class PackedLoader:
         self.dataset = dataset if isinstance(dataset, ShardedDataset) else ShardedDataset.open(dataset)
         names = self.dataset.shard_names
         if len(names) < dp_size:
+            shard_size = max(1, self.dataset.metadata["num_documents"] // dp_size)  # >= dp_size shards in all
             raise DataError(
-                f"{self.dataset.path} has {len(names)} shards but {dp_size} data-parallel ranks read it: "
-                f"re-run preprocessing with a smaller --shard-size so there are at least {dp_size} shards"
+                f"{self.dataset.path} has {len(names)} shards but {dp_size} data-parallel ranks read it: preprocess "
+                f"with a smaller --shard-size so there are at least {dp_size} shards: "
+                f"`{self.dataset.preprocess_command(shard_size=shard_size, overwrite=True)}`"
             )
         self.my_shards = names[dp_rank::dp_size]
         self.seq_length, self.micro_batch_size, self.seed = seq_length, micro_batch_size, seed

@@ -1,15 +1,22 @@
 """Tokenized webdataset shards: one tar sample per document (`tokens.npy`), and `metadata.json` beside them.
 
-metadata.json: {"format": 1, "tokenizer": {...}, "vocab_size", "eos_id", "num_documents", "num_tokens",
-"shards": [{"name", "documents", "tokens"}]}. Shards are written under a temporary name and renamed, so a
-shard that exists is complete; a truncated or corrupt one is reported with its name when read.
+metadata.json (format 2): {"format": 2, "tokenizer": {...}, "tokenizer_hash", "vocab_size", "eos_id",
+"num_documents", "num_tokens", "preprocess": {"eos_token", "json_key", "shard_size", "inputs": [{"path", "size",
+"mtime_ns", "sha256"}]}, "shards": [{"name", "documents", "tokens", "sha256"}]}. `preprocess` is what a resumed
+run must match and the command that rewrites the folder; each shard's sha256 is computed as it is written and
+checked when the loader first opens it. Format-1 folders (written before checksums) still load, unverified, with
+`tokenizer_hash` None; preprocessing does not resume into them (`--overwrite` rewrites them). Shards are written
+under a temporary name and renamed, so a shard that exists is complete; a truncated or corrupt one is reported
+with its name and the command that regenerates it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shlex
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +25,9 @@ from typing import Iterator
 import numpy as np
 
 METADATA = "metadata.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+_VERIFIED: set[tuple] = set()  # shards whose checksum this process has checked: (path, sha256, size, mtime_ns)
 
 
 def _whole(urls):
@@ -33,23 +42,67 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
 
 
-def write_shard(path: Path, documents: list[np.ndarray], first_index: int) -> None:
-    """Write documents (token arrays) as one tar shard, atomically."""
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class _HashingFile:
+    """Write-only view of a binary file that hashes (sha256) what goes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+
+def write_shard(path: Path, documents: list[np.ndarray], first_index: int) -> str:
+    """Write documents (token arrays) as one tar shard, atomically; returns its sha256 (hex)."""
     import webdataset as wds
 
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0) as writer:
-        for i, tokens in enumerate(documents):
-            buffer = io.BytesIO()
-            np.save(buffer, tokens, allow_pickle=False)
-            writer.write({"__key__": f"{first_index + i:012d}", "tokens.npy": buffer.getvalue()})
+    with open(tmp, "wb") as f:
+        hashing = _HashingFile(f)
+        with wds.TarWriter(hashing, mtime=0) as writer:  # stream mode: the tar only ever calls write()
+            for i, tokens in enumerate(documents):
+                buffer = io.BytesIO()
+                np.save(buffer, tokens, allow_pickle=False)
+                writer.write({"__key__": f"{first_index + i:012d}", "tokens.npy": buffer.getvalue()})
     os.replace(tmp, path)
+    return hashing.sha256.hexdigest()
 
 
 def write_metadata(out_dir: Path, metadata: dict) -> None:
     tmp = out_dir / (METADATA + ".tmp")
     tmp.write_text(json.dumps(metadata, indent=2))
     os.replace(tmp, out_dir / METADATA)
+
+
+def preprocess_command(out_dir: str | Path, metadata: dict | None = None, *, overwrite: bool = False,
+                       shard_size: int | None = None) -> str:
+    """The `megatron-refine preprocess` command that writes out_dir again, with the values its metadata records
+    (`...` where it records none); `shard_size` replaces the recorded one."""
+    meta = metadata or {}
+    recipe, tokenizer = meta.get("preprocess") or {}, meta.get("tokenizer") or {}
+    inputs = " ".join(shlex.quote(i["path"]) for i in recipe.get("inputs", [])) or "..."
+    tok = shlex.quote(tokenizer.get("path", "...")) if tokenizer.get("type") != "byte" else "byte"
+    command = f"megatron-refine preprocess --input {inputs} --output-dir {shlex.quote(str(out_dir))} --tokenizer {tok}"
+    if recipe.get("eos_token"):
+        command += f" --eos-token {shlex.quote(recipe['eos_token'])}"
+    if recipe.get("json_key", "text") != "text":
+        command += f" --json-key {shlex.quote(recipe['json_key'])}"
+    if shard_size or recipe.get("shard_size"):
+        command += f" --shard-size {shard_size or recipe['shard_size']}"
+    return command + (" --overwrite" if overwrite else "")
+
+
+def _rerun(out_dir: Path, metadata: dict | None) -> str:
+    """How to rewrite missing or corrupt shards: re-running the recorded command redoes only them (a resumed run
+    checks every shard); a folder without resume records (format 1, unreadable metadata) is rewritten whole."""
+    resumable = bool(metadata) and metadata.get("format") == FORMAT_VERSION
+    return f"re-run `{preprocess_command(out_dir, metadata, overwrite=not resumable)}`"
 
 
 @dataclass(frozen=True)
@@ -63,22 +116,29 @@ class ShardedDataset:
     def open(cls, path: str | Path) -> "ShardedDataset":
         path = Path(path)
         if not path.is_dir():
-            raise DataError(f"data path {path} does not exist: run `megatron-refine preprocess` to create it")
+            raise DataError(
+                f"data path {path} does not exist: run `megatron-refine preprocess` to create it, e.g. "
+                f"`{preprocess_command(path)}`"
+            )
         meta_file = path / METADATA
         if not meta_file.is_file():
             raise DataError(
-                f"{path} has no {METADATA}: it is not a preprocessed dataset; run `megatron-refine preprocess "
-                f"--input ... --output-dir {path}`"
+                f"{path} has no {METADATA}: it is not a preprocessed dataset; run `{preprocess_command(path)}`"
             )
         try:
             metadata = json.loads(meta_file.read_text())
         except json.JSONDecodeError as e:
-            raise DataError(f"{meta_file} is not valid JSON ({e}): re-run preprocessing") from None
-        if metadata.get("format") != FORMAT_VERSION:
-            raise DataError(f"{meta_file} has format {metadata.get('format')}, expected {FORMAT_VERSION}: re-run preprocessing")
+            raise DataError(f"{meta_file} is not valid JSON ({e}): {_rerun(path, None)}") from None
+        if metadata.get("format") not in READABLE_FORMATS:
+            raise DataError(
+                f"{meta_file} has format {metadata.get('format')}, this version reads formats {READABLE_FORMATS}: "
+                f"{_rerun(path, None)}"
+            )
         missing = [s["name"] for s in metadata["shards"] if not (path / s["name"]).is_file()]
         if missing:
-            raise DataError(f"{path} is missing shards {missing[:3]}{'...' if len(missing) > 3 else ''}: re-run preprocessing")
+            raise DataError(
+                f"{path} is missing shards {missing[:3]}{'...' if len(missing) > 3 else ''}: {_rerun(path, metadata)}"
+            )
         if not metadata["shards"]:
             raise DataError(f"{path} holds no documents: preprocess some input first")
         return cls(path, metadata)
@@ -95,12 +155,43 @@ class ShardedDataset:
     def eos_id(self) -> int:
         return self.metadata["eos_id"]
 
+    @property
+    def tokenizer_hash(self) -> str | None:
+        """sha256 of the tokenizer.json the data was tokenized with ("byte" for the byte tokenizer); None for a
+        folder written before metadata recorded it (format 1)."""
+        return self.metadata.get("tokenizer_hash")
+
+    def preprocess_command(self, **changes) -> str:
+        """The command that rewrites this folder (see `preprocess_command`)."""
+        return preprocess_command(self.path, self.metadata, **changes)
+
+    def verify(self, shard: str) -> None:
+        """Check a shard against the sha256 metadata.json records for it, once per process (format 1: none)."""
+        path, expected = self.path / shard, self._shards[shard].get("sha256")
+        if expected is None:
+            return
+        if not path.is_file():
+            raise DataError(f"shard {path} is missing: {_rerun(self.path, self.metadata)}")
+        stat = path.stat()
+        key = (str(path.resolve()), expected, stat.st_size, stat.st_mtime_ns)
+        if key in _VERIFIED:
+            return
+        actual = file_sha256(path)
+        if actual != expected:
+            raise DataError(
+                f"shard {path} is corrupt: its sha256 is {actual[:16]}..., {METADATA} records {expected[:16]}...; "
+                f"regenerate it: {_rerun(self.path, self.metadata)}"
+            )
+        _VERIFIED.add(key)
+
     def documents(self, shard: str, skip: int = 0) -> Iterator[np.ndarray]:
-        """The token arrays of one shard, in order, after skipping `skip` of them; validated as read."""
+        """The token arrays of one shard, in order, after skipping `skip` of them; checksummed when first opened
+        and validated as read."""
         import webdataset as wds
 
         path = self.path / shard
-        expected = self._documents_per_shard[shard]
+        self.verify(shard)
+        expected = self._shards[shard]["documents"]
         read = 0
         try:
             # The loader assigns shards to DP ranks itself: read exactly this shard, unsplit.
@@ -113,19 +204,22 @@ class ShardedDataset:
                 if tokens.size and int(tokens.max()) >= self.vocab_size:
                     raise DataError(
                         f"{path} document {sample['__key__']} has token id {int(tokens.max())} >= vocab size "
-                        f"{self.vocab_size}: the shard was written with another tokenizer; re-run preprocessing"
+                        f"{self.vocab_size}: the shard and {METADATA} disagree on the tokenizer; rewrite the folder: "
+                        f"`{self.preprocess_command(overwrite=True)}`"
                     )
                 yield tokens
         except (tarfile.TarError, OSError, ValueError, KeyError) as e:
             if isinstance(e, DataError):
                 raise
-            raise DataError(f"shard {path} is corrupt or truncated ({type(e).__name__}: {e}): re-run preprocessing") from None
+            raise DataError(
+                f"shard {path} is corrupt or truncated ({type(e).__name__}: {e}): {_rerun(self.path, self.metadata)}"
+            ) from None
         if read != expected:  # a tar cut at a member boundary reads as a shorter, valid stream
             raise DataError(
                 f"shard {path} is corrupt or truncated: it holds {read} documents, {METADATA} says {expected}; "
-                "re-run preprocessing"
+                f"{_rerun(self.path, self.metadata)}"
             )
 
     @property
-    def _documents_per_shard(self) -> dict[str, int]:
-        return {s["name"]: s["documents"] for s in self.metadata["shards"]}
+    def _shards(self) -> dict[str, dict]:
+        return {s["name"]: s for s in self.metadata["shards"]}

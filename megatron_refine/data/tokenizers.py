@@ -6,12 +6,15 @@ import hashlib
 from pathlib import Path
 from typing import Protocol
 
+from megatron_refine.data.shards import DataError
+
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
 
 
 class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
+    hash: str  # what the data records as its tokenizer_hash
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids) -> str: ...
@@ -23,6 +26,7 @@ class ByteTokenizer:
 
     vocab_size = 257
     eos_id = 256
+    hash = "byte"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -48,13 +52,22 @@ class HFTokenizer:
                 f"tokenizer file {path} not found: pass --tokenizer byte, or the path of a tokenizer.json"
             )
         self.path = path.resolve()
-        self._tok = _Tokenizer.from_file(str(self.path))
+        data = self.path.read_bytes()  # hashed and parsed from the same bytes
+        try:
+            self._tok = _Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(
+                f"{self.path} is not a valid tokenizer.json ({reason}): pass the tokenizer.json of a Hugging Face "
+                "tokenizer, or --tokenizer byte"
+            ) from None
+        self.hash = hashlib.sha256(data).hexdigest()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         names = [eos_token] if eos_token else list(EOS_CANDIDATES)
         ids = [self._tok.token_to_id(n) for n in names]
         found = [i for i in ids if i is not None]
         if not found:
-            raise ValueError(
+            raise DataError(
                 f"{self.path} has no end-of-document token among {names}: pass --eos-token with its name"
             )
         self.eos_id = found[0]
@@ -66,8 +79,8 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
     def describe(self) -> dict:
-        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
-        return {"type": "hf", "path": str(self.path), "sha256": digest, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+        return {"type": "hf", "path": str(self.path), "sha256": self.hash, "vocab_size": self.vocab_size,
+                "eos_id": self.eos_id}
 
 
 def load_tokenizer(spec: str, eos_token: str | None = None) -> Tokenizer:
@@ -76,6 +89,13 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> Tokenizer:
 
 
 def tokenizer_from_metadata(description: dict) -> Tokenizer:
+    """The tokenizer a metadata.json describes; refused if its file changed since the data was tokenized."""
     if description["type"] == "byte":
         return ByteTokenizer()
-    return HFTokenizer(description["path"])
+    tokenizer = HFTokenizer(description["path"])
+    if description.get("sha256", tokenizer.hash) != tokenizer.hash:
+        raise DataError(
+            f"{tokenizer.path} changed since the data was tokenized with it (sha256 {description['sha256'][:16]}... "
+            f"-> {tokenizer.hash[:16]}...): restore that file, or preprocess the data again with this one"
+        )
+    return tokenizer
