@@ -7,6 +7,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import os
+import sys
 import warnings
 
 # Expected on CPU machines (and without TE / apex): said once per process at import, noise in every rank.
@@ -16,6 +17,28 @@ QUIET_WARNINGS = (
     "Triton is not supported on current platform",
     "full scope is deprecated",
 )
+
+
+# Errors a user causes and their message explains (a bad config, data, checkpoint or parallel layout, a run that
+# diverged; the project's own, such as DataError, subclass ValueError): one line on stderr and exit code 2. Any
+# other exception is a bug and keeps its traceback. By qualified name: a rank's error arrives as names
+# (RankFailed.error_bases), and telling them apart imports nothing (checkpointing pulls in megatron-core,
+# seconds before a preprocess error would show).
+KNOWN_ERRORS = ("ValueError", "FileNotFoundError", "megatron_refine.training.checkpointing.CheckpointError",
+                "megatron_refine.training.trainer.TrainingDivergedError")
+DEBUG_HELP = "show the full traceback of an error (default: its message, one line)"
+
+
+def _error_line(error: Exception) -> str | None:
+    """The message of a known error, raised here or by a rank (RankFailed under --nproc); None for a bug."""
+    launch = sys.modules.get("megatron_refine.runtime.launch")  # loaded wherever a RankFailed can come from
+    if launch and isinstance(error, launch.RankFailed):
+        names, message = set(error.error_bases), error.error_message or error.error_type
+    else:
+        names = {c.__qualname__ if c.__module__ == "builtins" else f"{c.__module__}.{c.__qualname__}"
+                 for c in type(error).__mro__}
+        message = str(error) or type(error).__name__
+    return message if names & set(KNOWN_ERRORS) else None
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -89,13 +112,14 @@ def _train(args: argparse.Namespace) -> None:
     flags = [f"checkpoint.load={args.load}"] if args.load else []
     flags += [f"stage={args.stage}"] if args.stage else []
     flags += ["checkpoint.finetune=true"] if args.finetune else []
+    flags += ["checkpoint.overwrite=true"] if args.overwrite else []
     flags += ["deterministic=true"] if args.deterministic else []
     cfg = load_config(args.config, [*args.set, *flags])
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
-        raise SystemExit("--finetune needs --load PATH (the checkpoint folder to take the weights from)")
+        raise ValueError("--finetune needs --load PATH (the checkpoint folder to take the weights from)")
     gpus = local_gpus(cfg.device)
     if gpus and args.nproc > gpus and "RANK" not in os.environ:
-        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs (one per rank), this host has {gpus}: "
+        raise ValueError(f"--nproc {args.nproc} needs {args.nproc} GPUs (one per rank), this host has {gpus}: "
                          f"use --nproc {gpus}, or --set device=cpu")
     if args.nproc > 1 and "RANK" not in os.environ:
         spawn(_train_and_report, args.nproc, cfg, timeout=7 * 24 * 3600)
@@ -114,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-refine",
         description="Fast-weight language models (DeltaNet, LaCT) trained with REFINE on megatron-core.",
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data (the README's main job)")
@@ -134,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pretrain (NTP) or refine-mid (NTP interleaved with REFINE steps, see refine.every)")
     train.add_argument("--load", help="resume from this checkpoint folder (checkpoint.load)")
     train.add_argument("--finetune", action="store_true", help="with --load: model weights only, from step 0")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start from scratch in a checkpoint.save folder that holds checkpoints (without --load)")
     train.add_argument("--nproc", type=int, default=1, help="local processes to start (without torchrun)")
     train.add_argument("--deterministic", action="store_true",
                        help="bitwise-reproducible runs (deterministic kernels; slower on GPU)")
@@ -154,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show versions, CUDA and the fast paths available")
     info.set_defaults(func=_info)
+    for command in sub.choices.values():  # `--debug` after the subcommand too; SUPPRESS keeps one given before
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -168,7 +197,15 @@ def _quiet_expected_warnings() -> None:
 def main(argv: list[str] | None = None) -> None:
     _quiet_expected_warnings()
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except Exception as e:
+        line = None if args.debug else _error_line(e)
+        if line is None:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for all (they mostly fail alike)
+            print(f"megatron-refine: error: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The console script and the README's main job."""
 
+import os
 import subprocess
 import sys
 
@@ -74,8 +75,101 @@ def test_train_command_runs_the_refine_stage_from_a_named_config(tmp_path):
 
 def test_finetune_without_load_is_rejected():
     args = build_parser().parse_args(["train", "--finetune"])
-    with pytest.raises(SystemExit, match="--finetune needs --load"):
+    with pytest.raises(ValueError, match="--finetune needs --load"):
         args.func(args)
+
+
+def test_overwrite_sets_the_checkpoint_field():
+    from megatron_refine.training import load_config
+
+    args = build_parser().parse_args(["train", "--overwrite"])
+    assert args.overwrite and load_config(None, ["checkpoint.overwrite=true"]).checkpoint.overwrite
+
+
+def _console(*argv, **env):
+    """The console script in a fresh interpreter: (exit code, stderr lines)."""
+    out = subprocess.run([sys.executable, "-m", "megatron_refine.cli", *argv], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=300)
+    return out.returncode, out.stderr.splitlines()
+
+
+def test_a_bad_config_value_is_one_line_and_exit_code_2():
+    assert _console("train", "--set", "refine.every=0") == (2, ["megatron-refine: error: refine.every must be >= 1, got 0"])
+
+
+def test_a_missing_data_path_is_one_line_and_exit_code_2_on_every_rank_count(tmp_path):
+    """Under --nproc 2 both ranks fail alike: one line (rank 0's), not a traceback per rank."""
+    code, err = _console("train", "--set", f"data.path={tmp_path / 'absent'}", "--set", "device=cpu", "--nproc", "2")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"megatron-refine: error: data path {tmp_path / 'absent'} does not exist"), err
+
+
+def test_loading_a_folder_without_a_checkpoint_is_one_line_and_exit_code_2(tmp_path):
+    from megatron_refine.data import write_builtin_corpus
+
+    write_builtin_corpus(tmp_path / "data", 40, seed=0, shard_size=10, progress=False)
+    (tmp_path / "empty").mkdir()
+    code, err = _console("train", "--config", "tiny-deltanet", "--set", f"data.path={tmp_path / 'data'}",
+                         "--set", "device=cpu", "--set", "data.seq_length=48", "--load", str(tmp_path / "empty"))
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"megatron-refine: error: no checkpoint in {tmp_path / 'empty'}"), err
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """main() in this process (its config errors need no fresh interpreter): (exit code, stderr lines)."""
+    from megatron_refine.cli import main
+
+    monkeypatch.delenv("PYTHONWARNINGS", raising=False)  # main() extends it for the ranks it may start
+    monkeypatch.delenv("RANK", raising=False)
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as exit:
+            main(list(argv))
+        return exit.value.code, capsys.readouterr().err.splitlines()
+
+    return run
+
+
+@pytest.mark.parametrize("value, message", [
+    ("data.seq_length=5.5", "data.seq_length expects an integer, got 5.5"),
+    ("checkpoint.finetune=flase", "checkpoint.finetune expects true or false (or yes/no, 1/0), got 'flase'"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last must be >= 1: the checkpoint just written is always kept (got 0)"),
+])
+def test_config_errors_are_one_line(cli, value, message):
+    assert cli("train", "--set", value) == (2, [f"megatron-refine: error: {message}"])
+
+
+def test_other_subcommands_report_errors_as_one_line(cli, tmp_path):
+    assert cli("model-info", "--config", "gpt5")[0] == 2
+    code, err = cli("preprocess", "--input", str(tmp_path / "absent.jsonl"), "--output-dir", str(tmp_path / "out"))
+    assert code == 2 and len(err) == 1 and err[0].startswith("megatron-refine: error: "), err
+
+
+def test_under_torchrun_only_rank_0_prints_the_error(cli, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert cli("train", "--set", "refine.every=0") == (2, [])
+
+
+def test_debug_shows_the_traceback_before_or_after_the_subcommand(monkeypatch):
+    from megatron_refine.cli import main
+
+    monkeypatch.delenv("PYTHONWARNINGS", raising=False)
+    for argv in (["--debug", "train"], ["train", "--debug"]):
+        with pytest.raises(ValueError, match="refine.every must be >= 1"):
+            main([*argv, "--set", "refine.every=0"])
+
+
+def test_an_unknown_error_keeps_its_traceback(monkeypatch):
+    """A bug is not a user's mistake: no one-line summary that hides where it happened."""
+    import megatron_refine.cli
+
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.delenv("PYTHONWARNINGS", raising=False)
+    monkeypatch.setattr(megatron_refine.cli, "_info", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        megatron_refine.cli.main(["info"])
 
 
 def test_the_demo_fits_its_ranks_to_the_gpus(monkeypatch):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_refine.refine.rewards import REWARDS
+from megatron_refine.refine.selection import MODES
+
 
 @dataclass
 class RefineConfig:
@@ -26,3 +29,17 @@ class RefineConfig:
     # (max |difference| in nats over the step's rollout tokens): the two paths have drifted apart.
     logprob_parity_tolerance: float = 0.05
     seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key and the fix; `load_config` calls it before any rank starts."""
+        for key in ("n_chunks", "k", "n", "every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"refine.{key} must be >= 1, got {getattr(self, key)}")
+        if self.margin < self.k:
+            raise ValueError(f"refine.margin ({self.margin}) must be >= refine.k ({self.k}): a rollout of k tokens is "
+                             "compared with the k tokens after it, which must lie in the document; raise "
+                             "refine.margin or lower refine.k")
+        if self.selection not in MODES:
+            raise ValueError(f"refine.selection must be one of {MODES}, got {self.selection!r}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"refine.reward must be one of {REWARDS}, got {self.reward!r}")

@@ -3,7 +3,8 @@
 `spawn(fn, nprocs)` starts N processes (from a forkserver that has torch and megatron-core imported once,
 so each rank starts in well under a second), gives each RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
 MASTER_PORT on a free local port, runs `fn(*args, **kwargs)` and returns the per-rank results. A failing
-rank's traceback is re-raised in the caller; a rank that hangs past `timeout` stops all of them.
+rank's error is re-raised in the caller as `RankFailed` (its traceback, type and message; rank 0's when
+ranks fail together); a rank that hangs past `timeout` stops all of them.
 Multi-node runs use torchrun (or the NeMo-Run recipes) directly.
 """
 
@@ -38,8 +39,31 @@ PRELOAD_CPU = (
 PRELOAD_CUDA = ("torch",)
 
 
+# How long to wait for rank 0's report after another rank failed: ranks that fail on the same bad input do
+# so within moments of each other, and rank 0's is the one a user expects to read.
+RANK0_GRACE_S = 1.0
+
+
 class RankFailed(RuntimeError):
-    """A rank raised, died or timed out; the message carries its traceback."""
+    """A rank raised, died or timed out; the message (`args[0]`) carries its traceback.
+
+    When the rank raised, `rank`, `error_type` (qualified name, e.g. 'megatron_refine.data.shards.DataError'
+    or 'ValueError'), `error_message` (`str()` of the exception) and `error_bases` (the qualified names of
+    its class and all its bases: DataError's include 'ValueError') describe it; None (and ()) when the rank
+    died or timed out.
+    """
+
+    def __init__(self, message: str, rank: int | None = None, error_type: str | None = None,
+                 error_message: str | None = None, error_bases: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.rank = rank
+        self.error_type = error_type
+        self.error_message = error_message
+        self.error_bases = error_bases
+
+
+def _qualified_name(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def free_port() -> int:
@@ -73,8 +97,9 @@ def _run_rank(fn, rank, nprocs, port, threads, args, kwargs, results) -> None:
     import torch
 
     if torch.cuda._is_in_bad_fork():
-        results.put((rank, False, "CUDA was initialised in the launcher's forkserver before this rank was forked: "
-                                  "a module in PRELOAD_CUDA (megatron_refine/runtime/launch.py) touches the GPU at import"))
+        results.put((rank, False, {"traceback": "CUDA was initialised in the launcher's forkserver before this rank "
+                                                "was forked: a module in PRELOAD_CUDA (megatron_refine/runtime/launch.py) "
+                                                "touches the GPU at import"}))
         return
     from megatron_refine.runtime import distributed
 
@@ -83,10 +108,29 @@ def _run_rank(fn, rank, nprocs, port, threads, args, kwargs, results) -> None:
         # Plain pickle bytes: torch's queue reducers would hand tensors over as shared-memory file
         # descriptors, which the parent cannot fetch once this process has exited.
         results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))
-    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
-        results.put((rank, False, traceback.format_exc()))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent with the traceback
+        results.put((rank, False, {"traceback": traceback.format_exc(), "type": _qualified_name(type(e)),
+                                   "message": str(e), "bases": tuple(map(_qualified_name, type(e).__mro__))}))
     finally:
         distributed.destroy()
+
+
+def _failure(fn, rank: int, report: dict) -> RankFailed:
+    return RankFailed(f"rank {rank} of {fn.__name__} failed:\n{report['traceback']}", rank, report.get("type"),
+                      report.get("message"), report.get("bases", ()))
+
+
+def _rank0_failure(fn, results) -> RankFailed | None:
+    """Rank 0's failure, if it reports one within RANK0_GRACE_S (ranks often fail together on the same input)."""
+    deadline = time.monotonic() + RANK0_GRACE_S
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            rank, ok, value = results.get(timeout=left)
+        except queue.Empty:
+            return None
+        if rank == 0:
+            return None if ok else _failure(fn, rank, value)
+    return None
 
 
 def spawn(
@@ -138,7 +182,10 @@ def spawn(
                     ) from None
                 continue
             if not ok:
-                raise RankFailed(f"rank {rank} of {fn.__name__} failed:\n{value}")
+                failure = _failure(fn, rank, value)
+                if rank != 0 and 0 not in outputs:
+                    failure = _rank0_failure(fn, results) or failure
+                raise failure
             outputs[rank] = pickle.loads(value)
     finally:
         for p in procs:
@@ -147,3 +194,4 @@ def spawn(
                 p.kill()
                 p.join()
     return [outputs[r] for r in range(nprocs)]
+

@@ -42,6 +42,28 @@ def test_a_failing_rank_is_reported_with_its_traceback():
         spawn(_fail_on_rank_one, 2)
 
 
+def _data_error_on_every_rank():
+    import time
+
+    from megatron_refine.data.shards import DataError
+
+    rank = int(os.environ["RANK"])
+    if rank == 0:
+        time.sleep(0.3)  # rank 1 reports first; rank 0's error is still the one raised
+    raise DataError(f"bad shard on rank {rank}")
+
+
+def test_a_failing_rank_carries_its_error_type_and_message():
+    with pytest.raises(RankFailed) as failed:
+        spawn(_fail_on_rank_one, 2)
+    assert (failed.value.rank, failed.value.error_type, failed.value.error_message) == (1, "KeyError", "'boom on rank one'")
+    assert "LookupError" in failed.value.error_bases
+    with pytest.raises(RankFailed, match="(?s)rank 0 of _data_error_on_every_rank failed:.*bad shard on rank 0") as failed:
+        spawn(_data_error_on_every_rank, 2)
+    assert failed.value.error_type == "megatron_refine.data.shards.DataError"
+    assert failed.value.error_message == "bad shard on rank 0" and "ValueError" in failed.value.error_bases
+
+
 def test_a_dying_rank_is_reported():
     with pytest.raises(RankFailed, match="rank0 of _die_on_rank_zero died with exit code 3"):
         spawn(_die_on_rank_zero, 2)
