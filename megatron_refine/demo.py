@@ -56,6 +56,7 @@ def _train_config(cfg: DemoConfig, out: Path, name: str, *extra: str):
         f"optimizer.lr={cfg.lr}", f"optimizer.min_lr={cfg.lr / 10}", f"optimizer.warmup_steps={max(1, cfg.steps // 12)}",
         "optimizer.weight_decay=0.01", f"train_steps={cfg.steps}", f"logging.log_interval={max(1, cfg.steps // 12)}",
         f"logging.tensorboard_dir={out / 'tensorboard' / name}", f"checkpoint.save={out / 'checkpoints' / name}",
+        "checkpoint.overwrite=true",  # a re-run of the demo regenerates its outputs
         *extra,
     ])
 

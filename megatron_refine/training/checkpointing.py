@@ -4,8 +4,14 @@ Layout of a save folder:
     iter_0000100/                 a complete checkpoint (model, optimizer, scheduler, RNG, data position, config)
     latest_checkpointed_iteration.txt
 A checkpoint is written to `iter_NNNNNNN.tmp` and renamed into place once every rank has finished; the
-`latest` marker is replaced (atomically) only after that, and only then are old checkpoints pruned. A crash
-mid-write leaves a `.tmp` folder that loading ignores (and the next save clears), never a half checkpoint.
+`latest` marker is replaced (atomically) only after that, and only then are old checkpoints pruned: the
+`keep_last` most recently written stay, and the one the marker names is never removed. A crash mid-write leaves a
+`.tmp` folder that loading ignores (and the next save clears), never a half checkpoint.
+
+Loading verifies before it trusts: every file the checkpoint's index names must be there and long enough, the
+weights must be finite, and the model (mixer and shapes) and the tokenizer of the data must be the checkpoint's.
+A checkpoint that fails the first two is skipped for the newest older one that loads (said on the console); a
+model or tokenizer mismatch is an error naming both sides.
 Model weights load at any TP / PP / DP layout. The optimizer state resumes at another DP size too (the
 distributed optimizer saves megatron-core's `dp_reshardable` format); it needs the saved TP / PP sizes. RNG and
 data position are per DP rank: they resume exactly on the saved layout and restart from the seeds otherwise.
@@ -40,14 +46,56 @@ def checkpoint_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: a missing or unreadable file, or non-finite weights."""
+
+
 def latest_iteration(root: str | Path) -> int | None:
     marker = Path(root) / MARKER
     if not marker.is_file():
         return None
     text = marker.read_text().strip()
     if not text.isdigit() or not checkpoint_dir(root, int(text)).is_dir():
-        raise RuntimeError(f"{marker} says {text!r}, which is not a complete checkpoint in {root}: fix or remove the marker")
+        raise CheckpointError(f"{marker} says {text!r}, which is not a complete checkpoint in {root}: fix or remove the marker")
     return int(text)
+
+
+def saved_iterations(root: str | Path) -> list[int]:
+    """The complete checkpoints in `root`, ascending."""
+    return sorted(int(p.name[5:]) for p in Path(root).glob("iter_???????") if p.is_dir() and p.name[5:].isdigit())
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Keep the `keep_last` most recently written checkpoints and the one the marker names. Write order, not the
+    iteration: a run that starts over in a folder holding higher iterations must not lose what it just wrote."""
+    latest = latest_iteration(root)
+    written = sorted((checkpoint_dir(root, i) for i in saved_iterations(root)), key=lambda d: d.stat().st_mtime_ns)
+    for old in written[: max(0, len(written) - keep_last)]:
+        if old != checkpoint_dir(root, latest):
+            shutil.rmtree(old)
+
+
+def verify_files(path: Path) -> None:
+    """Every file the checkpoint's index names is there and holds the bytes it should: else a CheckpointError
+    naming the file (the torch_dist format: `.metadata` maps each tensor to a byte range of a `.distcp` file)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for name in ("common.pt", "metadata.json", ".metadata"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name} is missing")
+    try:
+        index = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to parse the index means it is unreadable
+        raise CheckpointError(f"{path / '.metadata'} is unreadable ({type(e).__name__})") from None
+    needed: dict[str, int] = {}
+    for info in (index.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if file.stat().st_size < size:
+            raise CheckpointError(f"{file} is truncated ({file.stat().st_size} of {size} bytes)")
 
 
 def _layout() -> dict:
@@ -102,9 +150,24 @@ def start_write_results_queue() -> None:
         filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
 
 
+def model_identity(model) -> dict:
+    """What a checkpoint's weights must match: the mixer and the shapes (any parallel layout)."""
+    c = model.config
+    return {"mixer": c.mixer, "num_layers": c.num_layers, "hidden_size": c.hidden_size,
+            "num_attention_heads": c.num_attention_heads, "ffn_hidden_size": c.ffn_hidden_size,
+            "vocab_size": model.tokenizer_vocab_size}
+
+
+def _describe(identity: dict) -> str:
+    return (f"{identity['mixer']} ({identity['num_layers']} layers, hidden {identity['hidden_size']}, "
+            f"{identity['num_attention_heads']} heads, MLP {identity['ffn_hidden_size']}, vocab {identity['vocab_size']})")
+
+
 def save_checkpoint(root: str | Path, iteration: int, model, optimizer, scheduler, loader, config: dict,
                     keep_last: int = 3) -> Path:
     """Save atomically; returns the checkpoint folder. `model` is the unwrapped Megatron module."""
+    if keep_last < 1:
+        raise ValueError(f"checkpoint.keep_last must be >= 1 (the checkpoint just written is always kept), got {keep_last}")
     start_write_results_queue()
     root = Path(root)
     final, tmp = checkpoint_dir(root, iteration), checkpoint_dir(root, iteration).with_suffix(".tmp")
@@ -123,6 +186,9 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
         "layout": _layout(),
         "distributed_optimizer": _is_distributed(optimizer),
         "vocab_size": model.tokenizer_vocab_size,
+        "model_identity": model_identity(model),
+        "tokenizer_hash": loader.dataset.tokenizer_hash,
+        "data_path": str(Path(loader.dataset.path).resolve()),
         "config": config,
     }
     dist_checkpointing.save(state, str(tmp))
@@ -133,9 +199,7 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
         marker_tmp = root / (MARKER + ".tmp")
         marker_tmp.write_text(str(iteration))
         os.replace(marker_tmp, root / MARKER)
-        kept = sorted(p for p in root.glob("iter_???????") if p.is_dir())
-        for old in kept[: max(0, len(kept) - keep_last)]:
-            shutil.rmtree(old)
+        _prune(root, keep_last)
     torch.distributed.barrier()
     return final
 
@@ -177,10 +241,21 @@ def _restore_adam_steps(optimizer, loaded: dict) -> None:
                 param_state["step"] = param_state["step"].new_full((), step)
 
 
+def _agree(failure: str | None, device: torch.device) -> str | None:
+    """Every rank takes the same decision: a failure seen by any rank (its message, when this rank saw it)."""
+    flag = torch.tensor([failure is not None], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return failure or ("another rank could not load it" if flag.item() else None)
+
+
 def _load(template: dict, path: Path) -> dict:
     """dist_checkpointing.load, where the only keys asked for and absent from the checkpoint may be TE's
     `_extra_state` (FP8 metadata, rebuilt by TE): a local-spec checkpoint then loads into the TE spec."""
-    loaded, _, unexpected = dist_checkpointing.load(template, str(path), strict=StrictHandling.RETURN_ALL)
+    try:
+        loaded, _, unexpected = dist_checkpointing.load(template, str(path), strict=StrictHandling.RETURN_ALL)
+    except Exception as e:  # noqa: BLE001 - a file that cannot be read or decoded: the checkpoint is unusable
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {first})") from e
     absent = sorted(k for k in unexpected if not k.endswith("._extra_state"))
     if absent:
         raise ValueError(f"{path} lacks {absent[:5]}{' ...' if len(absent) > 5 else ''} (a different model config?): "
@@ -188,47 +263,104 @@ def _load(template: dict, path: Path) -> dict:
     return loaded
 
 
-def _set_weights(model, weights: dict) -> None:
+def _set_weights(model, weights: dict, path: Path) -> None:
     missing = [k for k in model.load_state_dict(weights, strict=False).missing_keys if not k.endswith("._extra_state")]
     if missing:
         raise RuntimeError(f"the checkpoint did not provide {missing[:5]}: the model and its sharded_state_dict disagree")
+    nonfinite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if _agree(f"{path} holds non-finite weights ({', '.join(nonfinite[:3])})" if nonfinite else None,
+              next(model.parameters()).device):
+        raise CheckpointError(f"{path} holds non-finite weights (NaN/Inf{': ' + ', '.join(nonfinite[:3]) if nonfinite else ''})")
 
 
 def load_model_weights(path: str | Path, model) -> None:
     """The model's weights from one checkpoint folder, at any TP / PP layout and with either layer spec."""
-    _set_weights(model, _load({"model": model.sharded_state_dict()}, Path(path))["model"])
+    _set_weights(model, _load({"model": model.sharded_state_dict()}, Path(path))["model"], Path(path))
 
 
-def load_checkpoint(root: str | Path, model, optimizer=None, scheduler=None, loader=None,
-                    expected_vocab_size: int | None = None) -> int:
-    """Load the latest checkpoint of `root`: the model always; with `optimizer`, also the optimizer, scheduler,
-    RNG and data position (TP and PP must match the saved layout; DP may differ, see the module docstring).
-    Returns the checkpoint's iteration."""
-    iteration = latest_iteration(root)
-    if iteration is None:
-        raise FileNotFoundError(f"no checkpoint in {root} (no {MARKER}): check --load, or train without it")
-    path = checkpoint_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    if expected_vocab_size is not None and common["vocab_size"] != expected_vocab_size:
+def _check_identity(path: Path, common: dict, model, dataset, allow_tokenizer_change: bool) -> None:
+    """Errors no older checkpoint of the folder would fix: data of another tokenizer, or another model."""
+    if dataset is not None:
+        _check_tokenizer(path, common, dataset, allow_tokenizer_change)
+    saved = common.get("model_identity")
+    if saved is not None and saved != model_identity(model):
+        raise ValueError(f"{path} holds a {_describe(saved)} model; the config asks for {_describe(model_identity(model))}: "
+                         "load it with its own model config (model.config / model.overrides)")
+
+
+def _check_tokenizer(path: Path, common: dict, dataset, allow_tokenizer_change: bool) -> None:
+    if common["vocab_size"] != dataset.vocab_size:
         raise ValueError(
             f"{path} was trained with a tokenizer of {common['vocab_size']} tokens, the data has "
-            f"{expected_vocab_size}: preprocess the data with the checkpoint's tokenizer"
+            f"{dataset.vocab_size}: preprocess the data with the checkpoint's tokenizer"
         )
+    saved_hash, data_hash = common.get("tokenizer_hash"), dataset.tokenizer_hash
+    if saved_hash and data_hash and saved_hash != data_hash and not allow_tokenizer_change:
+        raise ValueError(
+            f"{path} was trained on data of another tokenizer (hash {saved_hash[:12]}) than {dataset.path} "
+            f"({data_hash[:12]}), of the same vocabulary size: preprocess the data with the checkpoint's tokenizer, "
+            "or set checkpoint.allow_tokenizer_change=true if the change is deliberate"
+        )
+
+
+def load_checkpoint(root: str | Path, model, optimizer=None, scheduler=None, loader=None, *, dataset=None,
+                    allow_tokenizer_change: bool = False) -> int:
+    """Load the newest usable checkpoint of `root`: the model always; with `optimizer`, also the optimizer,
+    scheduler, RNG and data position (TP and PP must match the saved layout; DP may differ, see the module
+    docstring). `dataset` (default: the loader's) is checked against the checkpoint's tokenizer. A checkpoint
+    with a missing or unreadable file, or non-finite weights, is skipped for the newest older one, said on the
+    console. Returns the loaded checkpoint's iteration."""
+    marker = latest_iteration(root)
+    if marker is None:
+        raise FileNotFoundError(f"no checkpoint in {root} (no {MARKER}): check --load, or train without it")
+    dataset = dataset if dataset is not None or loader is None else loader.dataset
+    candidates = [i for i in reversed(saved_iterations(root)) if i <= marker]
+    device = next(model.parameters()).device
+    for n, iteration in enumerate(candidates):
+        path = checkpoint_dir(root, iteration)
+        try:
+            failure = None
+            try:
+                verify_files(path)
+            except CheckpointError as e:
+                failure = str(e)
+            failure = _agree(failure, device)
+            if failure:
+                raise CheckpointError(failure)
+            _load_one(path, model, optimizer, scheduler, loader, dataset, allow_tokenizer_change)
+            return iteration
+        except CheckpointError as e:
+            older = candidates[n + 1] if n + 1 < len(candidates) else None
+            if older is None:
+                raise CheckpointError(f"{e}; no older checkpoint in {root} to fall back to") from None
+            if torch.distributed.get_rank() == 0:
+                print(f"checkpoint {path.name} is unusable: {e}; falling back to {checkpoint_dir(root, older).name}",
+                      flush=True)
+    raise FileNotFoundError(f"no complete checkpoint in {root}")
+
+
+def _load_one(path: Path, model, optimizer, scheduler, loader, dataset, allow_tokenizer_change: bool) -> None:
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as e:  # noqa: BLE001 - an unreadable common.pt
+        raise CheckpointError(f"{path / 'common.pt'} is unreadable ({type(e).__name__})") from None
+    _check_identity(path, common, model, dataset, allow_tokenizer_change)
     if optimizer is None:
         load_model_weights(path, model)
-        return iteration
+        return
     saved, layout = common["layout"], _layout()
     if (saved["tp"], saved["pp"]) != (layout["tp"], layout["pp"]):
-        raise RuntimeError(
+        raise ValueError(
             f"{path} was saved with layout {saved}, this run is {layout}: the optimizer state resumes at another "
             "DP size but not at other TP / PP sizes; use finetune (weights only) to change them"
         )
     if common.get("distributed_optimizer", False) != _is_distributed(optimizer):
-        raise RuntimeError(
+        raise ValueError(
             f"{path} was saved {'with' if common.get('distributed_optimizer') else 'without'} the distributed "
             "optimizer: resume with the same optimizer.use_distributed_optimizer, or use finetune (weights only)"
         )
     same_dp = saved["dp"] == layout["dp"]
+    same_data = common.get("data_path") in (None, str(Path(loader.dataset.path).resolve()))
     _allocate_optimizer_state(optimizer)
     model_state = model.sharded_state_dict()
     template = {"model": model_state,
@@ -236,16 +368,20 @@ def load_checkpoint(root: str | Path, model, optimizer=None, scheduler=None, loa
     if same_dp:
         template.update(_per_rank_objects(_rng_state(), loader.state_dict()))  # placeholders of the right type
     loaded = _load(template, path)
-    _set_weights(model, loaded["model"])
+    _set_weights(model, loaded["model"], path)
     with torch.no_grad():  # the distributed optimizer copies into fp32 main shards that view the parameters
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_dp:
         _set_rng_state(loaded["rng_state"])
-        loader.load_state_dict(loaded["data_state"])
-    elif torch.distributed.get_rank() == 0:
+        if same_data:
+            loader.load_state_dict(loaded["data_state"])
+    main = torch.distributed.get_rank() == 0
+    if not same_dp and main:
         print(f"resuming {path} (data parallel {saved['dp']}) at data parallel {layout['dp']}: model, optimizer and "
               "scheduler resume; the data order and RNG streams, kept per DP rank, restart from the config's seeds",
               flush=True)
-    return iteration
+    elif not same_data and main:
+        print(f"resuming {path}, trained on {common['data_path']}, on {loader.dataset.path}: the data position is reset "
+              "to the start of the new data", flush=True)

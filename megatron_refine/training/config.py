@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,9 @@ import yaml
 from megatron_refine.refine.config import RefineConfig
 
 STAGES = ("pretrain", "refine-mid")
+DEVICES = (None, "cuda", "cpu")
+AT_LEAST_ONE = ("train_steps", "max_skipped_steps", "data.seq_length", "data.micro_batch_size",
+                "data.global_batch_size", "logging.log_interval")
 
 
 @dataclass
@@ -64,7 +69,10 @@ class CheckpointArgs:
     save_interval: int | None = None  # steps between saves (a final save always happens when `save` is set)
     load: str | None = None  # resume from this folder's latest checkpoint (model, optimizer, scheduler, RNG, data)
     finetune: bool = False  # with load: take the model weights only, start at step 0
-    keep_last: int = 3
+    keep_last: int = 3  # the N checkpoints this run wrote last (>= 1); the one `latest` names is never removed
+    overwrite: bool = False  # start fresh in a `save` folder that holds checkpoints (and no `load`)
+    # Load a checkpoint trained on data of another tokenizer (same vocabulary size): a deliberate change only.
+    allow_tokenizer_change: bool = False
 
 
 @dataclass
@@ -85,6 +93,7 @@ class TrainConfig:
     refine: RefineConfig = field(default_factory=RefineConfig)
     train_steps: int = 100
     exit_interval: int | None = None  # stop (after saving, when checkpoint.save is set) at a multiple of this step
+    max_skipped_steps: int = 10  # stop with an error after this many consecutive NaN/Inf steps (no NaN checkpoints)
     seed: int = 1234
     # "cuda" (one GPU per local rank, NCCL, bf16) or "cpu" (gloo, fp32); default CUDA when the host has it.
     device: str | None = None
@@ -98,6 +107,21 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Checks that need no process group, so a bad value fails before any rank starts (`load_config`)."""
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be cuda or cpu (or null: CUDA when the host has it), got {self.device!r}")
+        if self.checkpoint.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1: the checkpoint just written is always kept "
+                             f"(got {self.checkpoint.keep_last})")
+        for key in AT_LEAST_ONE:
+            value = functools.reduce(getattr, key.split("."), self)
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        self.refine.validate()
+
 
 # Built-in configs by name: overrides of the defaults above.
 NAMED_CONFIGS: dict[str, dict] = {
@@ -106,34 +130,59 @@ NAMED_CONFIGS: dict[str, dict] = {
 }
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """YAML 1.1 reads 3e-4 (no dot) as a string: convert to the field's type where the default shows it."""
-    if isinstance(default, bool) or default is None or not isinstance(value, (str, int)) or isinstance(value, bool):
-        return value
-    try:
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, int) and isinstance(value, str):
-            return int(value)
-    except ValueError:
-        raise ValueError(f"{key} expects a {type(default).__name__}, got {value!r}") from None
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_EXPECTS = {bool: "true or false (or yes/no, 1/0)", int: "an integer", float: "a float", str: "a string",
+            dict: "a mapping"}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """A YAML value checked against its field's annotation (bool, int, float, str, dict, or `X | None`).
+
+    Strict where a typo would otherwise pass (`flase`, 5.5 for an int); lenient where YAML 1.1 is odd: it
+    reads 3e-4 and 1e3 (no dot) as strings, so numbers are parsed from strings, and 1e3 fits an int."""
+    kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+    if value is None and type(None) in typing.get_args(hint):
+        return None  # `X | None`: null means "not set", the default
+    error = ValueError(f"{key} expects {_EXPECTS.get(kind, kind.__name__)}, "
+                       f"got {'null' if value is None else repr(value)}")
+    if kind is bool:
+        word = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if not isinstance(value, bool) and word not in BOOLEANS:
+            raise error
+        return value if isinstance(value, bool) else BOOLEANS[word]
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise error
+        try:
+            number = float(value)
+        except ValueError:
+            raise error from None
+        if kind is float:
+            return number
+        if not number.is_integer():
+            raise error
+        return value if isinstance(value, int) else int(number)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a path or a name that YAML read as a number: data.path=2024
+    if kind in (str, dict) and not isinstance(value, kind):
+        raise error
     return value
 
 
 def _build(cls, values: dict, where: str):
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)  # the annotations are strings (`from __future__ import annotations`)
+    names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown config keys {[f'{where}{k}' for k in unknown]}; valid: {sorted(names)}")
     kwargs = {}
     for name, value in values.items():
-        default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
+        if dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
                 raise ValueError(f"{where}{name} is a section: give it as a mapping")
-            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+            kwargs[name] = _build(hints[name], value, f"{where}{name}.")
         else:
-            kwargs[name] = _coerce(f"{where}{name}", value, default)
+            kwargs[name] = _coerce(f"{where}{name}", value, hints[name])
     return cls(**kwargs)
 
 
@@ -169,6 +218,5 @@ def load_config(source: str | None = None, overrides: list[str] = ()) -> TrainCo
         _set(update, key.strip(), yaml.safe_load(raw))
         values = _merge(values, update)
     cfg = _build(TrainConfig, values, "")
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    cfg.validate()
     return cfg

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
@@ -24,9 +25,13 @@ from megatron_refine.data import PackedLoader, ShardedDataset
 from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config, packed_seq_params
 from megatron_refine.refine import check_logprob_parity, masked_mean, min_sequence_length, refine_loss
 from megatron_refine.runtime import Runtime, initialize, set_deterministic
-from megatron_refine.training.checkpointing import load_checkpoint, save_checkpoint
-from megatron_refine.training.config import TrainConfig
+from megatron_refine.training.checkpointing import latest_iteration, load_checkpoint, save_checkpoint
+from megatron_refine.training.config import CheckpointArgs, TrainConfig
 from megatron_refine.training.logger import MetricsLogger
+
+
+class TrainingDivergedError(RuntimeError):
+    """`max_skipped_steps` NaN/Inf steps in a row: the run stops instead of saving diverged weights."""
 
 
 @dataclass
@@ -70,6 +75,7 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
         set_deterministic()
     rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed,
                                device=cfg.device)
+    start = checkpoint_start(cfg.checkpoint, rt.is_main)
     dataset = ShardedDataset.open(data.path)
     dp = rt.layout.data_parallel_size
     if data.global_batch_size % (data.micro_batch_size * dp) != 0:
@@ -138,18 +144,37 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
     trainer = Trainer(cfg, rt, model, optimizer, scheduler, loader, data.global_batch_size // (data.micro_batch_size * dp))
 
     ckpt = cfg.checkpoint
-    if ckpt.load:
-        if ckpt.finetune:
-            load_checkpoint(ckpt.load, module, expected_vocab_size=dataset.vocab_size)
-            # The mixed-precision and distributed optimizers keep fp32 main copies of the weights, taken when
-            # they were built: refresh them, or the first step writes the random initial weights back.
-            optimizer.reload_model_params()
-        else:
-            trainer.start_step = load_checkpoint(ckpt.load, module, optimizer, scheduler, loader,
-                                                 expected_vocab_size=dataset.vocab_size)
+    if start == "finetune":
+        load_checkpoint(ckpt.load, module, dataset=dataset, allow_tokenizer_change=ckpt.allow_tokenizer_change)
+        # The mixed-precision and distributed optimizers keep fp32 main copies of the weights, taken when
+        # they were built: refresh them, or the first step writes the random initial weights back.
+        optimizer.reload_model_params()
+    elif start == "resume":
+        trainer.start_step = load_checkpoint(ckpt.load, module, optimizer, scheduler, loader,
+                                             allow_tokenizer_change=ckpt.allow_tokenizer_change)
     if cfg.stage == "refine-mid" and cfg.refine.kl_coef > 0:
         trainer.reference = frozen_copy(module)
     return trainer
+
+
+def checkpoint_start(ckpt: CheckpointArgs, is_main: bool = True) -> str | None:
+    """How a run starts: "resume", "finetune" or None (fresh). One command starts and resumes a job (what a
+    requeue runs): `load` equal to `save` resumes when a checkpoint is there and starts fresh when none is yet. A
+    save folder that holds checkpoints the run would not resume from is refused unless `overwrite` is set."""
+    same = bool(ckpt.load and ckpt.save) and Path(ckpt.load).resolve() == Path(ckpt.save).resolve()
+    if same and not ckpt.finetune and latest_iteration(ckpt.load) is None:
+        if is_main:
+            print(f"no checkpoint in {ckpt.load} yet: starting from scratch (checkpoints go there)", flush=True)
+        return None
+    latest = None if same or not ckpt.save else latest_iteration(ckpt.save)
+    if latest is not None and not ckpt.overwrite:
+        raise ValueError(
+            f"checkpoint.save {ckpt.save} holds checkpoints up to iter {latest}: resume with --load {ckpt.save}, "
+            "or pick another checkpoint.save, or pass --overwrite"
+        )
+    if ckpt.load:
+        return "finetune" if ckpt.finetune else "resume"
+    return None
 
 
 def _packed_seq_params(cfg: TrainConfig, batch: dict, device: torch.device):
@@ -252,7 +277,7 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     logger = MetricsLogger(cfg.train_steps, log.tensorboard_dir, log.wandb_project, cfg.to_dict())
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
     result = TrainResult(trainer.module)
-    rates = []
+    rates, in_a_row = [], 0
     if trainer.start_step and trainer.runtime.is_main:
         print(f"resumed from {ckpt.load} at step {trainer.start_step}", flush=True)
     for step in range(trainer.start_step + 1, cfg.train_steps + 1):
@@ -263,8 +288,14 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
         rates.append(tokens_per_step / seconds)
         result.losses.append(out.loss)
         result.skipped_steps += out.skipped
+        in_a_row = in_a_row + 1 if out.skipped else 0
         if out.skipped and trainer.runtime.is_main:
             print(f"step {step}: loss is {out.loss}; skipped the update (skipped so far: {result.skipped_steps})", flush=True)
+        if in_a_row >= cfg.max_skipped_steps:  # before any save: a diverged run must not replace good checkpoints
+            raise TrainingDivergedError(
+                f"{in_a_row} steps in a row up to step {step} had a NaN/Inf loss (max_skipped_steps "
+                f"{cfg.max_skipped_steps}): lower optimizer.lr or raise warmup, and resume from the last checkpoint"
+            )
         metrics = {"loss": out.loss, "lr": trainer.optimizer.param_groups[0]["lr"], "tokens_per_s": rates[-1],
                    "skipped_steps": result.skipped_steps}
         if out.grad_norm is not None:
@@ -292,4 +323,5 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     return result
 
 
-__all__ = ["StepResult", "TrainResult", "Trainer", "is_refine_step", "setup", "train", "train_step"]
+__all__ = ["StepResult", "TrainResult", "Trainer", "TrainingDivergedError", "checkpoint_start", "is_refine_step", "setup",
+           "train", "train_step"]
