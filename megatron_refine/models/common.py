@@ -31,6 +31,13 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + 1e-6)).to(x.dtype)
 
 
+def l2_norm_lact(x: torch.Tensor) -> torch.Tensor:
+    """The LaCT authors' l2_norm over the last dim (their ttt_operation.py): x / (||x|| + 1e-5), in fp32
+    (fp64 kept). It differs from fla's where ||x|| is small: 1e-5 is added to the norm, not its square."""
+    xf = x.to(compute_dtype(x))
+    return (xf / (torch.linalg.vector_norm(xf, dim=-1, keepdim=True) + 1e-5)).to(x.dtype)
+
+
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

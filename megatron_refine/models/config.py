@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 MIXERS = ("deltanet", "lact")
+TTT_L2_NORMS = ("lact", "fla")
 
 
 def fla_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
@@ -56,6 +57,11 @@ class FastWeightConfig(TransformerConfig):
     ttt_nope: bool = False
     lact_base_lr: float = 1e-3
     fw_init_gain: float = 0.5
+    # Two epsilons of the authors' code that their config.json has no field for (named here in its style):
+    # ttt_norm is fla's RMSNorm at its default eps 1e-5 (not norm_eps), and q, k of the fast path are
+    # L2-normalised as x / (||x|| + 1e-5) ("lact"), not fla's x * rsqrt(||x||^2 + 1e-6) ("fla").
+    ttt_norm_eps: float = 1e-5
+    ttt_l2_norm: str = "lact"
 
     # Megatron fields with the fast-weight models' values.
     normalization: str = "RMSNorm"
@@ -126,6 +132,13 @@ class FastWeightConfig(TransformerConfig):
             )
         if self.lact_chunk_size < 1 or self.window_size < 1:
             raise ValueError("lact_chunk_size and window_size must be >= 1")
+        if self.ttt_l2_norm not in TTT_L2_NORMS:
+            raise ValueError(
+                f"ttt_l2_norm must be one of {TTT_L2_NORMS} (the LaCT authors' x / (||x|| + 1e-5), or fla's "
+                f"x * rsqrt(||x||^2 + 1e-6)), got {self.ttt_l2_norm!r}"
+            )
+        if not self.ttt_norm_eps > 0:
+            raise ValueError(f"ttt_norm_eps must be > 0 (the authors' value is 1e-5), got {self.ttt_norm_eps}")
 
     @property
     def key_dim(self) -> int:

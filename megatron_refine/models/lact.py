@@ -33,11 +33,13 @@ from megatron_refine.models.attention import (
     sliding_window_attention,
     window_attention_step,
 )
-from megatron_refine.models.common import l2_norm, mixer_sharded_state_dict, param_device, split_fused
+from megatron_refine.models.common import l2_norm, l2_norm_lact, mixer_sharded_state_dict, param_device, split_fused
 from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, gather_window
 from megatron_refine.models.norm import HeadRMSNorm
 from megatron_refine.models.packing import Packing
+
+L2_NORMS = {"lact": l2_norm_lact, "fla": l2_norm}  # FastWeightConfig.ttt_l2_norm
 
 
 @dataclass
@@ -115,7 +117,8 @@ class LaCTMixer(MegatronModule):
         self.w1 = _sharded_param(
             (fw, self.fw_dim, fw_hidden), config, lambda p: torch.nn.init.normal_(p, std=1 / math.sqrt(fw_hidden))
         )
-        self.ttt_norm = HeadRMSNorm(config, self.fw_dim, eps=config.layernorm_epsilon)
+        self.l2_norm = L2_NORMS[config.ttt_l2_norm]
+        self.ttt_norm = HeadRMSNorm(config, self.fw_dim, eps=config.ttt_norm_eps)
         self.out_proj = build_module(
             submodules.out_proj, h, h, config=config, init_method=config.output_layer_init_method, bias=False,
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
@@ -179,7 +182,7 @@ class LaCTMixer(MegatronModule):
         fq, fk, fv = fw_heads(fq), fw_heads(fk), fw_heads(v)
         if cfg.qkv_silu:
             fq, fk, fv = F.silu(fq), F.silu(fk), F.silu(fv)
-        fq, fk = l2_norm(fq), l2_norm(fk)
+        fq, fk = self.l2_norm(fq), self.l2_norm(fk)
         if not cfg.ttt_nope:
             fq = fw_heads(apply_rope(heads(fq), cos, sin))
             fk = fw_heads(apply_rope(heads(fk), cos, sin))

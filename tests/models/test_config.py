@@ -21,6 +21,8 @@ def test_fla_default_mlp_width():
         ("lact_tiny", dict(num_lact_heads=3), r"hidden_size \(64\) must be divisible by num_lact_heads \(3\)"),
         ("lact_tiny", dict(num_lact_heads=1, tensor_model_parallel_size=2), r"num_lact_heads \(1\) must be divisible by tensor_model_parallel_size \(2\)"),
         ("lact_tiny", dict(num_attention_heads=2, num_lact_heads=4), "multiple of the attention head dim"),
+        ("lact_tiny", dict(ttt_l2_norm="rsqrt"), "ttt_l2_norm must be one of"),
+        ("lact_tiny", dict(ttt_norm_eps=0.0), "ttt_norm_eps must be > 0"),
         ("deltanet_tiny", dict(mixer="mamba"), "mixer must be one of"),
         ("deltanet_tiny", dict(hidden_sizes=3), r"unknown config fields \['hidden_sizes'\]"),
         ("deltanet_2b", {}, "unknown model config 'deltanet_2b'"),
