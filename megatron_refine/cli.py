@@ -133,6 +133,33 @@ def _preprocess(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _in_cpu_runtime(job, *args, **kwargs):
+    """Run a conversion in this one process on a CPU runtime (the model is rebuilt at TP=1 PP=1)."""
+    from megatron_refine.runtime import destroy, initialize
+
+    initialize(device="cpu")
+    try:
+        return job(*args, **kwargs)
+    finally:
+        destroy()
+
+
+def _convert_to_hf(args: argparse.Namespace) -> None:
+    from megatron_refine.conversion import export_to_hf
+
+    files = _in_cpu_runtime(export_to_hf, args.load, args.save, iteration=args.iteration, tokenizer=args.tokenizer,
+                            dtype=args.dtype)
+    print(f"wrote {args.save}: {', '.join(files)}")
+
+
+def _convert_from_hf(args: argparse.Namespace) -> None:
+    from megatron_refine.conversion import import_from_hf
+
+    folder = _in_cpu_runtime(import_from_hf, args.load, args.save, tp=args.tp, pp=args.pp)
+    print(f"wrote {folder} and {os.path.join(args.save, 'model_config.yaml')}; fine-tune with: megatron-refine train "
+          f"--config {os.path.join(args.save, 'model_config.yaml')} --finetune --load {args.save} --set data.path=...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-refine",
@@ -178,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model_info.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default 32000, the published models')")
     model_info.set_defaults(func=_model_info)
+
+    to_hf = sub.add_parser("convert-to-hf", help="a DeltaNet checkpoint (any TP/PP) -> fla's HF delta_net folder")
+    to_hf.add_argument("--load", required=True, help="checkpoint folder (holding iter_NNNNNNN/ and the latest marker)")
+    to_hf.add_argument("--save", required=True, help="Hugging Face folder to write")
+    to_hf.add_argument("--iteration", type=int, help="which iter_NNNNNNN to export (default: the latest)")
+    to_hf.add_argument("--tokenizer", help="tokenizer.json (or its folder) to ship with the model; 'byte' writes none")
+    to_hf.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights dtype (default fp32)")
+    to_hf.set_defaults(func=_convert_to_hf)
+
+    from_hf = sub.add_parser("convert-from-hf", help="fla's Hugging Face delta_net folder -> a Megatron checkpoint")
+    from_hf.add_argument("--load", required=True, help="Hugging Face folder (config.json + safetensors)")
+    from_hf.add_argument("--save", required=True, help="checkpoint folder to write (iter_0000000/, model_config.yaml)")
+    from_hf.add_argument("--tp", type=int, default=1, help="the TP size to fine-tune at: checked against the heads")
+    from_hf.add_argument("--pp", type=int, default=1, help="the PP size to fine-tune at: checked against the layers")
+    from_hf.set_defaults(func=_convert_from_hf)
 
     info = sub.add_parser("info", help="show versions, CUDA and the fast paths available")
     info.set_defaults(func=_info)

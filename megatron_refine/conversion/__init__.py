@@ -1,0 +1,5 @@
+"""Checkpoint conversion with Hugging Face formats: DeltaNet <-> fla's `delta_net` (LaCT: not yet)."""
+
+from megatron_refine.conversion.hf import MAX_SHARD_BYTES, export_to_hf, import_from_hf
+
+__all__ = ["MAX_SHARD_BYTES", "export_to_hf", "import_from_hf"]

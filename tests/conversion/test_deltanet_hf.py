@@ -1,0 +1,224 @@
+"""DeltaNet <-> fla's Hugging Face `delta_net` format: round trips are bitwise, the export's logits in fla's
+DeltaNetForCausalLM (its Triton pieces replaced by PyTorch references, as in tests/models/test_fla_parity.py)
+equal the Megatron model's, an fla-made checkpoint imports and fine-tunes, and bad inputs are named."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_refine.conversion import export_to_hf, import_from_hf
+from megatron_refine.runtime import initialize, spawn
+
+SEQ = 32
+
+
+def _train_config(corpus, save, *extra):
+    from megatron_refine.training import load_config
+
+    return load_config("tiny-deltanet", [
+        f"data.path={corpus}", f"data.seq_length={SEQ}", "data.micro_batch_size=2", "data.global_batch_size=2",
+        "optimizer.warmup_steps=0", "optimizer.lr=3e-2", "logging.log_interval=100", "device=cpu", "train_steps=1",
+        f"checkpoint.save={save}", *extra,
+    ])
+
+
+def _train(cfg):
+    from megatron_refine.training import train
+
+    train(cfg)
+
+
+def _fla_on_cpu():
+    """Swap fla's Triton kernels for PyTorch references (CPU, fp32)."""
+    import fla  # noqa: F401 - registers delta_net with transformers
+    import fla.layers.delta_net as fla_delta_net
+    from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
+    from fla.modules.mlp import SwiGLULinear
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+
+    def delta_rule(q, k, v, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False, **_):
+        if use_qk_l2norm_in_kernel:
+            q, k = (t * torch.rsqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
+        o, S = delta_rule_recurrence(*(x.transpose(1, 2) for x in (q, k, v, beta)), initial_state=initial_state,
+                                     output_final_state=output_final_state)
+        return o.transpose(1, 2), S
+
+    def short_conv(self, x, cache=None, output_final_state=False, **_):
+        y = F.conv1d(x.transpose(1, 2), self.weight, self.bias, padding=self.kernel_size[0] - 1, groups=self.groups)
+        y = y[..., : x.shape[1]].transpose(1, 2)
+        return (F.silu(y) if self.activation in ("silu", "swish") else y), None
+
+    def rms_norm(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        x = x if residual is None else x + residual
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        return (y, x) if prenorm else y
+
+    fla_delta_net.chunk_delta_rule = fla_delta_net.fused_recurrent_delta_rule = delta_rule
+    ShortConvolution.forward = short_conv
+    RMSNorm.forward = rms_norm
+    FusedRMSNormGated.forward = lambda self, x, g, **_: (rms_norm(self, x).float() * F.silu(g.float())).to(x.dtype)
+    SwiGLULinear.forward = lambda self, x, y, weight, bias: F.linear(F.silu(x) * y, weight, bias)
+
+
+def _megatron_model(root):
+    """The checkpoint's model at TP=1, loaded as `train --finetune` does (load_checkpoint without an optimizer)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_refine.models import build_model, get_config
+    from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration, load_checkpoint
+
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(root, latest_iteration(root))))
+    model_args = common["config"]["model"]
+    config = get_config(model_args["config"], use_cpu_initialization=True, perform_initialization=False,
+                        **model_args["overrides"])
+    model = build_model(config, common["vocab_size"])
+    load_checkpoint(root, model)
+    return model.eval()
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        logits = model(tokens, None, None)  # [B, T, V padded]
+    return logits[..., : model.tokenizer_vocab_size]
+
+
+def _assert_fla_logits_equal(hf_dir, model, vocab):
+    from transformers import AutoModelForCausalLM
+
+    _fla_on_cpu()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokens = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    torch.testing.assert_close(_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+def _export_round_trip(root, tmp, max_shard_bytes):
+    initialize(device="cpu")
+    files = export_to_hf(root, tmp / "hf", max_shard_bytes=max_shard_bytes)
+    assert ("model.safetensors.index.json" in {p.name for p in (tmp / "hf").iterdir()}) == (len(files) > 3)
+    import_from_hf(tmp / "hf", tmp / "back")
+    source, back = _megatron_model(root), _megatron_model(tmp / "back")
+    vocab = source.tokenizer_vocab_size
+    for (name, a), b in zip(source.state_dict().items(), back.state_dict().values()):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):  # padded rows: cut, then zeros
+            a, padding = a[:vocab], b[vocab:]
+            b = b[:vocab]
+            assert padding.count_nonzero() == 0, name
+        assert torch.equal(a, b), name
+    _assert_fla_logits_equal(tmp / "hf", source, source.tokenizer_vocab_size)
+    if max_shard_bytes < 1024**3:
+        return
+    # --tokenizer: a tokenizer.json is shipped (with a tokenizer_config.json naming its EOS); a larger one is refused
+    _word_tokenizer(tmp / "tok.json", 257, eos="</s>")
+    files = export_to_hf(root, tmp / "hf16", tokenizer=str(tmp / "tok.json"), dtype="bf16")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    with safe_open(str(tmp / "hf16" / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    assert AutoTokenizer.from_pretrained(tmp / "hf16").eos_token_id == 256
+    assert json.loads((tmp / "hf16" / "config.json").read_text())["eos_token_id"] == 256
+    _word_tokenizer(tmp / "big.json", 300, eos="</s>")
+    with pytest.raises(ValueError, match=r"the tokenizer has 300 tokens, the checkpoint's vocabulary only 257"):
+        export_to_hf(root, tmp / "hf_big", tokenizer=str(tmp / "big.json"))
+
+
+def _word_tokenizer(path, size, eos=None):
+    """A word-level tokenizer.json of `size` tokens, the last one named `eos`."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(size)}
+    if eos:
+        vocab = {**{k: v for k, v in vocab.items() if v < size - 1}, eos: size - 1}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(path))
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2-sp"])
+def test_megatron_hf_megatron_is_bitwise_and_fla_logits_match(corpus, tmp_path, layout):
+    extra = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"] if layout == "tp2-sp" else []
+    spawn(_train, 2 if extra else 1, _train_config(corpus, tmp_path / "ckpt", *extra))
+    # the TP=2 export is split into shards of ~40 KB, so model.safetensors.index.json is exercised too
+    spawn(_export_round_trip, 1, tmp_path / "ckpt", tmp_path, 40_000 if extra else 5 * 1024**3)
+
+
+FLA_CONFIG = dict(vocab_size=257, hidden_size=32, num_heads=2, num_hidden_layers=2, intermediate_size=64,
+                  eos_token_id=256, bos_token_id=None, pad_token_id=0, use_gate=True)
+
+
+def _fla_checkpoint_imports_and_finetunes(corpus, tmp):
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+    from megatron_refine.runtime import destroy
+    from megatron_refine.training import load_config, train
+
+    torch.manual_seed(0)
+    fla_model = DeltaNetForCausalLM(DeltaNetConfig(**FLA_CONFIG))
+    with torch.no_grad():
+        for p in fla_model.parameters():  # norms start at ones: randomise every weight so each one matters
+            p.normal_(0, 0.3)
+    fla_model.save_pretrained(tmp / "fla")
+    initialize(device="cpu")
+    import_from_hf(tmp / "fla", tmp / "imported", tp=2)
+    _assert_fla_logits_equal(tmp / "fla", _megatron_model(tmp / "imported"), 257)
+
+    cfg = load_config(str(tmp / "imported" / "model_config.yaml"), [
+        f"data.path={corpus}", f"data.seq_length={SEQ}", "data.micro_batch_size=2", "data.global_batch_size=2",
+        "optimizer.warmup_steps=0", "logging.log_interval=100", "device=cpu", "train_steps=2",
+        f"checkpoint.load={tmp / 'imported'}", "checkpoint.finetune=true", f"checkpoint.save={tmp / 'tuned'}"])
+    destroy()  # train() sets up its own runtime
+    train(cfg)
+    destroy()
+    initialize(device="cpu")
+    export_to_hf(tmp / "tuned", tmp / "exported")
+    exported = json.loads((tmp / "exported" / "config.json").read_text())
+    assert {k: exported[k] for k in ("pad_token_id", "eos_token_id", "use_gate")} == {
+        "pad_token_id": 0, "eos_token_id": 256, "use_gate": True}
+    _assert_fla_logits_equal(tmp / "exported", _megatron_model(tmp / "tuned"), 257)
+
+    bad = json.loads((tmp / "fla" / "config.json").read_text())
+    (tmp / "fla" / "config.json").write_text(json.dumps({**bad, "intermediate_size": 96}))
+    shapes = r"^model.layers.0.mlp.gate_proj.weight has shape \(64, 32\), config.json asks for \(96, 32\)"
+    with pytest.raises(ValueError, match=shapes):
+        import_from_hf(tmp / "fla", tmp / "bad")
+
+
+def test_fla_checkpoint_imports_finetunes_and_exports(corpus, tmp_path):
+    spawn(_fla_checkpoint_imports_and_finetunes, 1, corpus, tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "llama"}, r"model_type 'llama'; this converter reads fla's 'delta_net'"),
+    ({"attn": {"layers": [1], "num_heads": 2}}, r"sets attn=.*hybrid softmax-attention layers"),
+    ({"hidden_act": "gelu"}, r"hidden_act='gelu' \(an MLP activation other than SiLU\)"),
+    ({"tp": 3}, r"--tp 3 --pp 1 does not divide the model's 2 heads and 2 layers"),
+    ({"pp": 4}, r"--tp 1 --pp 4 does not divide"),
+    ({"vocab_size": 10}, r"vocab_size 10 is smaller than its tokenizer's 12 tokens"),
+])
+def test_bad_hugging_face_inputs_are_named(tmp_path, change, message):
+    layout = {k: change.pop(k) for k in ("tp", "pp") if k in change}
+    config = {"model_type": "delta_net", **FLA_CONFIG, **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _word_tokenizer(tmp_path / "tokenizer.json", 12)
+    with pytest.raises(ValueError, match=message):
+        import_from_hf(tmp_path, tmp_path / "out", **layout)
+
+
+def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "lact_swiglu"}))
+    command = [sys.executable, "tools/convert_from_hf.py", "--load", str(tmp_path), "--save", str(tmp_path / "o")]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        "megatron-refine: error: config.json has model_type 'lact_swiglu'; this converter reads fla's 'delta_net' "
+        "(DeltaNet) checkpoints")

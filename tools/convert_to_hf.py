@@ -1,0 +1,13 @@
+"""A Megatron DeltaNet checkpoint (any TP/PP/DP layout) -> fla's Hugging Face `delta_net` folder (same as
+`megatron-refine convert-to-hf`).
+
+    python tools/convert_to_hf.py --load checkpoints/ --save hf_model/ [--iteration N]
+        [--tokenizer tokenizer.json] [--dtype bf16|fp32]
+"""
+
+import sys
+
+from megatron_refine.cli import main
+
+if __name__ == "__main__":
+    main(["convert-to-hf", *sys.argv[1:]])  # the console script's handling: one-line errors, --debug
