@@ -194,4 +194,3 @@ def spawn(
                 p.kill()
                 p.join()
     return [outputs[r] for r in range(nprocs)]
-
