@@ -1,12 +1,14 @@
 """Megatron dist checkpoints <-> Hugging Face folders, in one CPU process.
 
-Export: the model is rebuilt at TP=1 PP=1 from the checkpoint's own config (common state), its weights loaded
-through dist_checkpointing (which reshards any TP / PP / DP layout), then written layer by layer into
-safetensors shards (`model.safetensors.index.json` past `max_shard_bytes`), padded vocabulary rows cut.
+Export (streamed): the model is built at TP=1 PP=1 on the meta device from the checkpoint's own config (common
+state); its sharded state dict is loaded one group at a time (the embedding, each layer, the final norm, the
+output layer), each from its own chunks of the checkpoint (any saved TP / PP / DP layout), mapped to fla's names and
+appended to safetensors shards planned up front from the meta shapes (`model.safetensors.index.json` past
+`max_shard_bytes`), padded vocabulary rows cut. Peak memory: about one layer (or the embedding) twice.
 Import: config.json gives the Megatron model config; tensors are read lazily (safetensors' safe_open) layer by
 layer into a TP=1 model, padded vocabulary rows zeroed, and saved as a dist checkpoint `train --finetune` loads
 at any layout, with the model config written beside it (`model_config.yaml`).
-Not yet streamed: both directions hold the whole fp32 model once (the Megatron model), plus one output shard.
+Not yet streamed: the import holds the whole fp32 model once (the Megatron model).
 """
 
 from __future__ import annotations
@@ -51,56 +53,196 @@ def _checkpoint_folder(load: str | Path, iteration: int | None) -> Path:
     return path
 
 
-def _build(name: str, overrides: dict, vocab_size: int, dtype: torch.dtype):
-    """The whole model at TP=1 PP=1 on this process's (CPU) runtime, without initialisation."""
+def _build(name: str, overrides: dict, vocab_size: int, dtype: torch.dtype, meta: bool = False):
+    """The whole model at TP=1 PP=1 on this process's (CPU) runtime, without initialisation; with `meta`, on the
+    meta device (no memory: shapes and sharded state dict only)."""
+    from contextlib import nullcontext
+
     from megatron_refine.models import build_model, get_config
 
     layout = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False)
     config = get_config(name, **{**overrides, **layout, "use_cpu_initialization": True, "perform_initialization": False,
                                  "params_dtype": dtype, "bf16": dtype == torch.bfloat16})
-    return build_model(config, vocab_size, pre_process=True, post_process=True, use_te=False)
+    with torch.device("meta") if meta else nullcontext():
+        return build_model(config, vocab_size, pre_process=True, post_process=True, use_te=False)
+
+
+def _group_loader(sharded: dict, path: Path):
+    """`load(prefix)`: the checkpoint's tensors whose state dict key starts with `prefix` (one layer, the
+    embedding, ...), as a {key: whole TP=1 tensor} dict. Only that group's entries of the (meta) model's sharded
+    state dict get real CPU buffers, and only their chunks of the checkpoint are read: torch.distributed.checkpoint
+    with a planner asking for each ShardedTensor's own chunk (a layer of a layer-stacked tensor; megatron-core's
+    load cannot ask for a part of a stacked tensor in one process), which reshards any saved TP / PP layout. The
+    fused projections' factories are built and merged as dist_checkpointing.load does."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.dict_utils import (
+        dict_list_map_inplace, extract_matching_values, nested_values)
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor, ShardedTensorFactory, apply_factories, apply_factory_merges)
+
+    from megatron_refine.training.checkpointing import CheckpointError
+
+    try:
+        reader = _ChunkReader(path)
+    except Exception as e:  # noqa: BLE001 - an unreadable index: the checkpoint is unusable
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {str(e).strip()[:300]})") from e
+
+    def load(prefix: str) -> dict[str, torch.Tensor]:
+        template = {}
+        for key, value in sharded.items():
+            if not key.startswith(prefix):
+                continue
+            if isinstance(value, ShardedTensor):
+                template[key] = replace(value, data=torch.empty(value.local_shape, dtype=value.dtype))
+            elif isinstance(value, ShardedTensorFactory):
+                template[key] = replace(value, data=torch.empty(value.data.shape, dtype=value.data.dtype))
+            # ShardedObjects (_extra_state) carry no weights
+        factories, _ = extract_matching_values(template, lambda x: isinstance(x, ShardedTensorFactory),
+                                               return_lists_as_dicts=True)
+        apply_factories(template)
+        reader.read([t for t in nested_values(template) if isinstance(t, ShardedTensor)])
+        dict_list_map_inplace(lambda t: t.data if isinstance(t, ShardedTensor) else t, template)
+        loaded = apply_factory_merges(template, factories)
+        nonfinite = [k for k, t in loaded.items() if not torch.isfinite(t).all()]
+        if nonfinite:
+            raise CheckpointError(f"{path} holds non-finite weights (NaN/Inf: {', '.join(nonfinite[:3])})")
+        return loaded
+
+    return load
+
+
+class _ChunkReader:
+    """Reads megatron-core ShardedTensors (their `data` filled in place) from a torch_dist checkpoint folder."""
+
+    def __init__(self, path: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.path = path
+        self.metadata = FileSystemReader(str(path)).read_metadata()
+
+    def read(self, tensors: list) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        from megatron_refine.training.checkpointing import CheckpointError
+
+        saved = self.metadata.state_dict_metadata
+        absent = sorted({t.key for t in tensors if t.key not in saved or tuple(getattr(saved[t.key], "size", ()))
+                         != tuple(t.global_shape)})
+        if absent:  # a missing tensor, or one of another shape: its chunks would not cover the buffer
+            raise ValueError(f"{self.path} lacks {absent[:5]} (or holds them in another shape: a different model "
+                             "config?): check the checkpoint's model config")
+        # Each ShardedTensor's place in its global tensor (prepended axes, e.g. the layer, included).
+        targets = {}
+        for t in tensors:
+            sizes = (1,) * t.prepend_axis_num + tuple(t.local_shape)
+            targets[(t.key, tuple(t.global_offset))] = (t.data.view(sizes), sizes)
+        metadata = self.metadata
+
+        class Planner(DefaultLoadPlanner):
+            def create_local_plan(self) -> LoadPlan:
+                items = []
+                for (key, offsets), (_, sizes) in targets.items():
+                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+                    items += create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk])
+                return LoadPlan(items)
+
+            def lookup_tensor(self, index):
+                return targets[(index.fqn, tuple(index.offset))][0]
+
+        try:
+            dcp.load({key: target for (key, _), (target, _) in targets.items()},
+                     storage_reader=dcp.FileSystemReader(str(self.path)),
+                     planner=Planner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=True)
+        except Exception as e:  # noqa: BLE001 - a file that cannot be read or decoded: the checkpoint is unusable
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointError(f"{self.path} could not be read ({type(e).__name__}: {first})") from e
+        finally:
+            targets.clear()  # the Planner class lives on until a cyclic collection: let it hold no tensors
+
+
+def _hf_tensors(cfg, vocab: int, load, out_dtype: torch.dtype, progress: bool = True):
+    """fla's tensors group by group ({name: tensor} dicts, in file order); `load(prefix)` gives a group's
+    Megatron tensors."""
+    def getter(prefix: str):
+        group = load(prefix)
+        return lambda key: group.pop(key).detach().to(out_dtype)  # each tensor is mapped once
+
+    yield {"model.embeddings.weight": getter("embedding.")("embedding.word_embeddings.weight")[:vocab]}
+    for i in _progress(range(cfg.num_layers), "export layers") if progress else range(cfg.num_layers):
+        yield deltanet.layer_to_hf(cfg, i, getter(f"decoder.layers.{i}."))
+    yield {"model.norm.weight": getter("decoder.final_layernorm.")("decoder.final_layernorm.weight")}
+    if not cfg.tie_word_embeddings:
+        yield {"lm_head.weight": getter("output_layer.")("output_layer.weight")[:vocab]}
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
 class _ShardWriter:
-    """safetensors shards of at most `max_bytes` (a tensor larger than that gets a shard of its own)."""
+    """safetensors shards of at most `max_bytes` (a tensor larger than that gets a shard of its own), planned up
+    front from every tensor's (name, shape, dtype) in file order, so each tensor is appended to its file as it
+    comes (no shard is held in memory). The files are safetensors' format: an 8-byte little-endian header size,
+    the JSON header (padded with spaces to 8 bytes), then the tensors' bytes in header order."""
 
-    def __init__(self, save: Path, max_bytes: int):
-        self.save, self.max_bytes = save, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.files: list[tuple[Path, list[str]]] = []
-        self.total = self.pending_bytes = 0
+    def __init__(self, save: Path, max_bytes: int, plan: list[tuple[str, tuple, torch.dtype]]):
+        self.save, self.shards, size = save, [], 0
+        for name, shape, dtype in plan:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            if self.shards and self.shards[-1] and size + nbytes > max_bytes:
+                self.shards.append([])
+                size = 0
+            if not self.shards:
+                self.shards.append([])
+            self.shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        n = len(self.shards)
+        self.names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.total = sum(nbytes for shard in self.shards for *_, nbytes in shard)
+        self.order = [(i, entry) for i, shard in enumerate(self.shards) for entry in shard]
+        self.position, self.file, self.shard = 0, None, -1
+
+    def _open(self, i: int) -> None:
+        if self.file is not None:
+            self.file.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype, nbytes in self.shards[i]:
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.file = open(self.save / f"{self.names[i]}.tmp", "wb")  # noqa: SIM115 - closed in _open / close
+        self.file.write(len(text).to_bytes(8, "little") + text)
+        self.shard = i
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
-            size = t.numel() * t.element_size()
-            if self.pending and self.pending_bytes + size > self.max_bytes:
-                self._flush()
-            self.pending[name] = t.contiguous()
-            self.pending_bytes += size
-            self.total += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.save / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+            i, entry = self.order[self.position]
+            if (name, tuple(t.shape), t.dtype) != entry[:3]:
+                raise RuntimeError(f"export wrote {name} {tuple(t.shape)} {t.dtype} where {entry[:3]} was planned")
+            if i != self.shard:
+                self._open(i)
+            self.file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy: the tensor's own bytes
+            self.position += 1
 
     def close(self) -> list[str]:
-        if self.pending:
-            self._flush()
-        if len(self.files) == 1:
-            self.files[0][0].replace(self.save / WEIGHTS_NAME)
+        if self.position != len(self.order):
+            raise RuntimeError(f"export wrote {self.position} of {len(self.order)} planned tensors")
+        if self.file is not None:
+            self.file.close()
+        for name in self.names:
+            (self.save / f"{name}.tmp").replace(self.save / name)
+        if len(self.names) == 1:
             return [WEIGHTS_NAME]
-        n, weight_map = len(self.files), {}
-        for i, (path, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.replace(self.save / final)
-            weight_map.update(dict.fromkeys(names, final))
+        weight_map = {entry[0]: self.names[i] for i, entry in self.order}
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.save / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return sorted(set(weight_map.values()))
+        return list(self.names)
 
 
 def _imported_token_ids(common: dict, hops: int = 8) -> dict | None:
@@ -180,8 +322,6 @@ def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = 
     Needs a single-process runtime (`megatron_refine.runtime.initialize(device="cpu")`)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_refine.training.checkpointing import load_model_weights
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = _checkpoint_folder(load, iteration)
@@ -196,24 +336,20 @@ def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = 
                          "(DeltaNet only)")
     saved_dtype = dist_checkpointing.load_tensors_metadata(str(path))["embedding.word_embeddings.weight"].dtype
     vocab = common["vocab_size"]
-    model = _build(name, overrides, vocab, saved_dtype)
-    load_model_weights(path, model)
+    model = _build(name, overrides, vocab, saved_dtype, meta=True)  # shapes only: weights are loaded per group
     tok = _tokenizer(tokenizer, common)
     ids = _token_ids(tok, common)
     cfg, out_dtype = model.config, DTYPES[dtype]
     config = deltanet.hf_config(cfg, vocab, ids, out_dtype)  # refuses what fla cannot load before writing
 
+    meta = model.state_dict()
+    plan = [(k, tuple(v.shape), v.dtype) for group in _hf_tensors(cfg, vocab, lambda prefix: meta, out_dtype, False)
+            for k, v in group.items()]
     save = Path(save)
     save.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    get = lambda key: state.pop(key).detach().to(out_dtype)  # noqa: E731 - each tensor is mapped once
-    writer = _ShardWriter(save, max_shard_bytes)
-    writer.add({"model.embeddings.weight": get("embedding.word_embeddings.weight")[:vocab]})
-    for i in _progress(range(cfg.num_layers), "export layers"):
-        writer.add(deltanet.layer_to_hf(cfg, i, get))
-    writer.add({"model.norm.weight": get("decoder.final_layernorm.weight")})
-    if not cfg.tie_word_embeddings:
-        writer.add({"lm_head.weight": get("output_layer.weight")[:vocab]})
+    writer = _ShardWriter(save, max_shard_bytes, plan)
+    for group in _hf_tensors(cfg, vocab, _group_loader(model.sharded_state_dict(), path), out_dtype):
+        writer.add(group)
     files = writer.close()
 
     (save / "config.json").write_text(json.dumps(config, indent=2) + "\n")
