@@ -5,10 +5,12 @@ state); its sharded state dict is loaded one group at a time (the embedding, eac
 output layer), each from its own chunks of the checkpoint (any saved TP / PP / DP layout), mapped to fla's names and
 appended to safetensors shards planned up front from the meta shapes (`model.safetensors.index.json` past
 `max_shard_bytes`), padded vocabulary rows cut. Peak memory: about one layer (or the embedding) twice.
-Import: config.json gives the Megatron model config; tensors are read lazily (safetensors' safe_open) layer by
-layer into a TP=1 model, padded vocabulary rows zeroed, and saved as a dist checkpoint `train --finetune` loads
-at any layout, with the model config written beside it (`model_config.yaml`).
-Not yet streamed: the import holds the whole fp32 model once (the Megatron model).
+Import (streamed): config.json gives the Megatron model config; the model is built at TP=1 on the meta device,
+and the dist checkpoint (`train --finetune` loads it at any layout) is planned once from its sharded state dict
+as megatron-core's save would, then written group by group: each group's fla tensors are read from the
+safetensors files (plain reads, no memory map), mapped to Megatron's, padded vocabulary rows zeroed, and appended
+to the checkpoint's data file; the model config is written beside it (`model_config.yaml`). Peak memory: about one
+layer (or the embedding) a few times.
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ def _hf_tensors(cfg, vocab: int, load, out_dtype: torch.dtype, progress: bool = 
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+SAFETENSORS_TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class _ShardWriter:
@@ -368,11 +371,11 @@ def _preset_mixer(name: str) -> str:
 
 
 class _LazyTensors:
-    """The tensors of a Hugging Face folder (one file or an index), opened lazily."""
+    """The tensors of a Hugging Face folder (one file or an index), read one at a time. Read with plain file reads
+    from the safetensors headers' byte ranges, not through safetensors' memory map: the mapped pages a read touches
+    stay resident (and count in the process's RSS) until the file is closed, which would add up to the whole model."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         if (folder / INDEX_NAME).is_file():
             weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
         elif (folder / WEIGHTS_NAME).is_file():
@@ -381,27 +384,50 @@ class _LazyTensors:
             raise FileNotFoundError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}: save the model with "
                                     "save_pretrained(..., safe_serialization=True)")
         files = sorted(set(weight_map.values())) if weight_map else [WEIGHTS_NAME]
-        self.handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
-        self.where = weight_map or {k: WEIGHTS_NAME for k in self.handles[WEIGHTS_NAME].keys()}
+        self.entries = {}  # name -> (file, dtype, shape, start, end): the tensor's bytes' absolute offsets
+        for f in files:
+            with open(folder / f, "rb") as stream:
+                size = int.from_bytes(stream.read(8), "little")
+                header = json.loads(stream.read(size))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in SAFETENSORS_TORCH_DTYPES:
+                    raise ValueError(f"{folder / f} stores {name} as {info['dtype']}: only floating-point weights "
+                                     f"({', '.join(SAFETENSORS_TORCH_DTYPES)}) are read")
+                begin, stop = info["data_offsets"]
+                self.entries[name] = (folder / f, SAFETENSORS_TORCH_DTYPES[info["dtype"]], tuple(info["shape"]),
+                                      8 + size + begin, 8 + size + stop)
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self.entries))
+            if missing:
+                raise ValueError(f"{folder / INDEX_NAME} names {missing[:3]}, which its files lack")
+            self.entries = {k: v for k, v in self.entries.items() if weight_map.get(k) == v[0].name}
 
     def names(self) -> set[str]:
-        return set(self.where)
+        return set(self.entries)
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
+        if name not in self.entries:
             raise ValueError(f"the Hugging Face checkpoint lacks {name}: not a complete delta_net model")
-        return self.handles[self.where[name]].get_tensor(name)
+        path, dtype, shape, begin, end = self.entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        if end - begin != out.numel() * out.element_size():
+            raise ValueError(f"{path} holds {end - begin} bytes for {name}, its shape {shape} needs "
+                             f"{out.numel() * out.element_size()}: a corrupt file")
+        with open(path, "rb") as stream:
+            stream.seek(begin)
+            if stream.readinto(out.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ValueError(f"{path} is truncated (its tensor {name} ends past the file's end)")
+        return out
 
 
 def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1) -> Path:
     """A Hugging Face `delta_net` folder -> a Megatron dist checkpoint (`iter_0000000/` + marker) and
     `model_config.yaml`. `tp` / `pp` only validate the layout (the checkpoint loads at any). Returns the
     checkpoint folder. Needs a single-process runtime (`megatron_refine.runtime.initialize(device="cpu")`)."""
-    from megatron.core import dist_checkpointing
-
     from megatron_refine.models import get_config
-    from megatron_refine.training.checkpointing import (
-        MARKER, checkpoint_dir, model_identity, start_write_results_queue)
+    from megatron_refine.training.checkpointing import MARKER, checkpoint_dir, model_identity
 
     load, save = Path(load), Path(save)
     if not (load / "config.json").is_file():
@@ -423,7 +449,7 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
                              "the checkpoint does not match its tokenizer.json")
 
     tensors = _LazyTensors(load)
-    model = _build(name, overrides, vocab, torch.float32)
+    model = _build(name, overrides, vocab, torch.float32, meta=True)  # shapes only: weights are written per group
     cfg = model.config
     unexpected = tensors.names() - set(deltanet.hf_names(cfg)) - {"lm_head.weight"}
     if unexpected:
@@ -443,28 +469,30 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
                              "the weights and config.json disagree")
         return value
 
-    def copy(key: str, value: torch.Tensor) -> None:
+    def padded(key: str, value: torch.Tensor) -> torch.Tensor:
+        """The Megatron tensor `key` (this model's dtype and shape): `value`, padded vocabulary rows zeroed."""
         target = params[key]
-        with torch.no_grad():
-            target[: value.shape[0]].copy_(value)
-            target[value.shape[0]:].zero_()  # padded vocabulary rows (nothing for the other tensors)
+        if tuple(value.shape) == tuple(target.shape):
+            return value.to(target.dtype)
+        out = torch.zeros(target.shape, dtype=target.dtype)
+        out[: value.shape[0]].copy_(value)
+        return out
 
-    copy("embedding.word_embeddings.weight", get("model.embeddings.weight"))
-    for i in _progress(range(cfg.num_layers), "import layers"):
-        for key, value in deltanet.layer_from_hf(cfg, i, get).items():
-            copy(key, value)
-    copy("decoder.final_layernorm.weight", get("model.norm.weight"))
-    if not cfg.tie_word_embeddings:
-        copy("output_layer.weight", get("lm_head.weight"))
+    def groups():
+        yield {"embedding.word_embeddings.weight": padded("embedding.word_embeddings.weight",
+                                                          get("model.embeddings.weight"))}
+        for i in _progress(range(cfg.num_layers), "import layers"):
+            yield {k: padded(k, v) for k, v in deltanet.layer_from_hf(cfg, i, get).items()}
+        yield {"decoder.final_layernorm.weight": padded("decoder.final_layernorm.weight", get("model.norm.weight"))}
+        if not cfg.tie_word_embeddings:
+            yield {"output_layer.weight": padded("output_layer.weight", get("lm_head.weight"))}
 
     folder = checkpoint_dir(save, 0)
     save.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
-    start_write_results_queue()
     model_args = {"config": name, "overrides": overrides}
-    dist_checkpointing.save({
-        "model": model.sharded_state_dict(),
+    _save_streamed(model.sharded_state_dict(), {
         "iteration": 0,
         "layout": {"tp": 1, "pp": 1, "dp": 1},
         "vocab_size": vocab,
@@ -472,9 +500,77 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
         "tokenizer_hash": None,
         "hf_token_ids": deltanet.token_ids(config),
         "config": {"model": model_args},
-    }, str(folder))
+    }, groups(), folder)
     (save / MARKER).write_text("0")
     (save / "model_config.yaml").write_text(yaml.safe_dump({"model": model_args}, sort_keys=False))
     if (load / "tokenizer.json").is_file():
         shutil.copyfile(load / "tokenizer.json", save / "tokenizer.json")
     return folder
+
+
+def _save_streamed(sharded: dict, common: dict, groups, folder: Path) -> None:
+    """What `dist_checkpointing.save({"model": sharded, **common}, folder)` writes (torch_dist: common.pt,
+    metadata.json, the DCP `.metadata` and its `.distcp` data), with the (meta) model's `sharded` state dict's
+    weights given group by group: `groups` yields {state dict key: whole TP=1 tensor} dicts, each held only while
+    its tensors are written. The plan and the index are megatron-core's and torch's, made once from the meta
+    shapes (every ShardedTensor, the fused projections' factory pieces, the ShardedObjects); each group's chunks are
+    then appended to one `.distcp` file with torch's own item writer, and the index names each one's byte range."""
+    from dataclasses import replace
+
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_save_common_strategy, get_default_save_sharded_strategy)
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+    from torch.distributed.checkpoint.filesystem import _write_item
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    strategy = get_default_save_sharded_strategy()
+    # dist_checkpointing.save's own preprocessing (factories applied, sharding validated) on the meta tensors
+    meta_part, common_state = save_preprocess({"model": dict(sharded), **common})
+    get_default_save_common_strategy().save_common(common_state, folder)
+    meta_part, _, _ = _replace_state_dict_keys_with_sharded_keys(meta_part, strategy.keep_only_main_replica)
+    planner = MCoreSavePlanner(dedup_replicated_tensors=not strategy.keep_only_main_replica, flatten_state_dict=False)
+    writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=False, thread_count=1)
+    writer.set_up_storage_writer(True)
+    planner.set_up_planner(mcore_to_pyt_state_dict(meta_part, False), writer.storage_meta(), True)
+    local_plan = writer.prepare_local_plan(planner.create_local_plan())
+    global_plans, metadata = planner.create_global_plan([local_plan])
+    metadata.all_local_plans = [local_plan]  # as megatron-core's saver records it
+    plan = planner.finish_plan(writer.prepare_global_plan(global_plans)[0])
+
+    file_name = f"{plan.storage_data.prefix}0.distcp"
+    pending = {(item.index.fqn, tuple(item.index.offset)): item for item in plan.items
+               if item.type != WriteItemType.BYTE_IO}
+    results = []
+    with open(folder / file_name, "wb") as stream:  # noqa: SIM115 - closed below
+        for item in plan.items:  # ShardedObjects (the layers' empty _extra_state): no weights, known up front
+            if item.type == WriteItemType.BYTE_IO:
+                results.append(_write_item(writer.transforms, stream, planner.resolve_data(item), item, file_name,
+                                           writer.serialization_format))
+        for group in groups:
+            template = {}
+            for key, value in group.items():
+                meta = sharded.get(key)
+                if not isinstance(meta, (ShardedTensor, ShardedTensorFactory)):
+                    raise RuntimeError(f"import produced {key}, which the model does not save")
+                template[key] = replace(meta, data=value)
+            apply_factories(template)
+            for t in nested_values(template):
+                item = pending.pop((t.key, tuple(t.global_offset)), None)
+                if item is None:
+                    raise RuntimeError(f"import wrote {t.key} at {tuple(t.global_offset)} twice, or it is not planned")
+                data = t.data.reshape(item.tensor_data.chunk.sizes)
+                if data.untyped_storage().nbytes() != data.numel() * data.element_size():
+                    data = data.clone()  # torch.save writes a view's whole storage: write the chunk's bytes only
+                results.append(_write_item(writer.transforms, stream, data, item, file_name,
+                                           writer.serialization_format))
+            del template, group
+    if pending:
+        raise RuntimeError(f"import wrote no {sorted(k for k, _ in pending)[:3]}")
+    writer.finish(metadata, [results])
+    save_config(CheckpointingConfig(strategy.backend, strategy.version), folder)
