@@ -1,5 +1,7 @@
 """Tiny megatron-core modules for the runtime tests (built on the current parallel state)."""
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -58,3 +60,23 @@ def assert_gradients_close(model, grads, reference, rel: float = 1e-9) -> None:
             assert a is None or a.abs().max() == 0, name
             continue
         torch.testing.assert_close(a, b, atol=rel * scale, rtol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@contextlib.contextmanager
+def nan_losses():
+    """Inside the block the trainer's NTP forward returns NaN losses (what a diverged step looks like)."""
+    import megatron_refine.training.trainer as trainer_module
+
+    real = trainer_module._ntp_forward_step
+
+    def nan_forward_step(trainer):
+        def forward(data_iterator, model):
+            output, loss_func = real(trainer)(data_iterator, model)
+            return output * float("nan"), loss_func
+        return forward
+
+    trainer_module._ntp_forward_step = nan_forward_step
+    try:
+        yield
+    finally:
+        trainer_module._ntp_forward_step = real

@@ -71,19 +71,11 @@ def test_a_corrupt_checkpoint_is_skipped_for_the_newest_older_one(corpus, tmp_pa
 
 
 def _diverging(corpus, root):
-    import megatron_refine.training.trainer as trainer_module
+    from megatron_modules import nan_losses
 
-    real = trainer_module._ntp_forward_step
-
-    def nan_forward_step(trainer):
-        def forward(data_iterator, model):
-            output, loss_func = real(trainer)(data_iterator, model)
-            return output * float("nan"), loss_func
-        return forward
-
-    trainer_module._ntp_forward_step = nan_forward_step
-    train(_config(corpus, "train_steps=6", "exit_interval=4", f"checkpoint.save={root}", "checkpoint.overwrite=true",
-                  "checkpoint.keep_last=1", "max_skipped_steps=3"))
+    with nan_losses():
+        train(_config(corpus, "train_steps=6", "exit_interval=4", f"checkpoint.save={root}",
+                      "checkpoint.overwrite=true", "checkpoint.keep_last=1", "max_skipped_steps=3"))
 
 
 def test_consecutive_nan_steps_stop_the_run_before_it_saves(corpus, tmp_path):

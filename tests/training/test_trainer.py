@@ -170,22 +170,13 @@ def test_a_crash_during_a_checkpoint_write_leaves_latest_on_the_previous_one(cor
 
 
 def _nan_step(corpus):
-    import megatron_refine.training.trainer as trainer_module
+    from megatron_modules import nan_losses
 
     trainer = setup(_config(corpus))
     batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
     before = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
-    real = trainer_module._ntp_forward_step
-
-    def nan_forward_step(trainer):
-        def forward(data_iterator, model):
-            output, loss_func = real(trainer)(data_iterator, model)
-            return output * float("nan"), loss_func
-        return forward
-
-    trainer_module._ntp_forward_step = nan_forward_step
-    result = train_step(trainer, batches)
-    trainer_module._ntp_forward_step = real
+    with nan_losses():
+        result = train_step(trainer, batches)
     assert result.skipped and math.isnan(result.loss)
     for n, p in trainer.module.named_parameters():
         assert torch.equal(p, before[n]), n
