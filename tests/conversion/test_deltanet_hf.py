@@ -1,5 +1,5 @@
 """DeltaNet <-> fla's Hugging Face `delta_net` format: round trips are bitwise, the export's logits in fla's
-DeltaNetForCausalLM (its Triton pieces replaced by PyTorch references, as in tests/models/test_fla_parity.py)
+DeltaNetForCausalLM (its Triton pieces replaced by PyTorch references: tests/fla_on_cpu.py)
 equal the Megatron model's, an fla-made checkpoint imports and fine-tunes, and bad inputs are named."""
 
 import json
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_refine.conversion import export_to_hf, import_from_hf
 from megatron_refine.runtime import initialize, spawn
@@ -29,39 +28,6 @@ def _train(cfg):
     from megatron_refine.training import train
 
     train(cfg)
-
-
-def _fla_on_cpu():
-    """Swap fla's Triton kernels for PyTorch references (CPU, fp32)."""
-    import fla  # noqa: F401 - registers delta_net with transformers
-    import fla.layers.delta_net as fla_delta_net
-    from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
-    from fla.modules.mlp import SwiGLULinear
-    from fla.ops.delta_rule.naive import delta_rule_recurrence
-
-    def delta_rule(q, k, v, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False, **_):
-        if use_qk_l2norm_in_kernel:
-            q, k = (t * torch.rsqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
-        o, S = delta_rule_recurrence(*(x.transpose(1, 2) for x in (q, k, v, beta)), initial_state=initial_state,
-                                     output_final_state=output_final_state)
-        return o.transpose(1, 2), S
-
-    def short_conv(self, x, cache=None, output_final_state=False, **_):
-        y = F.conv1d(x.transpose(1, 2), self.weight, self.bias, padding=self.kernel_size[0] - 1, groups=self.groups)
-        y = y[..., : x.shape[1]].transpose(1, 2)
-        return (F.silu(y) if self.activation in ("silu", "swish") else y), None
-
-    def rms_norm(self, x, residual=None, prenorm=False, residual_in_fp32=False):
-        x = x if residual is None else x + residual
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
-        return (y, x) if prenorm else y
-
-    fla_delta_net.chunk_delta_rule = fla_delta_net.fused_recurrent_delta_rule = delta_rule
-    ShortConvolution.forward = short_conv
-    RMSNorm.forward = rms_norm
-    FusedRMSNormGated.forward = lambda self, x, g, **_: (rms_norm(self, x).float() * F.silu(g.float())).to(x.dtype)
-    SwiGLULinear.forward = lambda self, x, y, weight, bias: F.linear(F.silu(x) * y, weight, bias)
 
 
 def _megatron_model(root):
@@ -87,9 +53,10 @@ def _logits(model, tokens):
 
 
 def _assert_fla_logits_equal(hf_dir, model, vocab):
+    from fla_on_cpu import use_pytorch_references
     from transformers import AutoModelForCausalLM
 
-    _fla_on_cpu()
+    use_pytorch_references()
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokens = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
