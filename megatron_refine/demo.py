@@ -8,7 +8,11 @@
 3. continues from that checkpoint twice, on the same data for the same steps: REFINE mid-training
    (NTP steps interleaved with REFINE steps) and a matched NTP-only continuation;
 4. evaluates key-value recall on held-out registries (greedy decoding with the cached decoder) after
-   each stage, writes loss- and reward-curve PNGs and TensorBoard scalars, and prints a summary table.
+   each stage, and writes loss- and reward-curve PNGs and TensorBoard scalars;
+5. exports the REFINE checkpoint to Hugging Face format (fla's `delta_net`), greedy-decodes a few held-out
+   recall prompts from it with transformers' `generate` (fla's kernels on CUDA, its PyTorch references on a
+   CPU: megatron_refine.conversion.fla_cpu) and checks the tokens against our cached decoder's on the trained
+   model; then prints a summary table.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from megatron_refine.runtime import local_gpus, spawn
 
 CORPUS_SEED, RECALL_SEED = 0, 10_000  # the recall registries never appear in the training corpus
+EXPORT_PROMPTS, EXPORT_NEW_TOKENS = 8, 16  # the export check: greedy continuations of a few recall prompts
 
 
 @dataclass
@@ -61,6 +66,20 @@ def _train_config(cfg: DemoConfig, out: Path, name: str, *extra: str):
     ])
 
 
+def _greedy(model, prompts: list[list[int]]) -> list[list[int]]:
+    """Our cached decoder's greedy continuation of each prompt, one prompt at a time."""
+    import torch
+
+    from megatron_refine.models import generate
+
+    device = next(model.parameters()).device
+    model.eval()
+    tokens = [generate(model, torch.tensor([p], device=device), EXPORT_NEW_TOKENS, greedy=True)[0].tolist()
+              for p in prompts]
+    model.train()
+    return tokens
+
+
 def _run_rank(cfg: DemoConfig, out: Path) -> dict:
     import torch
 
@@ -82,10 +101,51 @@ def _run_rank(cfg: DemoConfig, out: Path) -> dict:
     continued = [f"checkpoint.load={out / 'checkpoints' / 'ntp'}", "checkpoint.finetune=true",
                  f"train_steps={cfg.continue_steps}", "optimizer.warmup_steps=1", f"optimizer.lr={cfg.lr / 3}",
                  f"logging.log_interval={max(1, cfg.continue_steps // 4)}"]
-    run("refine-mid", *continued, "stage=refine-mid")
+    refined = run("refine-mid", *continued, "stage=refine-mid", "refine.every=2")  # NTP steps between REFINE steps
+    prompts = [ByteTokenizer().encode(ex.prompt) for ex in examples[:EXPORT_PROMPTS]]
+    reference = _greedy(refined.model, prompts) if torch.distributed.get_rank() == 0 else None
     run("ntp-continued", *continued)
     return {"runs": runs, "parameters": sum(p.numel() for p in pretrained.model.parameters()),
-            "world": torch.distributed.get_world_size(), "backend": torch.distributed.get_backend()}
+            "world": torch.distributed.get_world_size(), "backend": torch.distributed.get_backend(),
+            "export_prompts": prompts, "export_reference": reference}
+
+
+def _check_hf_export(cfg: DemoConfig, out: Path, prompts: list[list[int]], reference: list[list[int]]) -> dict:
+    """Export the REFINE checkpoint to out/hf/refine-mid, greedy-decode `prompts` from it with transformers, and
+    count the prompts whose tokens equal our decoder's (`reference`, cut after its first EOS: generate stops
+    there). In a process of its own: the CPU runtime and the fla patches stay in it."""
+    import torch
+
+    from megatron_refine.conversion import export_to_hf
+    from megatron_refine.data import ByteTokenizer
+    from megatron_refine.runtime import destroy, initialize
+
+    path, cuda = out / "hf" / "refine-mid", cfg.device == "cuda"
+    initialize(1, 1, 1, 0, device="cpu")
+    export_to_hf(out / "checkpoints" / "refine-mid", path, dtype="bf16" if cuda else "fp32")  # as trained
+    destroy()  # the CPU runtime's torch.cuda patches would break fla's kernels
+    if not cuda:
+        from megatron_refine.conversion.fla_cpu import use_pytorch_references
+
+        use_pytorch_references()
+        torch.set_num_threads(1)  # their many tiny ops run as fast on one thread, and never wait for a busy core
+    import fla  # noqa: F401 - registers delta_net with transformers' Auto classes
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = model.to(cfg.device).eval()
+    tokenizer, eos = ByteTokenizer(), ByteTokenizer.eos_id
+    agree, samples = 0, []
+    for prompt, want in zip(prompts, reference):
+        ids = torch.tensor([prompt], device=cfg.device)
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(want), do_sample=False,
+                             pad_token_id=eos)[0, len(prompt):].tolist()
+        agree += got == (want[: want.index(eos) + 1] if eos in want else want)
+        samples.append(got)
+    return {"path": str(path), "agree": agree, "prompts": len(prompts),
+            "sample": (tokenizer.decode(prompts[0]).rsplit("\n", 1)[-1], tokenizer.decode(samples[0]))}
 
 
 def _plot(curves: dict[str, tuple[list, list]], ylabel: str, title: str, path: Path) -> None:
@@ -130,6 +190,8 @@ def run(cfg: DemoConfig) -> dict:
     print(f"corpus: {meta['num_documents']:,d} documents, {meta['num_tokens']:,d} byte tokens in "
           f"{len(meta['shards'])} shards", flush=True)
     result = spawn(_run_rank, cfg.nproc, cfg, out, timeout=3600)[0]
+    result["hf_export"] = export = spawn(_check_hf_export, 1, cfg, out, result["export_prompts"],
+                                         result["export_reference"], timeout=600)[0]
     runs = result["runs"]
     steps = lambda losses, first=1: list(range(first, first + len(losses)))  # noqa: E731
     _plot({name: (steps(r["losses"], 1 if name == "ntp" else cfg.steps + 1), r["losses"]) for name, r in runs.items()},
@@ -157,6 +219,9 @@ def run(cfg: DemoConfig) -> dict:
         rows.append((name, detail))
     rows += [
         ("recall set", f"{cfg.recall_examples} held-out registries (chance: 0.1% exact, 10% of digits)"),
+        ("hf export", f"{export['path']}: transformers generate == megatron decoder on "
+                      f"{export['agree']}/{export['prompts']} prompts"),
+        ("hf sample", "{!r} -> {!r}".format(*export["sample"])),
         ("checkpoints", str(out / "checkpoints")),
         ("plots", f"{out / 'loss.png'}, {out / 'reward.png'}"),
         ("tensorboard", str(out / "tensorboard")),
@@ -166,4 +231,7 @@ def run(cfg: DemoConfig) -> dict:
     print("\n".join(f"  {k:<{width}} | {v}" for k, v in rows), flush=True)
     if not ntp["losses"][-1] < ntp["losses"][0]:
         raise RuntimeError(f"the demo did not learn: loss {ntp['losses'][0]:.3f} -> {ntp['losses'][-1]:.3f}")
+    if export["agree"] < 0.75 * export["prompts"]:  # a near-tie may flip under other kernels, a bad export flips most
+        raise RuntimeError(f"the Hugging Face export disagrees with the Megatron model: transformers' greedy tokens "
+                           f"equal ours on only {export['agree']}/{export['prompts']} prompts ({export['path']})")
     return result

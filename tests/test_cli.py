@@ -36,12 +36,17 @@ def test_model_info_rejects_an_unknown_config():
         args.func(args)
 
 
-def test_demo_runs_end_to_end_at_small_scale(tmp_path):
+def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
     """The README's main job with a few steps: corpus, 2-rank NTP pretraining, REFINE and matched NTP
-    continuations, recall evaluations, checkpoints, plots."""
+    continuations, recall evaluations, checkpoints, plots, and the Hugging Face export checked by generating."""
     cfg = DemoConfig(out_dir=str(tmp_path), device="cpu", steps=12, continue_steps=4, documents=160, seq_length=64,
                      micro_batch_size=2, hidden_size=32, num_layers=1, recall_examples=4)
-    runs = run(cfg)["runs"]
+    result = run(cfg)
+    runs, export = result["runs"], result["hf_export"]
+    hf = tmp_path / "hf" / "refine-mid"
+    assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
+    assert export["path"] == str(hf) and export["prompts"] == 4 and export["agree"] == 4  # fp32 on both sides
+    assert f"{hf}: transformers generate == megatron decoder on 4/4 prompts" in capsys.readouterr().out
     assert len(runs["ntp"]["losses"]) == 12 and runs["ntp"]["losses"][-1] < runs["ntp"]["losses"][0]
     assert len(runs["refine-mid"]["losses"]) == len(runs["ntp-continued"]["losses"]) == 4
     assert [h["step"] for h in runs["refine-mid"]["refine"]] == [2, 4] and not runs["ntp-continued"]["refine"]

@@ -8,11 +8,10 @@ The mapping works on whole (TP=1) tensors: the checkpoint code reshards before a
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 
-from megatron_refine.models.config import FastWeightConfig, fla_intermediate_size, get_config
+from megatron_refine.conversion.common import check_supported, preset_overrides
+from megatron_refine.models.config import FastWeightConfig, fla_intermediate_size
 
 MODEL_TYPE = "delta_net"
 BASE_PRESET = "deltanet_1p3b"  # imports are written as this preset plus the fields that differ
@@ -106,13 +105,7 @@ def hf_config(cfg: FastWeightConfig, vocab_size: int, token_ids: dict, dtype: to
 
 def megatron_model_args(config: dict) -> tuple[str, dict]:
     """(preset name, FastWeightConfig overrides) for an fla config.json; refuses what our mixer lacks."""
-    if config.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"config.json has model_type {config.get('model_type')!r}; this converter reads fla's "
-                         f"{MODEL_TYPE!r} (DeltaNet) checkpoints")
-    for name, allowed, what in UNSUPPORTED:
-        if config.get(name, allowed[0]) not in allowed:
-            raise ValueError(f"config.json sets {name}={config[name]!r} ({what}), which megatron-refine's DeltaNet "
-                             "mixer does not implement: only plain fla DeltaNet checkpoints convert")
+    check_supported(config, MODEL_TYPE, UNSUPPORTED, "fla's DeltaNet")
     h = config.get("hidden_size", 2048)
     values = dict(
         mixer="deltanet", num_layers=config.get("num_hidden_layers", 24), hidden_size=h,
@@ -128,11 +121,7 @@ def megatron_model_args(config: dict) -> tuple[str, dict]:
         max_position_embeddings=config.get("max_position_embeddings", 2048),
         tie_word_embeddings=config.get("tie_word_embeddings", False),
     )
-    base = get_config(BASE_PRESET)
-    known = {f.name for f in fields(FastWeightConfig)}
-    overrides = {k: v for k, v in values.items() if k in known and getattr(base, k) != v}
-    get_config(BASE_PRESET, **overrides)  # the config's own checks (head divisibility, qk_norm, ...)
-    return BASE_PRESET, overrides
+    return BASE_PRESET, preset_overrides(BASE_PRESET, values)
 
 
 def token_ids(config: dict) -> dict:

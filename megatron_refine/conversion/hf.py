@@ -1,13 +1,14 @@
-"""Megatron dist checkpoints <-> Hugging Face folders, in one CPU process.
+"""Megatron dist checkpoints <-> Hugging Face folders, in one CPU process: DeltaNet <-> fla's `delta_net`
+(`deltanet.py`), LaCT <-> the authors' `lact_swiglu` with our modeling code shipped beside it (`lact.py`).
 
 Export (streamed): the model is built at TP=1 PP=1 on the meta device from the checkpoint's own config (common
 state); its sharded state dict is loaded one group at a time (the embedding, each layer, the final norm, the
-output layer), each from its own chunks of the checkpoint (any saved TP / PP / DP layout), mapped to fla's names and
-appended to safetensors shards planned up front from the meta shapes (`model.safetensors.index.json` past
+output layer), each from its own chunks of the checkpoint (any saved TP / PP / DP layout), mapped to the HF names
+and appended to safetensors shards planned up front from the meta shapes (`model.safetensors.index.json` past
 `max_shard_bytes`), padded vocabulary rows cut. Peak memory: about one layer (or the embedding) twice.
 Import (streamed): config.json gives the Megatron model config; the model is built at TP=1 on the meta device,
 and the dist checkpoint (`train --finetune` loads it at any layout) is planned once from its sharded state dict
-as megatron-core's save would, then written group by group: each group's fla tensors are read from the
+as megatron-core's save would, then written group by group: each group's HF tensors are read from the
 safetensors files (plain reads, no memory map), mapped to Megatron's, padded vocabulary rows zeroed, and appended
 to the checkpoint's data file; the model config is written beside it (`model_config.yaml`). Peak memory: about one
 layer (or the embedding) a few times.
@@ -22,12 +23,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_refine.conversion import deltanet
+from megatron_refine.conversion import deltanet, lact
 
 WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+FORMATS = {"deltanet": deltanet, "lact": lact}  # by mixer
+MODEL_TYPES = {fmt.MODEL_TYPE: fmt for fmt in FORMATS.values()}
 
 
 def _progress(items, desc: str):
@@ -168,7 +171,7 @@ class _ChunkReader:
 
 
 def _hf_tensors(cfg, vocab: int, load, out_dtype: torch.dtype, progress: bool = True):
-    """fla's tensors group by group ({name: tensor} dicts, in file order); `load(prefix)` gives a group's
+    """The Hugging Face tensors group by group ({name: tensor} dicts, in file order); `load(prefix)` gives a group's
     Megatron tensors."""
     def getter(prefix: str):
         group = load(prefix)
@@ -176,7 +179,7 @@ def _hf_tensors(cfg, vocab: int, load, out_dtype: torch.dtype, progress: bool = 
 
     yield {"model.embeddings.weight": getter("embedding.")("embedding.word_embeddings.weight")[:vocab]}
     for i in _progress(range(cfg.num_layers), "export layers") if progress else range(cfg.num_layers):
-        yield deltanet.layer_to_hf(cfg, i, getter(f"decoder.layers.{i}."))
+        yield FORMATS[cfg.mixer].layer_to_hf(cfg, i, getter(f"decoder.layers.{i}."))
     yield {"model.norm.weight": getter("decoder.final_layernorm.")("decoder.final_layernorm.weight")}
     if not cfg.tie_word_embeddings:
         yield {"lm_head.weight": getter("output_layer.")("output_layer.weight")[:vocab]}
@@ -334,16 +337,14 @@ def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = 
         raise ValueError(f"{path} has no model config or vocab size in its common state: only checkpoints written by "
                          "megatron-refine train or convert-from-hf export")
     name, overrides = model_args["config"], dict(model_args.get("overrides") or {})
-    if overrides.get("mixer", _preset_mixer(name)) != "deltanet":
-        raise ValueError(f"{path} holds a LaCT model: its Hugging Face conversion is not implemented yet "
-                         "(DeltaNet only)")
     saved_dtype = dist_checkpointing.load_tensors_metadata(str(path))["embedding.word_embeddings.weight"].dtype
     vocab = common["vocab_size"]
     model = _build(name, overrides, vocab, saved_dtype, meta=True)  # shapes only: weights are loaded per group
     tok = _tokenizer(tokenizer, common)
     ids = _token_ids(tok, common)
     cfg, out_dtype = model.config, DTYPES[dtype]
-    config = deltanet.hf_config(cfg, vocab, ids, out_dtype)  # refuses what fla cannot load before writing
+    fmt = FORMATS[cfg.mixer]
+    config = fmt.hf_config(cfg, vocab, ids, out_dtype)  # refuses what the format cannot express before writing
 
     meta = model.state_dict()
     plan = [(k, tuple(v.shape), v.dtype) for group in _hf_tensors(cfg, vocab, lambda prefix: meta, out_dtype, False)
@@ -360,14 +361,11 @@ def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = 
     generation["_from_model_config"] = True
     (save / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     files += ["config.json", "generation_config.json"]
+    for name in getattr(fmt, "REMOTE_FILES", ()):  # the modeling code config.json's auto_map names
+        shutil.copyfile(fmt.REMOTE_CODE / name, save / name)
+        files.append(name)
     files += _write_tokenizer(save, tok)
     return files
-
-
-def _preset_mixer(name: str) -> str:
-    from megatron_refine.models.config import PRESETS
-
-    return PRESETS.get(name, {}).get("mixer", "deltanet")
 
 
 class _LazyTensors:
@@ -409,7 +407,8 @@ class _LazyTensors:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.entries:
-            raise ValueError(f"the Hugging Face checkpoint lacks {name}: not a complete delta_net model")
+            raise ValueError(f"the Hugging Face checkpoint lacks {name}: an incomplete model, or one whose "
+                             "config.json does not describe it")
         path, dtype, shape, begin, end = self.entries[name]
         out = torch.empty(shape, dtype=dtype)
         if end - begin != out.numel() * out.element_size():
@@ -423,7 +422,7 @@ class _LazyTensors:
 
 
 def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1) -> Path:
-    """A Hugging Face `delta_net` folder -> a Megatron dist checkpoint (`iter_0000000/` + marker) and
+    """A Hugging Face `delta_net` or `lact_swiglu` folder -> a Megatron dist checkpoint (`iter_0000000/` + marker) and
     `model_config.yaml`. `tp` / `pp` only validate the layout (the checkpoint loads at any). Returns the
     checkpoint folder. Needs a single-process runtime (`megatron_refine.runtime.initialize(device="cpu")`)."""
     from megatron_refine.models import get_config
@@ -433,7 +432,11 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
     if not (load / "config.json").is_file():
         raise FileNotFoundError(f"{load / 'config.json'} not found: --load takes a Hugging Face model folder")
     config = json.loads((load / "config.json").read_text())
-    name, overrides = deltanet.megatron_model_args(config)
+    fmt = MODEL_TYPES.get(config.get("model_type"))
+    if fmt is None:
+        raise ValueError(f"config.json has model_type {config.get('model_type')!r}: convert-from-hf reads "
+                         f"{' and '.join(repr(t) for t in MODEL_TYPES)} (fla's DeltaNet, the LaCT authors' model)")
+    name, overrides = fmt.megatron_model_args(config)
     cfg = get_config(name, **overrides)
     if tp < 1 or pp < 1 or cfg.num_attention_heads % tp or cfg.num_layers % pp:
         raise ValueError(f"--tp {tp} --pp {pp} does not divide the model's {cfg.num_attention_heads} heads and "
@@ -451,16 +454,16 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
     tensors = _LazyTensors(load)
     model = _build(name, overrides, vocab, torch.float32, meta=True)  # shapes only: weights are written per group
     cfg = model.config
-    unexpected = tensors.names() - set(deltanet.hf_names(cfg)) - {"lm_head.weight"}
+    unexpected = tensors.names() - set(fmt.hf_names(cfg)) - {"lm_head.weight"}
     if unexpected:
         raise ValueError(f"the Hugging Face checkpoint has tensors this config does not define: "
-                         f"{sorted(unexpected)[:5]} (a config option our DeltaNet mixer lacks?)")
+                         f"{sorted(unexpected)[:5]} (a config option our {cfg.mixer} mixer lacks?)")
     params = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    # The shape each fla tensor must have: this model's own tensors mapped to fla's names, vocabulary cut.
+    # The shape each HF tensor must have: this model's own tensors mapped to HF names, vocabulary cut.
     expected = {"model.embeddings.weight": (vocab, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,),
                 "lm_head.weight": (vocab, cfg.hidden_size)}
     for i in range(cfg.num_layers):
-        expected.update({k: tuple(v.shape) for k, v in deltanet.layer_to_hf(cfg, i, params.__getitem__).items()})
+        expected.update({k: tuple(v.shape) for k, v in fmt.layer_to_hf(cfg, i, params.__getitem__).items()})
 
     def get(name: str) -> torch.Tensor:
         value = tensors.get(name)
@@ -482,7 +485,7 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
         yield {"embedding.word_embeddings.weight": padded("embedding.word_embeddings.weight",
                                                           get("model.embeddings.weight"))}
         for i in _progress(range(cfg.num_layers), "import layers"):
-            yield {k: padded(k, v) for k, v in deltanet.layer_from_hf(cfg, i, get).items()}
+            yield {k: padded(k, v) for k, v in fmt.layer_from_hf(cfg, i, get).items()}
         yield {"decoder.final_layernorm.weight": padded("decoder.final_layernorm.weight", get("model.norm.weight"))}
         if not cfg.tie_word_embeddings:
             yield {"output_layer.weight": padded("output_layer.weight", get("lm_head.weight"))}
@@ -498,7 +501,7 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
         "vocab_size": vocab,
         "model_identity": model_identity(model),
         "tokenizer_hash": None,
-        "hf_token_ids": deltanet.token_ids(config),
+        "hf_token_ids": fmt.token_ids(config),
         "config": {"model": model_args},
     }, groups(), folder)
     (save / MARKER).write_text("0")

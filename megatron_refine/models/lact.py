@@ -71,13 +71,14 @@ def _sharded_param(shape, config: FastWeightConfig, init) -> torch.nn.Parameter:
 
 
 class LowRankFastWeight(torch.nn.Module):
-    """An initial fast weight parameterised as w_left @ w_right + 0.5 I (LaCT's w0_w2_low_rank)."""
+    """An initial fast weight parameterised as w_left @ w_right + 0.5 I (LaCT's w0_w2_low_rank), initialised as the
+    authors do: std gain / sqrt(rank) for w_left, gain / sqrt(in features) for w_right."""
 
     def __init__(self, heads: int, rows: int, cols: int, rank: int, gain: float, config: FastWeightConfig):
         super().__init__()
-        std = gain / math.sqrt(rank)
-        self.w_left = _sharded_param((heads, rows, rank), config, lambda p: torch.nn.init.normal_(p, std=std))
-        self.w_right = _sharded_param((heads, rank, cols), config, lambda p: torch.nn.init.normal_(p, std=std))
+        left, right = gain / math.sqrt(rank), gain / math.sqrt(cols)
+        self.w_left = _sharded_param((heads, rows, rank), config, lambda p: torch.nn.init.normal_(p, std=left))
+        self.w_right = _sharded_param((heads, rank, cols), config, lambda p: torch.nn.init.normal_(p, std=right))
 
     def forward(self) -> torch.Tensor:
         return low_rank_fast_weight(self.w_left, self.w_right)

@@ -1,5 +1,5 @@
 """DeltaNet <-> fla's Hugging Face `delta_net` format: round trips are bitwise, the export's logits in fla's
-DeltaNetForCausalLM (its Triton pieces replaced by PyTorch references: tests/fla_on_cpu.py)
+DeltaNetForCausalLM (its Triton pieces replaced by PyTorch references: megatron_refine.conversion.fla_cpu)
 equal the Megatron model's, an fla-made checkpoint imports and fine-tunes, and bad inputs are named."""
 
 import json
@@ -14,10 +14,10 @@ from megatron_refine.runtime import initialize, spawn
 SEQ = 32
 
 
-def _train_config(corpus, save, *extra):
+def _train_config(corpus, save, *extra, name="tiny-deltanet"):
     from megatron_refine.training import load_config
 
-    return load_config("tiny-deltanet", [
+    return load_config(name, [
         f"data.path={corpus}", f"data.seq_length={SEQ}", "data.micro_batch_size=2", "data.global_batch_size=2",
         "optimizer.warmup_steps=0", "optimizer.lr=3e-2", "logging.log_interval=100", "device=cpu", "train_steps=1",
         f"checkpoint.save={save}", *extra,
@@ -53,7 +53,7 @@ def _logits(model, tokens):
 
 
 def _assert_fla_logits_equal(hf_dir, model, vocab):
-    from fla_on_cpu import use_pytorch_references
+    from megatron_refine.conversion.fla_cpu import use_pytorch_references
     from transformers import AutoModelForCausalLM
 
     use_pytorch_references()
@@ -64,21 +64,28 @@ def _assert_fla_logits_equal(hf_dir, model, vocab):
     torch.testing.assert_close(_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
 
 
-def _export_round_trip(root, tmp, max_shard_bytes):
-    initialize(device="cpu")
-    files = export_to_hf(root, tmp / "hf", max_shard_bytes=max_shard_bytes)
-    assert ("model.safetensors.index.json" in {p.name for p in (tmp / "hf").iterdir()}) == (len(files) > 3)
-    import_from_hf(tmp / "hf", tmp / "back")
-    source, back = _megatron_model(root), _megatron_model(tmp / "back")
+def assert_round_trip_bitwise(root, hf_dir, back):
+    """Import `hf_dir` (exported from `root`) to `back`: every tensor equals the source's, the padded vocabulary
+    rows cut on export come back as zeros. Returns the source model."""
+    import_from_hf(hf_dir, back)
+    source, imported = _megatron_model(root), _megatron_model(back)
     vocab = source.tokenizer_vocab_size
-    for (name, a), b in zip(source.state_dict().items(), back.state_dict().values()):
+    for (name, a), b in zip(source.state_dict().items(), imported.state_dict().values()):
         if not isinstance(a, torch.Tensor):
             continue
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):  # padded rows: cut, then zeros
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             a, padding = a[:vocab], b[vocab:]
             b = b[:vocab]
             assert padding.count_nonzero() == 0, name
         assert torch.equal(a, b), name
+    return source
+
+
+def _export_round_trip(root, tmp, max_shard_bytes):
+    initialize(device="cpu")
+    files = export_to_hf(root, tmp / "hf", max_shard_bytes=max_shard_bytes)
+    assert ("model.safetensors.index.json" in {p.name for p in (tmp / "hf").iterdir()}) == (len(files) > 3)
+    source = assert_round_trip_bitwise(root, tmp / "hf", tmp / "back")
     _assert_fla_logits_equal(tmp / "hf", source, source.tokenizer_vocab_size)
     if max_shard_bytes < 1024**3:
         return
@@ -120,11 +127,25 @@ FLA_CONFIG = dict(vocab_size=257, hidden_size=32, num_heads=2, num_hidden_layers
                   eos_token_id=256, bos_token_id=None, pad_token_id=0, use_gate=True)
 
 
-def _fla_checkpoint_imports_and_finetunes(corpus, tmp):
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
-
+def finetune_and_export(corpus, tmp):
+    """`train --finetune` 2 steps from the import in tmp/imported (its model_config.yaml) to tmp/tuned, then export
+    that to tmp/exported. Called in a process holding a CPU runtime; leaves one."""
     from megatron_refine.runtime import destroy
     from megatron_refine.training import load_config, train
+
+    cfg = load_config(str(tmp / "imported" / "model_config.yaml"), [
+        f"data.path={corpus}", f"data.seq_length={SEQ}", "data.micro_batch_size=2", "data.global_batch_size=2",
+        "optimizer.warmup_steps=0", "logging.log_interval=100", "device=cpu", "train_steps=2",
+        f"checkpoint.load={tmp / 'imported'}", "checkpoint.finetune=true", f"checkpoint.save={tmp / 'tuned'}"])
+    destroy()  # train() sets up its own runtime
+    train(cfg)
+    destroy()
+    initialize(device="cpu")
+    export_to_hf(tmp / "tuned", tmp / "exported")
+
+
+def _fla_checkpoint_imports_and_finetunes(corpus, tmp):
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
     torch.manual_seed(0)
     fla_model = DeltaNetForCausalLM(DeltaNetConfig(**FLA_CONFIG))
@@ -136,15 +157,7 @@ def _fla_checkpoint_imports_and_finetunes(corpus, tmp):
     import_from_hf(tmp / "fla", tmp / "imported", tp=2)
     _assert_fla_logits_equal(tmp / "fla", _megatron_model(tmp / "imported"), 257)
 
-    cfg = load_config(str(tmp / "imported" / "model_config.yaml"), [
-        f"data.path={corpus}", f"data.seq_length={SEQ}", "data.micro_batch_size=2", "data.global_batch_size=2",
-        "optimizer.warmup_steps=0", "logging.log_interval=100", "device=cpu", "train_steps=2",
-        f"checkpoint.load={tmp / 'imported'}", "checkpoint.finetune=true", f"checkpoint.save={tmp / 'tuned'}"])
-    destroy()  # train() sets up its own runtime
-    train(cfg)
-    destroy()
-    initialize(device="cpu")
-    export_to_hf(tmp / "tuned", tmp / "exported")
+    finetune_and_export(corpus, tmp)
     exported = json.loads((tmp / "exported" / "config.json").read_text())
     assert {k: exported[k] for k in ("pad_token_id", "eos_token_id", "use_gate")} == {
         "pad_token_id": 0, "eos_token_id": 256, "use_gate": True}
@@ -162,7 +175,7 @@ def test_fla_checkpoint_imports_finetunes_and_exports(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "llama"}, r"model_type 'llama'; this converter reads fla's 'delta_net'"),
+    ({"model_type": "llama"}, r"model_type 'llama': convert-from-hf reads 'delta_net' and 'lact_swiglu'"),
     ({"attn": {"layers": [1], "num_heads": 2}}, r"sets attn=.*hybrid softmax-attention layers"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu' \(an MLP activation other than SiLU\)"),
     ({"tp": 3}, r"--tp 3 --pp 1 does not divide the model's 2 heads and 2 layers"),
@@ -182,10 +195,10 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "lact_swiglu"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     command = [sys.executable, "tools/convert_from_hf.py", "--load", str(tmp_path), "--save", str(tmp_path / "o")]
     run = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
-        "megatron-refine: error: config.json has model_type 'lact_swiglu'; this converter reads fla's 'delta_net' "
-        "(DeltaNet) checkpoints")
+        "megatron-refine: error: config.json has model_type 'mamba': convert-from-hf reads 'delta_net' and "
+        "'lact_swiglu' (fla's DeltaNet, the LaCT authors' model)")

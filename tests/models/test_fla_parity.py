@@ -1,5 +1,5 @@
 """DeltaNetMixer reproduces fla's `DeltaNet` layer (weights copied across, fla's Triton pieces replaced by
-PyTorch equivalents: tests/fla_on_cpu.py)."""
+PyTorch equivalents: megatron_refine.conversion.fla_cpu)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ HIDDEN, HEADS, T = 32, 2, 11
 
 def _parity(use_gate, qk_activation, use_beta):
     import fla.layers.delta_net as fla_delta_net
-    from fla_on_cpu import use_pytorch_references
+    from megatron_refine.conversion.fla_cpu import use_pytorch_references
     from megatron_modules import tiny_fast_weight_model
 
     use_pytorch_references()

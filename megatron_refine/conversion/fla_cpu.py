@@ -1,0 +1,82 @@
+"""Run fla's DeltaNet layers and models (`DeltaNetForCausalLM`, so a `delta_net` export) on a CPU, with PyTorch
+references for the Triton kernels they call: the delta-rule recurrence, the short causal conv, (gated) RMSNorm and
+SwiGLU. fla 0.6 has no CPU path. The references follow the kernels' definitions, states included, so cached
+`generate` works; they are slow (the delta rule is a loop over tokens), which suits checks and small models.
+
+`use_pytorch_references()` patches fla for the rest of the process: call it in a process of its own (a spawned
+rank, a script). Importing this module changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _per_sequence(run, cu_seqlens, tensors, state, output_final_state):
+    """fla's packed layout ([1, total, ...] pieces, cut at cu_seqlens [N+1]; what an attention mask unpads to) one
+    sequence at a time, each from its row of `state` [N, ...] -> (outputs [1, total, ...], states [N, ...])."""
+    bounds = cu_seqlens.tolist()
+    outs = [run(*(t[:, s:e] for t in tensors), None if state is None else state[n : n + 1])
+            for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    return torch.cat([y for y, _ in outs], 1), (torch.cat([f for _, f in outs]) if output_final_state else None)
+
+
+def _delta_rule(q, k, v, beta, initial_state=None, output_final_state=False, cu_seqlens=None,
+                use_qk_l2norm_in_kernel=False, **_):
+    """chunk_delta_rule / fused_recurrent_delta_rule: q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H], states
+    [N, H, K, V]; fla's naive recurrence."""
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+
+    if use_qk_l2norm_in_kernel:
+        q, k = (t * torch.rsqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
+    if cu_seqlens is not None:
+        run = lambda q, k, v, beta, state: _delta_rule(q, k, v, beta, state, output_final_state)  # noqa: E731
+        return _per_sequence(run, cu_seqlens, (q, k, v, beta), initial_state, output_final_state)
+    o, S = delta_rule_recurrence(*(x.transpose(1, 2) for x in (q, k, v, beta)), initial_state=initial_state,
+                                 output_final_state=output_final_state)
+    return o.transpose(1, 2), S
+
+
+def _causal_conv(conv, x, cache):
+    """x [B, T, D] after the W inputs of `cache` [B, D, W] (zeros when None) -> (the activated depthwise conv
+    [B, T, D], the last W inputs [B, D, W]: the next call's cache)."""
+    W = conv.kernel_size[0]
+    past = x.new_zeros(x.shape[0], x.shape[2], W) if cache is None else cache.to(x.dtype)
+    seq = torch.cat([past, x.transpose(1, 2)], -1)  # [B, D, W + T]
+    y = F.conv1d(seq[..., 1:], conv.weight, conv.bias, groups=conv.groups).transpose(1, 2)
+    return (F.silu(y) if conv.activation in ("silu", "swish") else y), seq[..., -W:].contiguous()
+
+
+def _short_conv(self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None, **_):
+    """ShortConvolution.forward: (act(conv(x)) + residual [B, T, D], the cache [N, D, W] if output_final_state).
+    fla updates a single-token call's cache in place as well; the layers store the returned one, as here."""
+    if mask is not None:  # padding positions enter the conv as zeros
+        x = x * mask.unsqueeze(-1)
+    if cu_seqlens is None:
+        y, state = _causal_conv(self, x, cache)
+    else:
+        y, state = _per_sequence(lambda x, c: _causal_conv(self, x, c), cu_seqlens, (x,), cache, True)
+    return (y if residual is None else y + residual), (state if output_final_state else None)
+
+
+def _rms_norm(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+    x = x if residual is None else x + residual
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+    return (y, x) if prenorm else y
+
+
+def use_pytorch_references() -> None:
+    """Patch fla in this process: its DeltaNet layers and DeltaNetForCausalLM (forward and cached `generate`)
+    then run on the CPU."""
+    import fla  # noqa: F401 - registers delta_net with transformers' Auto classes
+    import fla.layers.delta_net as fla_delta_net
+    from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
+    from fla.modules.mlp import SwiGLULinear
+
+    fla_delta_net.chunk_delta_rule = fla_delta_net.fused_recurrent_delta_rule = _delta_rule
+    ShortConvolution.forward = _short_conv
+    RMSNorm.forward = _rms_norm
+    FusedRMSNormGated.forward = lambda self, x, g, **_: (_rms_norm(self, x).float() * F.silu(g.float())).to(x.dtype)
+    SwiGLULinear.forward = lambda self, x, y, weight, bias: F.linear(F.silu(x) * y, weight, bias)
