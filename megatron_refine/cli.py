@@ -9,6 +9,7 @@ import importlib.util
 import os
 import sys
 import warnings
+from pathlib import Path
 
 # Expected on CPU machines (and without TE / apex): said once per process at import, noise in every rank.
 QUIET_WARNINGS = (
@@ -117,6 +118,8 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, [*args.set, *flags])
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         raise ValueError("--finetune needs --load PATH (the checkpoint folder to take the weights from)")
+    if args.dry_run:
+        return _dry_run(cfg)
     gpus = local_gpus(cfg.device)
     if gpus and args.nproc > gpus and "RANK" not in os.environ:
         raise ValueError(f"--nproc {args.nproc} needs {args.nproc} GPUs (one per rank), this host has {gpus}: "
@@ -125,6 +128,38 @@ def _train(args: argparse.Namespace) -> None:
         spawn(_train_and_report, args.nproc, cfg, timeout=7 * 24 * 3600)
     else:
         _train_and_report(cfg)
+
+
+def _dry_run(cfg) -> None:
+    """Resolve and check a training config without data or devices: the model config at its parallel layout, the
+    parameters counted on the meta device, the tokens a step; print them and the resolved config as YAML."""
+    import json
+
+    import yaml
+
+    from megatron_refine.models import PUBLISHED_VOCAB_SIZE, get_config
+    from megatron_refine.models.summary import parameter_counts
+    from megatron_refine.runtime import destroy, initialize
+
+    par, data = cfg.parallel, cfg.data
+    model = get_config(cfg.model.config, tensor_model_parallel_size=par.tensor_model_parallel_size,
+                       pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+                       sequence_parallel=par.sequence_parallel, **cfg.model.overrides)  # the layout's checks
+    metadata = Path(data.path or ".") / "metadata.json"
+    vocab = json.loads(metadata.read_text())["vocab_size"] if data.path and metadata.is_file() else PUBLISHED_VOCAB_SIZE
+    initialize(device="cpu")
+    try:
+        counts = parameter_counts(get_config(cfg.model.config, **cfg.model.overrides), vocab)
+    finally:
+        destroy()
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    rounds = cfg.refine.mini_batches if cfg.stage == "refine-mid" else 1
+    print(f"# dry run: {cfg.stage}, {model.mixer} {cfg.model.config}: {counts['total']:,d} parameters (vocabulary "
+          f"{vocab:,d}), TP {par.tensor_model_parallel_size} PP {par.pipeline_model_parallel_size} SP "
+          f"{par.sequence_parallel}; {data.global_batch_size} x {data.seq_length} = "
+          f"{data.global_batch_size * data.seq_length:,d} tokens a step"
+          + (f", {rounds * data.global_batch_size} documents a rollout round of {rounds} steps" if rounds > 1 else "")
+          + ("" if data.path else "; data.path is not set (needed to train)"))
 
 
 def _preprocess(args: argparse.Namespace) -> None:
@@ -179,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser("train", help="NTP pretraining, or REFINE mid-training with --stage refine-mid")
-    train.add_argument("--config", help="a YAML file or a built-in name (tiny-deltanet, tiny-lact); default: defaults")
+    train.add_argument("--config", help="a YAML file or a built-in name (tiny-deltanet, tiny-lact, "
+                       "refine-mid-deltanet-1p3b, refine-mid-lact-760m, ntp-mid-deltanet-1p3b, ntp-mid-lact-760m)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field, e.g. --set optimizer.lr=1e-3 --set data.path=shards/")
     train.add_argument("--stage", choices=["pretrain", "refine-mid"],
@@ -191,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, help="local processes to start (without torchrun)")
     train.add_argument("--deterministic", action="store_true",
                        help="bitwise-reproducible runs (deterministic kernels; slower on GPU)")
+    train.add_argument("--dry-run", dest="dry_run", action="store_true",
+                       help="check and print the resolved config and the model's size, then exit (no data, no GPU)")
     train.set_defaults(func=_train)
 
     from megatron_refine.data.preprocess import add_arguments as add_preprocess_arguments
@@ -206,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_info.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default 32000, the published models')")
     model_info.set_defaults(func=_model_info)
 
-    to_hf = sub.add_parser("convert-to-hf", help="a DeltaNet checkpoint (any TP/PP) -> fla's HF delta_net folder")
+    to_hf = sub.add_parser("convert-to-hf", help="a checkpoint (any TP/PP) -> a Hugging Face folder (DeltaNet: fla's delta_net; LaCT: lact_swiglu)")
     to_hf.add_argument("--load", required=True, help="checkpoint folder (holding iter_NNNNNNN/ and the latest marker)")
     to_hf.add_argument("--save", required=True, help="Hugging Face folder to write")
     to_hf.add_argument("--iteration", type=int, help="which iter_NNNNNNN to export (default: the latest)")
@@ -214,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights dtype (default fp32)")
     to_hf.set_defaults(func=_convert_to_hf)
 
-    from_hf = sub.add_parser("convert-from-hf", help="fla's Hugging Face delta_net folder -> a Megatron checkpoint")
+    from_hf = sub.add_parser("convert-from-hf", help="a Hugging Face delta_net (fla) or lact_swiglu (LaCT) folder -> a Megatron checkpoint")
     from_hf.add_argument("--load", required=True, help="Hugging Face folder (config.json + safetensors)")
     from_hf.add_argument("--save", required=True, help="checkpoint folder to write (iter_0000000/, model_config.yaml)")
     from_hf.add_argument("--tp", type=int, default=1, help="the TP size to fine-tune at: checked against the heads")

@@ -1,7 +1,7 @@
-"""Data: tokenizers, the built-in synthetic corpus, tokenized webdataset shards, the packed loader."""
+"""Data: tokenizers, the built-in synthetic corpus, tokenized webdataset shards, the packed and per-document loaders."""
 
 from megatron_refine.data.corpus import RecallExample, generate_documents, key_value_recall_examples
-from megatron_refine.data.loader import LoaderState, PackedLoader
+from megatron_refine.data.loader import DocumentLoader, DocumentLoaderState, LoaderState, PackedLoader
 from megatron_refine.data.preprocess import preprocess, write_builtin_corpus
 from megatron_refine.data.shards import DataError, ShardedDataset
 from megatron_refine.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_from_metadata
@@ -9,6 +9,8 @@ from megatron_refine.data.tokenizers import ByteTokenizer, HFTokenizer, load_tok
 __all__ = [
     "ByteTokenizer",
     "DataError",
+    "DocumentLoader",
+    "DocumentLoaderState",
     "HFTokenizer",
     "LoaderState",
     "PackedLoader",

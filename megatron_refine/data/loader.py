@@ -1,25 +1,35 @@
-"""Packed pretraining batches from tokenized shards: DP-sharded, deterministic, resumable.
+"""Pretraining batches from tokenized shards: DP-sharded, deterministic, resumable; two layouts.
 
-Data-parallel rank r of d reads shards r, r+d, r+2d, ... (in a seeded order that changes each epoch) and
-concatenates their documents (each already ends with EOS) into one token stream, cut into samples of
-seq_length + 1 tokens: inputs are the first seq_length, labels the last seq_length (Megatron's convention;
-consecutive samples overlap by one token). Each batch also carries the document starts of its rows as
-`cu_seqlens` over the B * T input tokens (row-major, every row start included): the model restarts its
-fast-weight state there (`models/packing.py`). A document's EOS belongs to it; the next document starts on
-the token after. The loader's position (epoch, shard, document, leftover tokens and where documents start in
-them) is a small dict that checkpoints save, so a resumed run sees exactly the batches it would have.
+Data-parallel rank r of d reads shards r, r+d, r+2d, ... (in a seeded order that changes each epoch), each
+shard's documents in order, and wraps around into the next epoch (`DocumentStream`). Every sample is
+seq_length + 1 tokens: inputs are the first seq_length, labels the last seq_length (Megatron's convention).
+
+`PackedLoader` (data.layout: packed) concatenates the documents (each already ends with EOS) into one token
+stream cut into samples (consecutive samples overlap by one token). Each batch also carries the document starts
+of its rows as `cu_seqlens` over the B * T input tokens (row-major, every row start included): the model
+restarts its fast-weight state there (`models/packing.py`). A document's EOS belongs to it; the next document
+starts on the token after.
+
+`DocumentLoader` (data.layout: documents) gives each row one document from its first token, truncated to
+seq_length + 1 tokens, as REFINE's mid-training does: a row holds no document boundary, so a GRPO group is
+one document's rollouts. Documents shorter than `min_document_tokens` are skipped (and counted); shorter than
+seq_length + 1 but long enough, they are right-padded with EOS, with no loss on the padding.
+
+The loader's position (epoch, shard, document; packed: leftover tokens and where documents start in them) is
+a small dict that checkpoints save, so a resumed run sees exactly the batches it would have.
 Shards are read in the training process: they are pre-tokenized, so reading is not a bottleneck.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from megatron_refine.data.shards import DataError, ShardedDataset
+from megatron_refine.data.shards import DataError, ShardedDataset, describe_lengths, merge_length_stats
 
 
 @dataclass
@@ -31,7 +41,20 @@ class LoaderState:
     leftover_starts: list[int] = field(default_factory=list)  # indices in `leftover` where a document starts
 
 
-class PackedLoader:
+@dataclass
+class DocumentLoaderState:
+    epoch: int = 0
+    shard: int = 0
+    document: int = 0
+    skipped: int = 0  # documents shorter than min_document_tokens passed over so far (this rank, all epochs)
+
+
+class DocumentStream:
+    """This DP rank's documents, endlessly, and the position in them (`state`) that checkpoints save."""
+
+    layout: str  # the data.layout the subclass implements
+    State: type  # its position, a dataclass
+
     def __init__(
         self,
         dataset: ShardedDataset | str,
@@ -53,7 +76,7 @@ class PackedLoader:
             )
         self.my_shards = names[dp_rank::dp_size]
         self.seq_length, self.micro_batch_size, self.seed = seq_length, micro_batch_size, seed
-        self.state = LoaderState()
+        self.state = self.State()
         self._documents = None  # iterator over the current shard, positioned at state.document
 
     def _shard_order(self, epoch: int) -> list[str]:
@@ -76,6 +99,28 @@ class PackedLoader:
             if self.state.shard == len(self.my_shards):
                 self.state.shard, self.state.epoch = 0, self.state.epoch + 1
         raise DataError(f"the shards of {self.dataset.path} for this rank hold no documents")
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = {f.name for f in dataclasses.fields(self.State)}
+        if set(state) != expected:
+            raise ValueError(
+                f"the checkpoint's data position ({sorted(state)}) is not one of data.layout={self.layout} "
+                f"({sorted(expected)}): resume with the data.layout the checkpoint was trained with, or start this "
+                "layout from its weights with checkpoint.finetune=true"
+            )
+        self.state = self.State(**state)
+        self._documents = None
+
+
+class PackedLoader(DocumentStream):
+    layout, State = "packed", LoaderState
 
     def next_sample(self) -> tuple[np.ndarray, list[int]]:
         """seq_length + 1 consecutive tokens of the stream, and the indices in them where documents start."""
@@ -108,13 +153,71 @@ class PackedLoader:
             "loss_mask": (tokens != self.dataset.eos_id).float(),
         }
 
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
-    def state_dict(self) -> dict:
-        return asdict(self.state)
+class DocumentLoader(DocumentStream):
+    layout, State = "documents", DocumentLoaderState
 
-    def load_state_dict(self, state: dict) -> None:
-        self.state = LoaderState(**state)
-        self._documents = None
+    def __init__(self, dataset: ShardedDataset | str, seq_length: int, micro_batch_size: int, *,
+                 min_document_tokens: int | None = None, pad_short_documents: bool = False, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0):
+        super().__init__(dataset, seq_length, micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+        need = seq_length + 1
+        self.min_document_tokens = need if min_document_tokens is None else min_document_tokens
+        if self.min_document_tokens < 2:
+            raise ValueError(f"min_document_tokens must be >= 2 (an input token and its label), got "
+                             f"{self.min_document_tokens}; leave it unset for seq_length + 1 = {need}")
+        if self.min_document_tokens < need and not pad_short_documents:
+            raise ValueError(f"min_document_tokens ({self.min_document_tokens}) is below seq_length + 1 ({need}): "
+                             "shorter documents fill no row unless pad_short_documents is set")
+        shards = {s["name"]: s for s in self.dataset.metadata["shards"]}
+        self._rank_documents = sum(shards[name]["documents"] for name in self.my_shards)
+        # Every rank checks every rank's shards, so all of them stop together rather than some waiting forever.
+        for rank in range(dp_size):
+            stats = merge_length_stats([shards[name] for name in self.dataset.shard_names[rank::dp_size]])
+            if stats and stats["max_document_tokens"] < self.min_document_tokens:
+                raise DataError(self._none_long_enough(rank if dp_size > 1 else None))
+
+    def _none_long_enough(self, rank: int | None) -> str:
+        where = f"the shards of data-parallel rank {rank} of " if rank is not None else ""
+        return (
+            f"no document in {where}{self.dataset.path} has the {self.min_document_tokens} tokens that data.layout="
+            f"documents needs (min_document_tokens; a row is data.seq_length + 1 = {self.seq_length + 1} tokens of one "
+            f"document). Documents with at least N tokens ({self.dataset.path}/metadata.json): "
+            f"{describe_lengths(merge_length_stats(self.dataset.metadata['shards']))}. Lower data.seq_length, or lower "
+            "data.min_document_tokens with data.pad_short_documents=true, or use data.layout=packed"
+        )
+
+    def summary(self) -> str:
+        """What the start-up log says: the rule, and the data's length statistics."""
+        rule = f"the first {self.seq_length + 1} tokens of each document with >= {self.min_document_tokens} tokens"
+        if self.min_document_tokens <= self.seq_length:
+            rule += f", EOS-padded to {self.seq_length + 1} (no loss on the padding)"
+        return (f"data.layout=documents: one document per row, {rule}; shorter ones are skipped (counted in the "
+                f"loader state's `skipped`). Documents with at least N tokens: "
+                f"{describe_lengths(merge_length_stats(self.dataset.metadata['shards']))}")
+
+    def next_sample(self) -> np.ndarray:
+        """The next document with at least min_document_tokens tokens, cut to its first seq_length + 1."""
+        for _ in range(max(1, self._rank_documents)):  # a whole epoch of this rank's documents, at most
+            document = self._next_document()
+            if document.size >= self.min_document_tokens:
+                return document[: self.seq_length + 1]
+            self.state.skipped += 1
+        raise DataError(self._none_long_enough(None))
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """{'tokens', 'labels', 'loss_mask': [micro_batch, seq_length], 'cu_seqlens': the row starts (one document
+        per row, so no boundary inside one)}"""
+        B, T = self.micro_batch_size, self.seq_length
+        rows = np.full((B, T + 1), self.dataset.eos_id, dtype=np.int64)  # EOS past a short document's end
+        lengths = torch.empty(B, dtype=torch.int64)
+        for b in range(B):
+            document = self.next_sample()
+            rows[b, : document.size], lengths[b] = document, document.size
+        batch = torch.from_numpy(rows)
+        return {
+            "tokens": batch[:, :-1].contiguous(),
+            "labels": batch[:, 1:].contiguous(),
+            "cu_seqlens": torch.arange(0, (B + 1) * T, T, dtype=torch.int64),
+            "loss_mask": (torch.arange(T)[None] < lengths[:, None] - 1).float(),  # 0 where the label is padding
+        }

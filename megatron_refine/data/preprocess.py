@@ -7,7 +7,9 @@ given as files, folders or globs. Each input file becomes its own shards, writte
 checksums is kept, a missing or corrupt shard is rewritten, and anything else that differs from what the
 output folder records is refused: mixing it in would mislabel the data. --overwrite clears the folder's
 shards, records and metadata.json first (only files this tool writes).
-The built-in corpus goes through the same path (--builtin-corpus N writes it as jsonl first).
+The built-in corpus goes through the same path (--builtin-corpus N writes it as jsonl first). At the end it
+reports how many documents have at least 1, 2, 4, ... tokens (recorded in metadata.json too): the documents
+`data.layout: documents` can use at a given sequence length.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from megatron_refine.data.shards import (
     FORMAT_VERSION,
     METADATA,
     DataError,
+    describe_lengths,
     file_sha256,
+    length_stats,
+    merge_length_stats,
+    shard_document_lengths,
     token_dtype,
     write_metadata,
     write_shard,
@@ -130,7 +136,9 @@ def _process_file(path: Path, index: int, out_dir: Path, tokenizer_spec: str, eo
     if done.is_file():
         shards = json.loads(done.read_text())["shards"]
         if all((out_dir / s["name"]).is_file() and file_sha256(out_dir / s["name"]) == s["sha256"] for s in shards):
-            return key, shards
+            # A record from before length statistics: read them from its shards (no re-tokenizing).
+            return key, [s if "documents_at_least" in s
+                         else {**s, **length_stats(shard_document_lengths(out_dir / s["name"]))} for s in shards]
     for stale in out_dir.glob(f"{index:05d}-*.tar*"):  # from an interrupted attempt at this input
         if WRITTEN.fullmatch(stale.name):
             stale.unlink()
@@ -142,7 +150,7 @@ def _process_file(path: Path, index: int, out_dir: Path, tokenizer_spec: str, eo
         name = f"{index:05d}-{len(shards):05d}.tar"
         sha256 = write_shard(out_dir / name, buffer, first_index=index * 10**7 + len(shards) * shard_size)
         shards.append({"name": name, "documents": len(buffer), "tokens": int(sum(d.size for d in buffer)),
-                       "sha256": sha256})
+                       "sha256": sha256, **length_stats([d.size for d in buffer])})
         buffer.clear()
 
     for text in read_documents(path, json_key):
@@ -230,6 +238,7 @@ def preprocess(inputs: list[str], out_dir: str | Path, *, tokenizer: str = "byte
         "eos_id": tok.eos_id,
         "num_documents": sum(s["documents"] for s in shards),
         "num_tokens": sum(s["tokens"] for s in shards),
+        **merge_length_stats(shards),
         "preprocess": {"eos_token": eos_token, "json_key": json_key, "shard_size": shard_size,
                        "inputs": [key for key, _ in results]},
         "shards": shards,
@@ -307,6 +316,8 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("give --input files, or --builtin-corpus N")
     print(f"{meta['num_documents']:,d} documents, {meta['num_tokens']:,d} tokens in {len(meta['shards'])} shards "
           f"-> {Path(args.output_dir) / METADATA}")
+    # How many documents `data.layout: documents` can use at each sequence length (it needs seq_length + 1 tokens).
+    print(f"documents with at least N tokens (EOS included): {describe_lengths(meta)}")
     return meta
 
 

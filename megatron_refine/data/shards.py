@@ -1,8 +1,11 @@
 """Tokenized webdataset shards: one tar sample per document (`tokens.npy`), and `metadata.json` beside them.
 
 metadata.json (format 2): {"format": 2, "tokenizer": {...}, "tokenizer_hash", "vocab_size", "eos_id",
-"num_documents", "num_tokens", "preprocess": {"eos_token", "json_key", "shard_size", "inputs": [{"path", "size",
-"mtime_ns", "sha256"}]}, "shards": [{"name", "documents", "tokens", "sha256"}]}. `preprocess` is what a resumed
+"num_documents", "num_tokens", "max_document_tokens", "documents_at_least", "preprocess": {"eos_token", "json_key",
+"shard_size", "inputs": [{"path", "size", "mtime_ns", "sha256"}]}, "shards": [{"name", "documents", "tokens",
+"sha256", "max_document_tokens", "documents_at_least"}]}. `documents_at_least` counts the documents with at least
+each power of two of tokens (EOS included): {"1": n, "2": n, ..., "16384": n}, what `data.layout: documents`
+can use at a given sequence length (older folders lack both length fields). `preprocess` is what a resumed
 run must match and the command that rewrites the folder; each shard's sha256 is computed as it is written and
 checked when the loader first opens it. Format-1 folders (written before checksums) still load, unverified, with
 `tokenizer_hash` None; preprocessing does not resume into them (`--overwrite` rewrites them). Shards are written
@@ -72,6 +75,42 @@ def write_shard(path: Path, documents: list[np.ndarray], first_index: int) -> st
                 writer.write({"__key__": f"{first_index + i:012d}", "tokens.npy": buffer.getvalue()})
     os.replace(tmp, path)
     return hashing.sha256.hexdigest()
+
+
+def length_stats(lengths: list[int]) -> dict:
+    """The longest document and how many documents have at least 1, 2, 4, ... tokens (up to the longest)."""
+    sizes = np.asarray(lengths, dtype=np.int64)
+    longest = int(sizes.max(initial=0))
+    at_least = {str(1 << i): int((sizes >= 1 << i).sum()) for i in range(longest.bit_length())}
+    return {"max_document_tokens": longest, "documents_at_least": at_least}
+
+
+def merge_length_stats(parts: list[dict]) -> dict:
+    """`length_stats` of several shards, summed; {} when one of them predates length statistics."""
+    if not all("documents_at_least" in p for p in parts):
+        return {}
+    at_least: dict[str, int] = {}
+    for part in parts:
+        for size, count in part["documents_at_least"].items():
+            at_least[size] = at_least.get(size, 0) + count
+    return {"max_document_tokens": max((p["max_document_tokens"] for p in parts), default=0),
+            "documents_at_least": dict(sorted(at_least.items(), key=lambda item: int(item[0])))}
+
+
+def describe_lengths(stats: dict) -> str:
+    """'>=1: 40, ..., >=16K: 3 (longest 20,001)' from `length_stats`; what an older folder lacks, said so."""
+    if "documents_at_least" not in stats:
+        return "not recorded (preprocessed by an older version: re-running its preprocess command adds them)"
+    sizes = {int(size): count for size, count in stats["documents_at_least"].items()}
+    counts = ", ".join(f">={f'{s // 1024}K' if s >= 1024 else s}: {count:,d}" for s, count in sizes.items())
+    return f"{counts} (longest {stats['max_document_tokens']:,d})"
+
+
+def shard_document_lengths(path: Path) -> list[int]:
+    """The token count of every document in a shard, read from the tar directly (no metadata needed)."""
+    with tarfile.open(path) as tar:
+        return [np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False).size
+                for m in tar if m.name.endswith(".tokens.npy")]
 
 
 def write_metadata(out_dir: Path, metadata: dict) -> None:

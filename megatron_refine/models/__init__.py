@@ -2,10 +2,17 @@
 
 from megatron_refine.models.config import PRESETS, PUBLISHED_VOCAB_SIZE, FastWeightConfig, get_config
 from megatron_refine.models.deltanet import DeltaNetCache, DeltaNetMixer, DeltaNetSubmodules
-from megatron_refine.models.generation import generate, sample_tokens
+from megatron_refine.models.generation import generate, sample_tokens, sampling_logits
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, InferenceCache
 from megatron_refine.models.lact import LaCTCache, LaCTMixer, LaCTSubmodules
-from megatron_refine.models.model import BranchOutput, FastWeightGPTModel, build_model, frozen_copy, padded_vocab_size
+from megatron_refine.models.model import (
+    BranchOutput,
+    FastWeightGPTModel,
+    build_model,
+    frozen_copy,
+    mask_padded_vocab,
+    padded_vocab_size,
+)
 from megatron_refine.models.packing import Packing, packed_seq_params
 from megatron_refine.models.specs import get_block_spec, get_deltanet_layer_spec, get_lact_layer_spec
 
@@ -33,7 +40,9 @@ __all__ = [
     "get_config",
     "get_deltanet_layer_spec",
     "get_lact_layer_spec",
+    "mask_padded_vocab",
     "packed_seq_params",
     "padded_vocab_size",
     "sample_tokens",
+    "sampling_logits",
 ]

@@ -27,6 +27,15 @@ def sample_tokens(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def sampling_logits(logits: torch.Tensor, vocab_size: int, banned: int | None = None) -> torch.Tensor:
+    """What the decoder samples from: vocab-parallel logits [N, V/t] -> the real vocabulary's [N, vocab_size] on
+    every TP rank, with the `banned` id (REFINE's rollouts: EOS) at -inf. The logits themselves are unchanged."""
+    full = gather_from_tensor_model_parallel_region(logits)[:, :vocab_size]
+    if banned is None:
+        return full
+    return full.index_fill(-1, torch.tensor([banned], device=full.device), -torch.inf)
+
+
 def same_on_tp_ranks(tokens: torch.Tensor) -> torch.Tensor:
     """Every TP rank must feed the same tokens: take tensor-parallel rank 0's."""
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
@@ -59,7 +68,7 @@ def generate(
     logits, cache = out.logits[:, -1], out.cache
     tokens = []
     for i in range(max_new_tokens):
-        full = gather_from_tensor_model_parallel_region(logits)[:, : model.tokenizer_vocab_size]
+        full = sampling_logits(logits, model.tokenizer_vocab_size)
         next_tokens = same_on_tp_ranks(
             sample_tokens(full, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator)
         )

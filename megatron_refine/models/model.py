@@ -9,6 +9,9 @@ whole model on one pipeline stage:
 - `step(input_ids, cache)`: one token for each of N rows, from an `InferenceCache` (the decoder);
 - `forward_from_cache(input_ids, cache)`: the training forward over L new tokens per row, each row starting
   from the cache (REFINE scores its rollouts with it; it must agree with the decoder).
+
+Every logit the model makes (GPTModel's forward and loss, the three entry points) is over the tokenizer's
+vocabulary: the columns of Megatron's vocabulary padding are -inf (`mask_padded_vocab`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel.utils import VocabUtility
 
 from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, InferenceCache
@@ -59,6 +63,12 @@ class FastWeightGPTModel(GPTModel):
             vp_stage=vp_stage,
         )
         self.tokenizer_vocab_size = vocab_size
+        if self.post_process:  # every logit passes the output layer: the padding leaves the distribution there
+            self.output_layer.register_forward_hook(self._mask_padded_logits)
+
+    def _mask_padded_logits(self, layer, inputs, output):
+        logits, bias = output  # [s, b, V/t]
+        return mask_padded_vocab(logits, self.tokenizer_vocab_size), bias
 
     @property
     def mixers(self) -> list[torch.nn.Module]:
@@ -149,6 +159,18 @@ def frozen_copy(model: FastWeightGPTModel) -> FastWeightGPTModel:
     copy.load_state_dict(model.state_dict())
     device = next(model.parameters()).device
     return copy.to(device).eval().requires_grad_(False)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """This TP rank's vocabulary slice of logits [..., V/t] with the ids >= vocab_size (Megatron's padding) at
+    -inf, in place: every softmax over them is then the real vocabulary's, exactly, and the padding rows of the
+    output layer get no gradient. Only the rank(s) whose slice holds padding ids change anything."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(
+        logits.shape[-1], parallel_state.get_tensor_model_parallel_rank(), tp)
+    if end > vocab_size:
+        logits[..., max(vocab_size - start, 0):] = -torch.inf
+    return logits
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tp: int = 1) -> int:

@@ -12,12 +12,16 @@ from megatron_refine.refine.selection import (
 )
 from megatron_refine.refine.step import (
     Rollouts,
+    StoredRollouts,
     branch_starts,
     check_logprob_parity,
     logprob_parity,
     masked_mean,
+    policy_loss,
+    ppo_update_loss,
     refine_loss,
     roll_out,
+    rollout_round,
     select,
 )
 from megatron_refine.refine.vocab import vocab_parallel_entropy, vocab_parallel_log_probs
@@ -27,6 +31,7 @@ __all__ = [
     "REWARDS",
     "RefineConfig",
     "Rollouts",
+    "StoredRollouts",
     "branch_starts",
     "check_logprob_parity",
     "eligible_positions",
@@ -35,9 +40,12 @@ __all__ = [
     "logprob_parity",
     "masked_mean",
     "min_sequence_length",
+    "policy_loss",
     "ppo_clipped_loss",
+    "ppo_update_loss",
     "refine_loss",
     "roll_out",
+    "rollout_round",
     "rollout_rewards",
     "select",
     "select_positions",

@@ -32,9 +32,11 @@ def ppo_clipped_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token dual-clip PPO loss and a per-token "clipped" flag (same shapes as the inputs).
 
-    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), and for A < 0 at most -A * dual_clip.
+    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), and for A < 0 at most -A * dual_clip. The log-ratio
+    is clamped to [-20, 20] before exp, as in the release (verl): a far off-policy token gives a finite ratio
+    and no gradient, never inf or NaN.
     """
-    ratio = torch.exp(log_probs - old_log_probs)
+    ratio = torch.exp(torch.clamp(log_probs - old_log_probs, -20.0, 20.0))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     loss = torch.maximum(unclipped, clipped)

@@ -9,9 +9,13 @@ MODES = ("entropy", "uniform", "argmax", "argmin")
 
 
 def smooth_entropy(entropy: torch.Tensor, k: int) -> torch.Tensor:
-    """Centred moving average over positions, window k (k + 1 when k is even), stride 1; [B, T] -> [B, T]."""
+    """Centred moving average over positions, window k (k + 1 when k is even), stride 1; [B, T] -> [B, T].
+
+    As in the release, the zero padding at the two ends counts in the mean (count_include_pad=True). Those
+    window // 2 <= k edge positions lie inside the selection margins (>= k), so no draw depends on them.
+    """
     window = k + 1 if k % 2 == 0 else k
-    return F.avg_pool1d(entropy[:, None], window, stride=1, padding=window // 2, count_include_pad=False)[:, 0]
+    return F.avg_pool1d(entropy[:, None], window, stride=1, padding=window // 2, count_include_pad=True)[:, 0]
 
 
 def min_sequence_length(n_chunks: int, margin: int) -> int:

@@ -7,6 +7,8 @@ loss and the first rollout token. The decoder samples the other k - 1 tokens wit
 forward then scores all k from the branch states (`forward_from_cache`, the chunked kernels), and the two
 paths' log-probs are compared every step (`logprob_diff_*`): a drift between them would bias GRPO silently.
 No prefix is ever re-encoded. With packed documents every rollout starts and ends inside one document.
+All softmaxes are over the tokenizer's vocabulary (the model masks Megatron's padding), and as in the release
+a rollout never samples EOS (min_new_tokens = k); its log-probs are still the model's, EOS included.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_refine.models.generation import same_on_tp_ranks, sample_tokens
+from megatron_refine.models.generation import same_on_tp_ranks, sample_tokens, sampling_logits
 from megatron_refine.models.packing import Packing
 from megatron_refine.refine.config import RefineConfig
 from megatron_refine.refine.grpo import grpo_advantages, k3_kl, ppo_clipped_loss
@@ -62,35 +63,44 @@ def branch_starts(out, positions: torch.Tensor, n: int):
     return logits, (out.cache.repeat_interleave(n) if n > 1 else out.cache)
 
 
-def roll_out(model, out, positions: torch.Tensor, cfg: RefineConfig, generator: torch.Generator) -> Rollouts:
-    """k tokens from every branch state (n samples each): sampled by the decoder, scored by the training forward."""
+def roll_out(model, out, positions: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
+             eos_id: int | None = None) -> Rollouts:
+    """k tokens from every branch state (n samples each): sampled by the decoder, scored by the training forward.
+    eos_id: never sampled (every rollout has k tokens, as the release's min_new_tokens = k); None bans nothing."""
     first_logits, cache = branch_starts(out, positions, cfg.n)  # in the graph
+    if cfg.detach_prefix:  # the ablation: no policy gradient into the prefix's forward and fast-weight writes
+        first_logits, cache = first_logits.detach(), cache.detach()
     tokens, sampler_log_probs = [], []
     with torch.no_grad():
         logits, decoding = first_logits.detach(), cache.detach()
         for j in range(cfg.k):
-            full = gather_from_tensor_model_parallel_region(logits)
+            full = sampling_logits(logits, model.tokenizer_vocab_size, banned=eos_id)
             token = same_on_tp_ranks(sample_tokens(full, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator))
             tokens.append(token)
             sampler_log_probs.append(vocab_parallel_log_probs(logits, token))
             if j < cfg.k - 1:
                 logits, _ = model.step(token, decoding)
     tokens = torch.stack(tokens, 1)  # [R, k]
-    logits, hidden = model.forward_from_cache(tokens, cache)  # [R, k, V/t]: predictions after each rollout token
-    log_probs = torch.cat([vocab_parallel_log_probs(first_logits, tokens[:, 0])[:, None],
-                           vocab_parallel_log_probs(logits[:, :-1], tokens[:, 1:])], dim=1)
+    log_probs, hidden = rollout_log_probs(model, first_logits, cache, tokens)
     return Rollouts(positions, tokens, log_probs, torch.stack(sampler_log_probs, 1), hidden.detach())
 
 
-def reference_log_probs(ref_model, tokens: torch.Tensor, rollouts: Rollouts, n: int,
-                        packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+def rollout_log_probs(model, first_logits: torch.Tensor, cache, tokens: torch.Tensor):
+    """The training forward's log-probs [R, k] of rollout tokens [R, k] from their branch starts (the logits
+    predicting the first token, the states after the prefix), differentiable through both, and the hidden
+    states [R, k, h] after each token (`forward_from_cache`: the chunked kernels from the branch states)."""
+    logits, hidden = model.forward_from_cache(tokens, cache)  # [R, k, V/t]: predictions after each rollout token
+    log_probs = torch.cat([vocab_parallel_log_probs(first_logits, tokens[:, 0])[:, None],
+                           vocab_parallel_log_probs(logits[:, :-1], tokens[:, 1:])], dim=1)
+    return log_probs, hidden
+
+
+def reference_log_probs(ref_model, tokens: torch.Tensor, positions: torch.Tensor, rollout_tokens: torch.Tensor,
+                        n: int, packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
     """The frozen reference's log-probs of the same rollout tokens, by the same branched training forward."""
     with torch.no_grad():
-        out = ref_model.forward_with_branch_states(tokens, rollouts.positions, packed_seq_params)
-        first_logits, cache = branch_starts(out, rollouts.positions, n)
-        logits, _ = ref_model.forward_from_cache(rollouts.tokens, cache)
-        return torch.cat([vocab_parallel_log_probs(first_logits, rollouts.tokens[:, 0])[:, None],
-                          vocab_parallel_log_probs(logits[:, :-1], rollouts.tokens[:, 1:])], dim=1)
+        out = ref_model.forward_with_branch_states(tokens, positions, packed_seq_params)
+        return rollout_log_probs(ref_model, *branch_starts(out, positions, n), rollout_tokens)[0]
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -125,59 +135,147 @@ def check_logprob_parity(metrics: dict[str, float], tolerance: float, step: int)
     return False
 
 
+def group_advantages(cfg: RefineConfig, positions: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor,
+                     truth_hidden_states: torch.Tensor, rollout_tokens: torch.Tensor, rollout_hidden: torch.Tensor):
+    """Rewards [R] of the rollouts against the true continuations, which of them count [R] (`valid`, per
+    position, repeated n times), and their GRPO advantages [R, k]. Groups: the n_chunks rollouts of one row
+    (n = 1), or the n rollouts of one position; with packed documents a row's group spans its documents, like
+    the positions of one long document do."""
+    B, P = positions.shape
+    R, k = rollout_tokens.shape
+    b = torch.arange(B, device=labels.device)[:, None, None]
+    steps = positions[..., None] + torch.arange(k, device=labels.device)  # [B, P, k]
+    truth = labels[b, steps].flatten(0, 1).repeat_interleave(cfg.n, dim=0)  # x_{p+1..p+k}
+    truth_hidden = truth_hidden_states[b, steps + 1].flatten(0, 1).repeat_interleave(cfg.n, dim=0)  # after x_{p+j}
+    rewards = rollout_rewards(cfg.reward, rollout_tokens, truth, rollout_hidden, truth_hidden)  # [R]
+    mask = valid.reshape(-1).repeat_interleave(cfg.n)  # [R]
+    group_shape = (B, P * cfg.n) if cfg.n == 1 else (B * P, cfg.n)
+    advantages = grpo_advantages(rewards.view(group_shape), mask=mask.view(group_shape)).reshape(R, 1).expand(R, k)
+    return rewards, mask, advantages
+
+
+def token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of per-token values [R, k] over every DP rank's counted rollout tokens (mask [R]), as this rank's
+    share: DDP averages gradients over DP, so each rank's sum is scaled by DP size / the global count."""
+    total = (mask.sum() * per_token.shape[1]).to(torch.float32).clone()
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    scale = parallel_state.get_data_parallel_world_size() / total.clamp(min=1)
+    return (per_token * mask[:, None].to(per_token.dtype)).sum() * scale
+
+
+def policy_loss(cfg: RefineConfig, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The dual-clip PPO loss as a token mean over every DP rank's counted rollout tokens (DDP then averages
+    gradients over DP), and its statistics against the old log-probs: clipped fraction, approximate (k3) KL
+    between old and new policy, mean ratio. log_probs, old_log_probs, advantages [R, k]; mask [R]."""
+    per_token, clipped = ppo_clipped_loss(log_probs, old_log_probs, advantages,
+                                          eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip)
+    zero = torch.zeros((), device=log_probs.device)
+    new = log_probs.detach()[mask]
+    old = old_log_probs[mask]
+    stats = {
+        "clip_fraction": clipped[mask].mean() if mask.any() else zero,
+        "approx_kl": k3_kl(new, old).mean() if mask.any() else zero,
+        "ppo_ratio_mean": (new - old).exp().mean() if mask.any() else zero + 1,
+        "rollout_tokens": (mask.sum() * log_probs.shape[1]).float(),
+    }
+    return token_mean(per_token, mask), stats
+
+
 def refine_loss(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
                 ref_model=None, packed_seq_params: PackedSeqParams | None = None, loss_mask: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The REFINE objective on documents tokens [B, T] (labels = next tokens): sft * NTP + ppo * PG (+ kl * KL).
+                eos_id: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The on-policy REFINE objective on documents tokens [B, T] (labels = next tokens): sft * NTP + ppo * PG
+    (+ kl * KL), the rollouts sampled and scored by this very forward (refine.mini_batches = 1).
 
     packed_seq_params: document starts of packed rows (models/packing.py); rollouts then start and end
     inside one document and branch from that document's own state.
     loss_mask [B, T]: the NTP loss's per-token weights (e.g. Megatron's eod_mask_loss), a mean over them.
+    eos_id: the tokenizer's EOS, which rollouts never sample (None: no id banned).
     """
     t0 = time.perf_counter()
     positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params)
     t1 = time.perf_counter()
     out = model.forward_with_branch_states(tokens, positions, packed_seq_params)
     ntp = masked_mean(-vocab_parallel_log_probs(out.logits, labels), loss_mask)
-    rollouts = roll_out(model, out, positions, cfg, generator)
+    rollouts = roll_out(model, out, positions, cfg, generator, eos_id)
     t2 = time.perf_counter()
-
-    B, P = positions.shape
-    R, k = rollouts.tokens.shape
-    b = torch.arange(B, device=tokens.device)[:, None, None]
-    steps = positions[..., None] + torch.arange(k, device=tokens.device)  # [B, P, k]
-    truth = labels[b, steps].flatten(0, 1).repeat_interleave(cfg.n, dim=0)  # x_{p+1..p+k}
-    truth_hidden = out.hidden.detach()[b, steps + 1].flatten(0, 1).repeat_interleave(cfg.n, dim=0)  # after x_{p+j}
-    rewards = rollout_rewards(cfg.reward, rollouts.tokens, truth, rollouts.hidden, truth_hidden)  # [R]
-    # Groups: the n_chunks rollouts of one row (n = 1), or the n rollouts of one position. With packed
-    # documents a row's group spans its documents, like the positions of one long document do.
-    mask = valid.reshape(-1).repeat_interleave(cfg.n)  # [R]
-    group_shape = (B, P * cfg.n) if cfg.n == 1 else (B * P, cfg.n)
-    advantages = grpo_advantages(rewards.view(group_shape), mask=mask.view(group_shape)).reshape(R, 1).expand(R, k)
-    per_token, clipped = ppo_clipped_loss(rollouts.log_probs, rollouts.log_probs.detach(), advantages,
-                                          eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip)
-    token_mask = mask[:, None].to(per_token.dtype)  # [R, 1]
-    # Token mean over every DP rank's rollout tokens (DDP then averages gradients over DP).
-    dp_group = parallel_state.get_data_parallel_group()
-    counted = mask.sum() * k
-    total = counted.to(torch.float32).clone()
-    torch.distributed.all_reduce(total, group=dp_group)
-    scale = parallel_state.get_data_parallel_world_size() / total.clamp(min=1)
-    pg = (per_token * token_mask).sum() * scale
+    rewards, mask, advantages = group_advantages(cfg, positions, valid, labels, out.hidden.detach(),
+                                                 rollouts.tokens, rollouts.hidden)
+    pg, stats = policy_loss(cfg, rollouts.log_probs, rollouts.log_probs.detach(), advantages, mask)
     loss = cfg.sft_coef * ntp + cfg.ppo_coef * pg
     kl = torch.zeros((), device=tokens.device)
     if ref_model is not None:
-        ref = reference_log_probs(ref_model, tokens, rollouts, cfg.n, packed_seq_params)
-        kl = (k3_kl(rollouts.log_probs, ref) * token_mask).sum() * scale
+        ref = reference_log_probs(ref_model, tokens, positions, rollouts.tokens, cfg.n, packed_seq_params)
+        kl = token_mean(k3_kl(rollouts.log_probs, ref), mask)
         loss = loss + cfg.kl_coef * kl
-    counted_rewards = rewards[mask]
-    metrics = {
-        "ntp_loss": ntp.detach(), "pg_loss": pg.detach(), "kl": kl.detach(),
-        "reward_mean": counted_rewards.mean() if counted_rewards.numel() else torch.zeros(()),
-        "reward_std": counted_rewards.std() if counted_rewards.numel() > 1 else torch.zeros(()),
-        "selected_entropy": selected_entropy[valid].mean() if valid.any() else torch.zeros(()),
-        "clip_fraction": clipped[mask].mean() if mask.any() else torch.zeros(()),
-        "rollout_tokens": counted.float(), "time_select": torch.tensor(t1 - t0),
-        "time_rollout": torch.tensor(t2 - t1), **logprob_parity(rollouts, mask),
+    metrics = {"ntp_loss": ntp, "pg_loss": pg, "kl": kl, **stats,
+               **_rollout_metrics(rewards, mask, selected_entropy, valid, rollouts, t1 - t0, t2 - t1)}
+    return loss, {name: v.detach().float().to(tokens.device) for name, v in metrics.items()}
+
+
+def _rollout_metrics(rewards, mask, selected_entropy, valid, rollouts: Rollouts, select_s: float,
+                     rollout_s: float) -> dict[str, torch.Tensor]:
+    counted = rewards[mask]
+    zero = torch.zeros((), device=rewards.device)
+    return {
+        "reward_mean": counted.mean() if counted.numel() else zero,
+        "reward_std": counted.std() if counted.numel() > 1 else zero,
+        "selected_entropy": selected_entropy[valid].mean() if valid.any() else zero,
+        "time_select": torch.tensor(select_s), "time_rollout": torch.tensor(rollout_s),
+        **logprob_parity(rollouts, mask),
     }
+
+
+@dataclass
+class StoredRollouts:
+    """One micro-batch's share of a rollout round (refine.mini_batches > 1), kept without a graph for its PPO
+    update: where the rollouts branch, their tokens, the round's (old) log-probs and advantages."""
+
+    positions: torch.Tensor  # [B, P]
+    tokens: torch.Tensor  # [R, k]
+    old_log_probs: torch.Tensor  # [R, k], the training forward's at the round's policy
+    advantages: torch.Tensor  # [R, k]
+    mask: torch.Tensor  # [R], the rollouts that count
+    metrics: dict[str, torch.Tensor]  # rewards, selection and log-prob parity of the round
+
+
+def rollout_round(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
+                  packed_seq_params: PackedSeqParams | None = None, eos_id: int | None = None) -> StoredRollouts:
+    """Select, branch, sample, score and take the old log-probs of one micro-batch, without a graph: the rollout
+    half of a step, stored for the `mini_batches` PPO updates that follow (`ppo_update_loss`)."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params)
+        t1 = time.perf_counter()
+        out = model.forward_with_branch_states(tokens, positions, packed_seq_params)
+        rollouts = roll_out(model, out, positions, cfg, generator, eos_id)
+        t2 = time.perf_counter()
+        rewards, mask, advantages = group_advantages(cfg, positions, valid, labels, out.hidden, rollouts.tokens,
+                                                     rollouts.hidden)
+    metrics = _rollout_metrics(rewards, mask, selected_entropy, valid, rollouts, t1 - t0, t2 - t1)
+    return StoredRollouts(positions, rollouts.tokens, rollouts.log_probs, advantages.contiguous(), mask,
+                          {name: v.float().to(tokens.device) for name, v in metrics.items()})
+
+
+def ppo_update_loss(model, tokens: torch.Tensor, labels: torch.Tensor, stored: StoredRollouts, cfg: RefineConfig,
+                    ref_model=None, packed_seq_params: PackedSeqParams | None = None,
+                    loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One PPO update over a stored rollout round's micro-batch: a fresh forward over the documents gives the NTP
+    loss and the branch states after the stored positions, from which the current policy's log-probs of the
+    stored rollout tokens are recomputed; the ratio to the round's log-probs is clipped as in the release."""
+    out = model.forward_with_branch_states(tokens, stored.positions, packed_seq_params)
+    ntp = masked_mean(-vocab_parallel_log_probs(out.logits, labels), loss_mask)
+    first_logits, cache = branch_starts(out, stored.positions, cfg.n)
+    if cfg.detach_prefix:
+        first_logits, cache = first_logits.detach(), cache.detach()
+    log_probs, _ = rollout_log_probs(model, first_logits, cache, stored.tokens)
+    pg, stats = policy_loss(cfg, log_probs, stored.old_log_probs, stored.advantages, stored.mask)
+    loss = cfg.sft_coef * ntp + cfg.ppo_coef * pg
+    kl = torch.zeros((), device=tokens.device)
+    if ref_model is not None:
+        ref = reference_log_probs(ref_model, tokens, stored.positions, stored.tokens, cfg.n, packed_seq_params)
+        kl = token_mean(k3_kl(log_probs, ref), stored.mask)
+        loss = loss + cfg.kl_coef * kl
+    metrics = {**stored.metrics, "ntp_loss": ntp, "pg_loss": pg, "kl": kl, **stats}
     return loss, {name: v.detach().float().to(tokens.device) for name, v in metrics.items()}

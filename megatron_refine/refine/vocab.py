@@ -1,7 +1,8 @@
 """Log-probabilities and entropies from vocab-parallel logits [..., V/t], without gathering the vocabulary.
 
 megatron-core's vocab_parallel_cross_entropy subtracts the max from its input in place; these leave the
-logits untouched (REFINE reads the same logits for NTP, selection and the first rollout token).
+logits untouched (REFINE reads the same logits for NTP, selection and the first rollout token). The model's
+logits are -inf on the vocabulary padding (`models.mask_padded_vocab`): those columns count for nothing here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def vocab_parallel_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torc
     local = logits.shape[-1]
     index = tokens - parallel_state.get_tensor_model_parallel_rank() * local
     here = (index >= 0) & (index < local)
-    picked = z.gather(-1, index.clamp(0, local - 1)[..., None])[..., 0] * here
+    picked = torch.where(here, z.gather(-1, index.clamp(0, local - 1)[..., None])[..., 0], 0.0)  # may read -inf
     return reduce_from_tensor_model_parallel_region(picked) - log_norm
 
 
@@ -35,7 +36,7 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of softmax(logits) over the full vocabulary: [..., V/t] -> [...] (fp32)."""
     z = logits.float() - _global_max(logits)[..., None]
     e = z.exp()
-    sums = torch.stack([e.sum(-1), (e * z).sum(-1)])
+    sums = torch.stack([e.sum(-1), torch.where(e > 0, e * z, 0.0).sum(-1)])  # 0 * -inf: 0, not NaN
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(sums, group=parallel_state.get_tensor_model_parallel_group())
     return sums[0].log() - sums[1] / sums[0]

@@ -40,6 +40,40 @@ class DataArgs:
     # No loss where the input is a document's EOS (its label is the next document's first token, which a
     # model reset at the boundary cannot know): Megatron-LM's --eod-mask-loss. Off by default, as there.
     eod_mask_loss: bool = False
+    # packed: documents concatenated into rows (the two options above). documents: each row is the first
+    # seq_length + 1 tokens of one document, as REFINE's mid-training data (a GRPO group is then one document's
+    # rollouts); no row holds a document boundary, so the two options above do not apply.
+    layout: str = "packed"
+    # documents: skip (and count) documents with fewer tokens, EOS included; null: seq_length + 1, as the paper's
+    # release (documents of >= 16,384 tokens truncated to 16,384). Below that needs pad_short_documents.
+    min_document_tokens: int | None = None
+    # documents: right-pad documents shorter than seq_length + 1 tokens (and >= min_document_tokens) with EOS,
+    # with no loss on the padding.
+    pad_short_documents: bool = False
+
+    def validate(self, stage: str) -> None:
+        layouts = ("packed", "documents")
+        if self.layout not in layouts:
+            raise ValueError(f"data.layout must be one of {layouts}, got {self.layout!r}: packed concatenates "
+                             "documents into rows, documents gives each row one document")
+        if self.layout == "packed" and (self.min_document_tokens is not None or self.pad_short_documents):
+            raise ValueError("data.min_document_tokens and data.pad_short_documents apply to data.layout=documents: "
+                             "set data.layout=documents, or leave them unset")
+        if self.min_document_tokens is None:
+            return
+        need = self.seq_length + 1
+        if self.min_document_tokens < 2:
+            raise ValueError(f"data.min_document_tokens must be >= 2 (an input token and its label), got "
+                             f"{self.min_document_tokens}; leave it unset for data.seq_length + 1 = {need}")
+        if self.min_document_tokens < need and not self.pad_short_documents:
+            raise ValueError(f"data.min_document_tokens ({self.min_document_tokens}) is below data.seq_length + 1 "
+                             f"({need}): a row is seq_length + 1 tokens, so set data.pad_short_documents=true to pad "
+                             "shorter documents, or leave data.min_document_tokens unset to skip them")
+        if self.min_document_tokens < need and stage == "refine-mid":
+            # With no document boundary in the row, REFINE's selection cannot tell the padding from the document.
+            raise ValueError(f"stage refine-mid with padded rows (data.min_document_tokens {self.min_document_tokens} "
+                             f"< data.seq_length + 1 = {need}) would branch rollouts inside the padding: leave "
+                             "data.min_document_tokens unset (no padding), or pad only for NTP (stage pretrain)")
 
 
 @dataclass
@@ -54,6 +88,9 @@ class OptimizerArgs:
     lr_decay_style: str = "cosine"  # cosine, linear, constant (Megatron's OptimizerParamScheduler)
     lr_decay_steps: int | None = None  # default: train_steps
     use_distributed_optimizer: bool | None = None  # default: on with CUDA, off on CPU
+    # Weight decay on every parameter, norms and biases included, as the REFINE release's AdamW does; false keeps
+    # Megatron's rule (no decay on 1-D parameters and biases).
+    decay_norms_and_biases: bool = False
 
 
 @dataclass
@@ -120,13 +157,39 @@ class TrainConfig:
             value = functools.reduce(getattr, key.split("."), self)
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        self.data.validate(self.stage)
         self.refine.validate()
+        rounds = self.refine.mini_batches
+        if self.stage == "refine-mid" and rounds > 1:  # a checkpoint between a round's steps would lose its rollouts
+            for key, value in (("train_steps", self.train_steps), ("checkpoint.save_interval", self.checkpoint.save_interval),
+                               ("exit_interval", self.exit_interval)):
+                if value and value % rounds:
+                    raise ValueError(f"{key} ({value}) must be a multiple of refine.mini_batches ({rounds}): "
+                                     "checkpoints fall between rollout rounds, never inside one")
 
+
+# The paper's mid-training (../shared/specs/refine-algorithm.md, docs/reproducing.md): the release's AdamW (lr 1e-6
+# constant, no warmup, weight decay 0.01 on every parameter, betas (0.9, 0.999), clip 1.0), bf16, one document of
+# 16384 tokens per row (longer ones truncated, shorter ones skipped), 128 documents per rollout round in 4 optimizer
+# steps of 32, a REFINE step every step. The NTP baselines see the same documents in the same steps.
+_PAPER_MID = {
+    "optimizer": {"lr": 1e-6, "min_lr": 1e-6, "warmup_steps": 0, "lr_decay_style": "constant", "weight_decay": 0.01,
+                  "adam_beta1": 0.9, "adam_beta2": 0.999, "clip_grad": 1.0, "decay_norms_and_biases": True},
+    "data": {"layout": "documents", "seq_length": 16384, "micro_batch_size": 1, "global_batch_size": 32},
+    "bf16": True,
+    "train_steps": 100,
+}
+_REFINE_MID = {"stage": "refine-mid", "refine": {"every": 1, "mini_batches": 4, "reward": "cosine",
+                                                 "sft_coef": 1.0, "ppo_coef": 0.2}}
 
 # Built-in configs by name: overrides of the defaults above.
 NAMED_CONFIGS: dict[str, dict] = {
     "tiny-deltanet": {"model": {"config": "deltanet_tiny"}},
     "tiny-lact": {"model": {"config": "lact_tiny"}},
+    "refine-mid-deltanet-1p3b": {"model": {"config": "deltanet_1p3b"}, **_PAPER_MID, **_REFINE_MID},
+    "refine-mid-lact-760m": {"model": {"config": "lact_760m"}, **_PAPER_MID, **_REFINE_MID},
+    "ntp-mid-deltanet-1p3b": {"model": {"config": "deltanet_1p3b"}, **_PAPER_MID},
+    "ntp-mid-lact-760m": {"model": {"config": "lact_760m"}, **_PAPER_MID},
 }
 
 

@@ -5,6 +5,9 @@ scheduler -> loader -> optional checkpoint load. Each step: `num_microbatches` p
 Megatron's forward-backward schedule (pipeline schedules when PP > 1), a DP-averaged loss, a skipped step
 when it is NaN/Inf, else the optimizer and scheduler step. bf16 and the distributed optimizer on GPU, fp32
 and Megatron's plain optimizer on CPU by default (`bf16`, `optimizer.use_distributed_optimizer` override).
+REFINE steps (`stage=refine-mid`) are on-policy (`refine_loss`), or with `refine.mini_batches` m > 1 the first
+step of each rollout round rolls out the next m steps' batches (`collect_rollout_round`) and every step of the
+round is a PPO update on its share (`ppo_update_loss`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_refine.data import PackedLoader, ShardedDataset
+from megatron_refine.data import DocumentLoader, PackedLoader, ShardedDataset
 from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config, packed_seq_params
-from megatron_refine.refine import check_logprob_parity, masked_mean, min_sequence_length, refine_loss
+from megatron_refine.refine import (
+    StoredRollouts, check_logprob_parity, masked_mean, min_sequence_length, ppo_update_loss, refine_loss, rollout_round)
 from megatron_refine.runtime import Runtime, initialize, set_deterministic
 from megatron_refine.training.checkpointing import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_refine.training.config import CheckpointArgs, TrainConfig
@@ -59,7 +63,7 @@ class Trainer:
     model: DistributedDataParallel
     optimizer: object
     scheduler: OptimizerParamScheduler
-    loader: PackedLoader
+    loader: PackedLoader | DocumentLoader
     num_microbatches: int
     start_step: int = 0
     reference: FastWeightGPTModel | None = None  # frozen starting model, for REFINE's KL term
@@ -83,6 +87,16 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
             f"global_batch_size {data.global_batch_size} must be a multiple of micro_batch_size x data-parallel size "
             f"= {data.micro_batch_size} x {dp}"
         )
+    # Built before the model, so data that cannot fill a row fails at once.
+    sharding = dict(dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp, seed=data.seed)
+    if data.layout == "documents":
+        loader = DocumentLoader(dataset, data.seq_length, data.micro_batch_size,
+                                min_document_tokens=data.min_document_tokens,
+                                pad_short_documents=data.pad_short_documents, **sharding)
+        if rt.is_main:
+            print(loader.summary(), flush=True)
+    else:
+        loader = PackedLoader(dataset, data.seq_length, data.micro_batch_size, **sharding)
     decay_steps = opt.lr_decay_steps or cfg.train_steps
     if opt.warmup_steps >= decay_steps:
         raise ValueError(
@@ -128,6 +142,7 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
             use_distributed_optimizer=distributed_optimizer,
         ),
         [model],
+        config_overrides={} if opt.decay_norms_and_biases else None,  # None: Megatron's no decay on 1-D / biases
     )
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr, lr_warmup_steps=opt.warmup_steps,
@@ -139,8 +154,6 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
     model_config.no_sync_func = model.no_sync
     model_config.finalize_model_grads_func = finalize_model_grads
     model_config.grad_scale_func = optimizer.scale_loss
-    loader = PackedLoader(dataset, data.seq_length, data.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
-                          dp_size=dp, seed=data.seed)
     trainer = Trainer(cfg, rt, model, optimizer, scheduler, loader, data.global_batch_size // (data.micro_batch_size * dp))
 
     ckpt = cfg.checkpoint
@@ -178,12 +191,17 @@ def checkpoint_start(ckpt: CheckpointArgs, is_main: bool = True) -> str | None:
 
 
 def _packed_seq_params(cfg: TrainConfig, batch: dict, device: torch.device):
-    """The loader's document starts as megatron-core's PackedSeqParams, or None without document resets."""
-    return packed_seq_params(batch["cu_seqlens"].to(device)) if cfg.data.reset_at_document_boundaries else None
+    """The loader's document starts as megatron-core's PackedSeqParams, or None without document resets or with
+    one document per row (data.layout=documents: each row is its own sequence, its padding only trails it)."""
+    if not cfg.data.reset_at_document_boundaries or cfg.data.layout == "documents":
+        return None
+    return packed_seq_params(batch["cu_seqlens"].to(device))
 
 
 def _loss_mask(cfg: TrainConfig, batch: dict, device: torch.device) -> torch.Tensor | None:
-    return batch["loss_mask"].to(device) if cfg.data.eod_mask_loss else None
+    """The loader's loss mask where the config asks for one: no loss after a document's EOS (packed rows with
+    eod_mask_loss), or on padding (data.pad_short_documents)."""
+    return batch["loss_mask"].to(device) if cfg.data.eod_mask_loss or cfg.data.pad_short_documents else None
 
 
 def _ntp_forward_step(trainer: Trainer):
@@ -209,10 +227,53 @@ def _refine_forward_step(trainer: Trainer, generator: torch.Generator):
         device = next(model.parameters()).device
         loss, metrics = refine_loss(model.module, batch["tokens"].to(device), batch["labels"].to(device),
                                     trainer.cfg.refine, generator, trainer.reference,
-                                    _packed_seq_params(trainer.cfg, batch, device), _loss_mask(trainer.cfg, batch, device))
+                                    _packed_seq_params(trainer.cfg, batch, device), _loss_mask(trainer.cfg, batch, device),
+                                    eos_id=trainer.loader.dataset.eos_id)
         return loss, lambda output: (output, {"lm loss": metrics.pop("ntp_loss"), **metrics})
 
     return forward_step
+
+
+def _ppo_update_forward_step(trainer: Trainer):
+    """PPO mini-batches: the data iterator yields (batch, its stored rollouts) pairs."""
+    def forward_step(data_iterator, model):
+        batch, stored = next(data_iterator)
+        device = next(model.parameters()).device
+        loss, metrics = ppo_update_loss(model.module, batch["tokens"].to(device), batch["labels"].to(device), stored,
+                                        trainer.cfg.refine, trainer.reference,
+                                        _packed_seq_params(trainer.cfg, batch, device),
+                                        _loss_mask(trainer.cfg, batch, device))
+        return loss, lambda output: (output, {"lm loss": metrics.pop("ntp_loss"), **metrics})
+
+    return forward_step
+
+
+def _refine_generator(trainer: Trainer, step: int) -> torch.Generator:
+    """Same documents, same draws on every TP rank; different per DP rank and step; reproducible on resume. On the
+    model's device: torch.multinomial on CUDA probabilities needs a CUDA generator."""
+    seed = (trainer.cfg.refine.seed * 1_000_003 + step) * 1009 + parallel_state.get_data_parallel_rank()
+    return torch.Generator(trainer.runtime.device).manual_seed(seed)
+
+
+def collect_rollout_round(trainer: Trainer, step: int) -> list[tuple[list[dict], list[StoredRollouts]]]:
+    """The batches of the next `refine.mini_batches` steps, each micro-batch rolled out by the current policy
+    (`rollout_round`): one (batches, stored rollouts) pair per step. The round's select / rollout time is
+    reported on its first step (per micro-batch, as an on-policy step reports it), zero on the others."""
+    cfg, module = trainer.cfg, trainer.module
+    generator = _refine_generator(trainer, step)
+    device = next(module.parameters()).device
+    steps = []
+    for _ in range(cfg.refine.mini_batches):
+        batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
+        steps.append((batches, [rollout_round(module, b["tokens"].to(device), b["labels"].to(device), cfg.refine,
+                                              generator, _packed_seq_params(cfg, b, device),
+                                              eos_id=trainer.loader.dataset.eos_id) for b in batches]))
+    for name in ("time_select", "time_rollout"):
+        total = sum(s.metrics[name] for _, stored in steps for s in stored)
+        for i, (_, stored) in enumerate(steps):
+            for s in stored:
+                s.metrics[name] = total / len(stored) if i == 0 else total * 0
+    return steps
 
 
 # Summed over micro-batches and DP ranks, or their maximum; every other metric is averaged.
@@ -244,19 +305,21 @@ def is_refine_step(cfg: TrainConfig, step: int) -> bool:
     return cfg.stage == "refine-mid" and step % cfg.refine.every == 0
 
 
-def train_step(trainer: Trainer, batches: list[dict], step: int = 1) -> StepResult:
+def train_step(trainer: Trainer, batches: list[dict], step: int = 1, stored: list[StoredRollouts] | None = None
+               ) -> StepResult:
+    """One optimizer step on `batches` (micro-batches): NTP, on-policy REFINE, or with `stored` rollouts (one per
+    micro-batch, from `collect_rollout_round`) a PPO update of a rollout round."""
     model, optimizer, cfg = trainer.model, trainer.optimizer, trainer.cfg
     model.zero_grad_buffer()
     optimizer.zero_grad()
     tokens = batches[0]["tokens"]
-    forward_step = _ntp_forward_step(trainer)
-    if is_refine_step(cfg, step):
-        # Same documents, same draws on every TP rank; different per DP rank and step; reproducible on resume.
-        seed = (cfg.refine.seed * 1_000_003 + step) * 1009 + parallel_state.get_data_parallel_rank()
-        # On the model's device: torch.multinomial on CUDA probabilities needs a CUDA generator.
-        forward_step = _refine_forward_step(trainer, torch.Generator(trainer.runtime.device).manual_seed(seed))
+    forward_step, data = _ntp_forward_step(trainer), batches
+    if stored is not None:
+        forward_step, data = _ppo_update_forward_step(trainer), list(zip(batches, stored))
+    elif is_refine_step(cfg, step):
+        forward_step = _refine_forward_step(trainer, _refine_generator(trainer, step))
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+        forward_step_func=forward_step, data_iterator=iter(data), model=[model], num_microbatches=len(batches),
         seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=False,
     )
     metrics = _reduce_metrics(losses, next(model.parameters()).device)
@@ -280,10 +343,17 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     rates, in_a_row = [], 0
     if trainer.start_step and trainer.runtime.is_main:
         print(f"resumed from {ckpt.load} at step {trainer.start_step}", flush=True)
+    rollout_round_left = []  # with refine.mini_batches > 1: the current round's (batches, stored rollouts) per step
     for step in range(trainer.start_step + 1, cfg.train_steps + 1):
-        batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
         start = time.perf_counter()
-        out = train_step(trainer, batches, step)
+        stored = None
+        if is_refine_step(cfg, step) and cfg.refine.mini_batches > 1:
+            rollout_round_left = rollout_round_left or collect_rollout_round(trainer, step)
+            batches, stored = rollout_round_left.pop(0)
+        else:
+            batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
+            start = time.perf_counter()
+        out = train_step(trainer, batches, step, stored)
         seconds = time.perf_counter() - start
         rates.append(tokens_per_step / seconds)
         result.losses.append(out.loss)

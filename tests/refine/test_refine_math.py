@@ -20,7 +20,8 @@ def test_smoothing_is_a_centred_moving_average():
     s = smooth_entropy(e, k=3)
     assert torch.allclose(s[0, 1:4], torch.tensor([5 / 3, 5 / 3, 5 / 3])) and s[0, 5] == 0
     assert torch.allclose(smooth_entropy(e, k=4), smooth_entropy(e, k=5))  # even k uses k + 1
-    assert s[0, 0] == 0 and torch.isclose(smooth_entropy(torch.tensor([[3.0, 0, 0, 0]]), 3)[0, 0], torch.tensor(1.5))
+    # The zero padding at the edges counts in the mean (the release's count_include_pad=True): (0 + 3 + 0) / 3.
+    assert s[0, 0] == 0 and torch.isclose(smooth_entropy(torch.tensor([[3.0, 0, 0, 0]]), 3)[0, 0], torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("mode", ["entropy", "uniform", "argmax", "argmin"])
