@@ -162,6 +162,31 @@ def _dry_run(cfg) -> None:
           + ("" if data.path else "; data.path is not set (needed to train)"))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    """Runs in this process under torchrun; `--nproc N` starts N local ranks itself."""
+    from megatron_refine.evaluation.runner import EvalArgs, run
+    from megatron_refine.runtime import spawn
+    from megatron_refine.training import load_config
+
+    known = ("parallel.tensor_model_parallel_size", "parallel.sequence_parallel", "device")
+    unknown = [item for item in args.set if item.split("=", 1)[0] not in known]
+    if unknown:
+        raise ValueError(f"eval takes --set {', '.join(known)} only, got {unknown}")
+    layout = load_config(None, args.set)  # the same parsing and checks as train's
+    split = lambda text, kind: [kind(x) for x in text.split(",") if x] if text else []  # noqa: E731
+    options = EvalArgs(
+        load=args.load, tasks=split(args.tasks, str), lengths=split(args.lengths, int) or [4096],
+        samples=args.samples, data=args.data, max_prompt_tokens=args.max_prompt_tokens, haystack=args.haystack,
+        tokenizer=args.tokenizer, seed=args.seed, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+        out_dir=args.out_dir,
+        tensor_model_parallel_size=layout.parallel.tensor_model_parallel_size,
+        sequence_parallel=layout.parallel.sequence_parallel, device=layout.device)
+    if args.nproc > 1 and "RANK" not in os.environ:
+        spawn(run, args.nproc, options, timeout=7 * 24 * 3600)
+    else:
+        run(options)
+
+
 def _preprocess(args: argparse.Namespace) -> None:
     from megatron_refine.data.preprocess import run
 
@@ -230,6 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", dest="dry_run", action="store_true",
                        help="check and print the resolved config and the model's size, then exit (no data, no GPU)")
     train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("eval", help="greedy answers to RULER-style needle tasks and task files, scored")
+    evaluate.add_argument("--load", required=True, help="checkpoint folder (any TP/PP/DP layout it was saved at)")
+    evaluate.add_argument("--tasks", default="", help="comma-separated: niah_single,niah_multikey,niah_multiquery,"
+                          "niah_multivalue")
+    evaluate.add_argument("--lengths", default="4096", help="comma-separated prompt lengths in tokens (default 4096)")
+    evaluate.add_argument("--samples", type=int, default=50, help="examples per task and length (default 50); with "
+                          "--data, the file's first N (0: all)")
+    evaluate.add_argument("--data", help="a task file: jsonl of {prompt, answers | answer, task, max_new_tokens?}")
+    evaluate.add_argument("--max-prompt-tokens", dest="max_prompt_tokens", type=int, default=16384 - 512,
+                          help="task-file prompts longer than this are cut in the middle, as LongBench does")
+    evaluate.add_argument("--haystack", help="a text file for the needle tasks' filler (default: the built-in corpus)")
+    evaluate.add_argument("--tokenizer", help="byte or a tokenizer.json (default: the one the training data recorded)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the generated examples")
+    evaluate.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="prompts decoded together")
+    evaluate.add_argument("--max-batch-tokens", dest="max_batch_tokens", type=int, default=65536,
+                          help="prompt tokens packed into one forward at most (lower it when memory is short)")
+    evaluate.add_argument("--out-dir", dest="out_dir", default="eval_output", help="results.json, results.csv")
+    evaluate.add_argument("--nproc", type=int, default=1, help="local processes (data / tensor parallel)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="parallel.tensor_model_parallel_size=N, parallel.sequence_parallel=true, device=cpu")
+    evaluate.set_defaults(func=_eval)
 
     from megatron_refine.data.preprocess import add_arguments as add_preprocess_arguments
 

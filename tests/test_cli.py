@@ -14,7 +14,7 @@ def test_console_script_lists_its_subcommands():
     out = subprocess.run(
         [sys.executable, "-m", "megatron_refine.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("demo", "train", "preprocess", "model-info", "info"):
+    for command in ("demo", "train", "eval", "preprocess", "model-info", "convert-to-hf", "convert-from-hf", "info"):
         assert command in out
 
 

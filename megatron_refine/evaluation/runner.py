@@ -1,0 +1,249 @@
+"""`megatron-refine eval`: greedy answers to evaluation prompts with the cached decoder, scored and tabulated.
+
+Prompts of any lengths run together: a batch is packed into one row whose documents restart the fast-weight
+state (models/packing.py), one forward keeps each prompt's decoding state after its last token, and the cached
+decoder then steps all of them at once, each stopping at EOS or its task's token budget. Packing leaves every
+prompt's result what it would be alone. Examples are split over data-parallel ranks; the scores are gathered,
+grouped by (task, length), and written as a console table, results.json and results.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_refine.evaluation.examples import EvalExample
+from megatron_refine.models import FastWeightGPTModel, packed_seq_params
+from megatron_refine.models.generation import same_on_tp_ranks, sampling_logits
+
+
+@torch.no_grad()
+def generate_packed(model: FastWeightGPTModel, prompts: list[list[int]], max_new_tokens: list[int],
+                    eos_id: int | None) -> list[list[int]]:
+    """Greedy continuations of prompts of any lengths, packed in one row: each prompt's tokens up to its
+    `max_new_tokens` or its first EOS (included)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    sp = model.config.sequence_parallel
+    rows = list(prompts) + [prompts[-1]] * ((-len(prompts)) % tp if sp else 0)  # decoding rows split over TP
+    device = next(model.parameters()).device
+    ends = torch.cumsum(torch.tensor([len(p) for p in rows], device=device), 0)
+    flat = [t for p in rows for t in p]
+    pad = (-len(flat)) % tp if sp else 0  # the sequence split over TP: padding as a document of its own
+    tokens = torch.tensor([flat + [0] * pad], device=device)
+    cu_seqlens = torch.cat([ends.new_zeros(1), ends] + ([ends[-1:] + pad] if pad else []))
+    out = model.forward_with_branch_states(tokens, (ends - 1)[None], packed_seq_params(cu_seqlens))
+    logits, cache = out.logits[0, ends - 1], out.cache  # [N, V/t]
+    budgets = torch.tensor(max_new_tokens + [1] * (len(rows) - len(prompts)))
+    outputs, done = [[] for _ in rows], torch.zeros(len(rows), dtype=torch.bool)
+    for i in range(int(budgets.max())):
+        next_tokens = same_on_tp_ranks(sampling_logits(logits, model.tokenizer_vocab_size).argmax(-1))
+        for r, t in enumerate(next_tokens.tolist()):
+            if not done[r]:
+                outputs[r].append(t)
+                done[r] = len(outputs[r]) >= budgets[r] or t == eos_id
+        if bool(done.all()):
+            break
+        logits, _ = model.step(next_tokens, cache)
+    return outputs[: len(prompts)]
+
+
+def _batches(examples: list[tuple[int, list[int], EvalExample]], batch_size: int, max_batch_tokens: int):
+    batch, tokens = [], 0
+    for item in examples:
+        if batch and (len(batch) == batch_size or tokens + len(item[1]) > max_batch_tokens):
+            yield batch
+            batch, tokens = [], 0
+        batch.append(item)
+        tokens += len(item[1])
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def evaluate(model: FastWeightGPTModel, tokenizer, examples: list[EvalExample], *, batch_size: int = 8,
+             max_batch_tokens: int = 65536, progress: bool = True) -> list[dict]:
+    """Every example's prediction and score ({task, length, score, prediction, answers, ...}), in the examples'
+    order, on every rank. Each data-parallel rank answers its share (examples rank::dp)."""
+    from megatron_refine.evaluation.metrics import score_example
+
+    model.eval()
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    mine = [(i, tokenizer.encode(ex.prompt), ex) for i, ex in enumerate(examples) if i % dp == rank]
+    mine.sort(key=lambda item: len(item[1]))  # similar lengths together: fewer tokens past the budget per batch
+    batches = list(_batches(mine, batch_size, max_batch_tokens))
+    if progress and torch.distributed.get_rank() == 0:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="eval", unit="batch")
+    results = []
+    for batch in batches:
+        outputs = generate_packed(model, [p for _, p, _ in batch], [ex.max_new_tokens for *_, ex in batch],
+                                  tokenizer.eos_id)
+        for (i, prompt, ex), out in zip(batch, outputs):
+            text = tokenizer.decode([t for t in out if t != tokenizer.eos_id])
+            results.append({"index": i, "task": ex.task, "length": ex.length, "prompt_tokens": len(prompt),
+                            "score": score_example(ex, text), "prediction": text,
+                            "answers": ex.answers, "metric": ex.metric, **({"meta": ex.meta} if ex.meta else {})})
+    gathered = [None] * dp
+    torch.distributed.all_gather_object(gathered, results, group=parallel_state.get_data_parallel_group())
+    model.train()
+    return sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+
+
+def confidence_interval(scores: list[float], z: float = 1.96) -> tuple[float, float]:
+    """95% interval of the mean: Wilson's for 0/1 scores (exact-match style), else the normal approximation."""
+    n = len(scores)
+    if n == 0:
+        return (math.nan, math.nan)
+    mean = sum(scores) / n
+    if all(s in (0.0, 1.0) for s in scores):
+        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return (max(0.0, centre - half), min(1.0, centre + half))
+    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(n - 1, 1))
+    return (max(0.0, mean - z * sd / math.sqrt(n)), min(1.0, mean + z * sd / math.sqrt(n)))
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per (task, length) plus each task's average over lengths: n, mean score, 95% interval."""
+    groups: dict[tuple, list[float]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["length"]), []).append(r["score"])
+    for r in results:  # after every length of its task
+        groups.setdefault((r["task"], "all"), []).append(r["score"])
+    order = {task: i for i, task in enumerate(dict.fromkeys(r["task"] for r in results))}
+    rows = []
+    for (task, length), scores in sorted(groups.items(), key=lambda item: (
+            order[item[0][0]], item[0][1] == "all", item[0][1] if isinstance(item[0][1], int) else 0)):
+        if length == "all" and sum(1 for t, _ in groups if t == task) == 2:
+            continue  # one length only: its row says it all
+        low, high = confidence_interval(scores)
+        rows.append({"task": task, "length": length, "n": len(scores), "score": sum(scores) / len(scores),
+                     "ci_low": low, "ci_high": high})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'task':<22} {'length':>7} {'n':>5} {'score':>7}  95% interval"]
+    for r in rows:
+        length = r["length"] if r["length"] is not None else "-"
+        lines.append(f"{r['task']:<22} {length!s:>7} {r['n']:>5} {100 * r['score']:>6.1f}%  "
+                     f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str | Path, results: list[dict], rows: list[dict], config: dict) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"config": config, "summary": rows, "examples": results}, indent=1))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["task", "length", "n", "score", "ci_low", "ci_high"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def load_model(load: str | Path, tokenizer: str | None = None, sequence_parallel: bool = False):
+    """The newest checkpoint of `load` on the current parallel layout (any saved layout), and its tokenizer:
+    `tokenizer` ("byte" or a tokenizer.json), else the one its training data recorded."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_refine.data.tokenizers import load_tokenizer, tokenizer_from_metadata
+    from megatron_refine.models import build_model, get_config
+    from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration, load_checkpoint
+
+    iteration = latest_iteration(load)
+    if iteration is None:
+        raise FileNotFoundError(f"no checkpoint in {load} (no latest_checkpointed_iteration.txt): check --load")
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(load, iteration)))
+    model_args = (common.get("config") or {}).get("model")
+    if not model_args:
+        raise ValueError(f"{load} has no model config in its checkpoint: only megatron-refine checkpoints evaluate")
+    cuda = torch.distributed.get_backend() == "nccl"
+    config = get_config(model_args["config"], **{
+        **model_args.get("overrides", {}), "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "sequence_parallel": sequence_parallel, "use_cpu_initialization": not cuda, "perform_initialization": False})
+    model = build_model(config, common["vocab_size"])
+    if cuda:
+        model.cuda()
+    load_checkpoint(load, model)
+    if tokenizer:
+        return model, load_tokenizer(tokenizer)
+    metadata = Path(common.get("data_path") or "") / "metadata.json"
+    if not common.get("data_path") or not metadata.is_file():
+        raise ValueError(f"{load} does not record its training data's tokenizer: pass --tokenizer (byte, or a "
+                         "tokenizer.json)")
+    return model, tokenizer_from_metadata(json.loads(metadata.read_text())["tokenizer"])
+
+
+def examples_for(tasks: list[str], lengths: list[int], samples: int, tokenizer, seed: int,
+                 data: str | None = None, max_prompt_tokens: int | None = None,
+                 haystack: str | None = None) -> tuple[list[EvalExample], dict]:
+    """The NIAH grid (tasks x lengths x `samples`) and a task file's examples (its first `samples`, all when 0),
+    and the file's truncation counts."""
+    from megatron_refine.evaluation.niah import NIAH_TASKS, niah_examples
+
+    unknown = [t for t in tasks if t not in NIAH_TASKS]
+    if unknown:
+        raise ValueError(f"unknown --tasks {unknown}: the generated tasks are {', '.join(NIAH_TASKS)}; other tasks "
+                         "come from a task file (--data file.jsonl)")
+    examples = [ex for task in tasks for length in lengths
+                for ex in niah_examples(task, length, samples, tokenizer, seed, haystack=haystack)]
+    report = {}
+    if data:
+        from megatron_refine.evaluation.jsonl import read_task_file
+
+        file_examples, report = read_task_file(data, tokenizer, max_prompt_tokens)
+        examples += file_examples[:samples] if samples else file_examples
+    return examples, report
+
+
+@dataclass
+class EvalArgs:
+    load: str
+    tasks: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=lambda: [4096])
+    samples: int = 50
+    data: str | None = None
+    max_prompt_tokens: int = 16384 - 512  # a task file's prompts are cut to this (the context minus the answer)
+    haystack: str | None = None  # a text file for the NIAH filler (default: the built-in corpus)
+    tokenizer: str | None = None
+    seed: int = 0
+    batch_size: int = 8
+    max_batch_tokens: int = 65536
+    out_dir: str = "eval_output"
+    tensor_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    device: str | None = None
+
+
+def run(args: EvalArgs) -> list[dict]:
+    """Evaluate on this process's runtime (one rank of `--nproc N` or torchrun): returns the summary rows; rank 0
+    prints the table and writes results.json / results.csv."""
+    from megatron_refine.runtime import destroy, initialize
+
+    initialize(tp=args.tensor_model_parallel_size, device=args.device)
+    try:
+        model, tokenizer = load_model(args.load, args.tokenizer, args.sequence_parallel)
+        haystack = Path(args.haystack).read_text() if args.haystack else None
+        examples, truncated = examples_for(args.tasks, args.lengths, args.samples, tokenizer, args.seed, args.data,
+                                           args.max_prompt_tokens, haystack)
+        if not examples:
+            raise ValueError("nothing to evaluate: pass --tasks (e.g. niah_single) and / or --data file.jsonl")
+        results = evaluate(model, tokenizer, examples, batch_size=args.batch_size,
+                           max_batch_tokens=args.max_batch_tokens)
+        rows = summarize(results)
+        if torch.distributed.get_rank() == 0:
+            print(format_table(rows), flush=True)
+            if truncated:
+                print(f"prompts cut to {args.max_prompt_tokens} tokens: {truncated}", flush=True)
+            write_results(args.out_dir, results, rows, {**asdict(args), "truncated": truncated})
+            print(f"wrote {Path(args.out_dir) / 'results.json'} and results.csv", flush=True)
+        return rows
+    finally:
+        destroy()
