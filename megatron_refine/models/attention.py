@@ -1,8 +1,8 @@
 """Rotary embeddings and sliding-window causal attention (LaCT's SWA), full-sequence and one step.
 
 `sliding_window_attention` runs FlexAttention under a sliding-window block mask on CUDA (only key blocks
-inside the window are visited: memory O(T)) and `sliding_window_attention_dense`, SDPA under a [T, T] mask,
-everywhere else: the reference, as `use_reference=True` forces.
+inside the window are visited: memory O(T)) and `sliding_window_attention_dense`, SDPA under a boolean mask in
+query blocks (memory O(T * (block + window))), everywhere else: the reference, as `use_reference=True` forces.
 """
 
 from __future__ import annotations
@@ -66,28 +66,39 @@ def sliding_window_attention_dense(
     window: int,
     sequence_ids: torch.Tensor | None = None,
     past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
-    """The reference: SDPA under a [T, S] boolean mask, so memory and time grow as T * S."""
+    """The reference: SDPA under a boolean mask, queries in blocks of `block` (default max(1024, window)), each
+    against only the keys its window can reach, so memory grows as T * (block + window), not T * T."""
     B, T = q.shape[:2]
     if past is not None and sequence_ids is not None:
         raise ValueError(
             "past and sequence_ids cannot be combined: a continuation from a cache runs one sequence per row"
         )
-    query_index = torch.arange(T, device=q.device)
-    key_index = query_index
+    P = 0
     if past is not None:
         k_past, v_past, valid = past
+        P = k_past.shape[1]
         k, v = torch.cat([k_past.to(k.dtype), k], dim=1), torch.cat([v_past.to(v.dtype), v], dim=1)
-        key_index = torch.arange(-k_past.shape[1], T, device=q.device)
-    distance = query_index[:, None] - key_index[None, :]
-    allowed = (distance >= 0) & (distance < window)  # [T, S]
-    if sequence_ids is not None:
-        allowed = allowed & (sequence_ids[:, :, None] == sequence_ids[:, None, :])  # [B, T, T]
-    if past is not None:
-        allowed = allowed & torch.cat([valid, valid.new_ones(B, T)], dim=1)[:, None, :]  # [B, T, S]
-    mask = allowed if allowed.ndim == 2 else allowed[:, None]
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return o.transpose(1, 2)
+        valid = torch.cat([valid, valid.new_ones(B, T)], dim=1)  # [B, P + T]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, ., D]
+    block = block or max(1024, window)
+    out = []
+    for start in range(0, T, block):
+        end = min(T, start + block)
+        lo = max(0, P + start - window + 1)  # the first key (index into past + new) a query of the block sees
+        query_index = torch.arange(start, end, device=q.device)
+        key_index = torch.arange(lo, P + end, device=q.device) - P
+        distance = query_index[:, None] - key_index[None, :]
+        allowed = (distance >= 0) & (distance < window)  # [t, s]
+        if sequence_ids is not None:  # [B, t, s]
+            allowed = allowed & (sequence_ids[:, start:end, None] == sequence_ids[:, None, lo:end])
+        if past is not None:
+            allowed = allowed & valid[:, None, lo:P + end]
+        mask = allowed if allowed.ndim == 2 else allowed[:, None]
+        out.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, lo:P + end], v[:, :, lo:P + end],
+                                                  attn_mask=mask))
+    return torch.cat(out, dim=2).transpose(1, 2)
 
 
 # FlexAttention is windowed only when compiled: eager flex_attention materialises the full [T, T] scores and

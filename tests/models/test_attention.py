@@ -115,3 +115,31 @@ def test_flex_memory_grows_linearly_in_length():
 
     small, large = peak_extra(4096), peak_extra(16384)
     assert large < 8 * small, (small, large)  # 4x the tokens: linear is ~4x, the dense [T, T] mask would be 16x
+
+
+def _attention_by_definition(q, k, v, window, sequence_ids=None, past=None):
+    """Each query's softmax over exactly the keys it may see, one query at a time (no mask, no blocks)."""
+    B, T, H, D = q.shape
+    P = 0 if past is None else past[0].shape[1]
+    keys = k if past is None else torch.cat([past[0], k], dim=1)
+    values = v if past is None else torch.cat([past[1], v], dim=1)
+    valid = torch.ones(B, P + T, dtype=torch.bool) if past is None else torch.cat([past[2], torch.ones(B, T, dtype=torch.bool)], 1)
+    out = torch.empty_like(q)
+    for b in range(B):
+        for i in range(T):
+            seen = [j for j in range(max(0, P + i - window + 1), P + i + 1) if valid[b, j]
+                    and (sequence_ids is None or sequence_ids[b, j] == sequence_ids[b, i])]
+            scores = torch.einsum("hd,shd->hs", q[b, i], keys[b, seen]) / D**0.5
+            out[b, i] = torch.einsum("hs,shd->hd", scores.softmax(-1), values[b, seen])
+    return out
+
+
+@pytest.mark.parametrize("block", [5, 16, None])  # blocks shorter than, longer than the window; one block
+def test_dense_reference_in_query_blocks_is_attention_by_definition(block):
+    q, k, v = _qkv(2, 40, dtype=torch.float64)
+    ids = _sequence_ids([[13, 27], [40]])
+    for sequence_ids, past in ((None, None), (ids, None),
+                               (None, (k[:, :7] + 1, v[:, :7] - 1, torch.tensor([[True] * 7, [False] * 3 + [True] * 4])))):
+        expected = _attention_by_definition(q, k, v, 9, sequence_ids, past)
+        got = sliding_window_attention_dense(q, k, v, 9, sequence_ids, past, block=block)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
