@@ -60,7 +60,12 @@ def _assert_hf_matches(hf_dir, model, vocab):
     prompts = torch.randint(0, vocab, (2, 13), generator=torch.Generator().manual_seed(1))
     new = 24  # decoding crosses chunk boundaries (16, 32) and slides the window
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    lengths = []  # the tokens each model forward reads: with the cache, the prompt once, then one a step
+    hook = hf.model.register_forward_pre_hook(lambda _, args, kw: lengths.append(kw["input_ids"].shape[1]),
+                                              with_kwargs=True)
     cached = hf.generate(prompts, use_cache=True, **kwargs)[:, 13:]
+    hook.remove()
+    assert lengths == [13] + [1] * (new - 1)
     uncached = hf.generate(prompts, use_cache=False, **kwargs)[:, 13:]
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, _megatron_greedy(model, prompts, new))

@@ -334,7 +334,8 @@ class LaCTModel(LaCTPreTrainedModel):
                              "weights): generate prompts of equal length together, or one at a time")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        cache = past_key_values if isinstance(past_key_values, LaCTCache) else (LaCTCache() if use_cache else None)
+        past = _cache_argument(past_key_values, kwargs)
+        cache = past if isinstance(past, LaCTCache) else (LaCTCache() if use_cache else None)
         offset = cache.seen_tokens if cache is not None else 0
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
         hidden = [] if output_hidden_states else None
@@ -349,6 +350,13 @@ class LaCTModel(LaCTPreTrainedModel):
             cache.seen_tokens += x.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
                                        hidden_states=None if hidden is None else tuple(hidden))
+
+
+def _cache_argument(past_key_values, kwargs: dict):
+    """The decoding cache, under either name: transformers 5.24 renamed `past_key_values` to `cache` (generate
+    passes the new name, older versions the old one)."""
+    cache = kwargs.pop("cache", None)
+    return past_key_values if past_key_values is not None else cache
 
 
 class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
@@ -378,6 +386,7 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
                                       use_cache=True, **kwargs):
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if isinstance(past_key_values, LaCTCache) and past_key_values.seen_tokens:
             input_ids = input_ids[:, past_key_values.seen_tokens:]  # only the tokens the cache has not seen
         elif inputs_embeds is not None:
@@ -386,7 +395,8 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
                 use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep: int = 0, **kwargs):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         past_key_values=_cache_argument(past_key_values, kwargs),
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
