@@ -272,6 +272,8 @@ def _eod_masked_loss(corpus):
     batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
     while not any((b["loss_mask"] == 0).any() for b in batches):  # a document ends in this step's batches
         batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
+    with torch.no_grad():  # at initialisation every token's loss is about log V: spread them so the mask matters
+        trainer.module.output_layer.weight.normal_(0, 1)
     expected, unmasked = [], []
     with torch.no_grad():
         for b in batches:
