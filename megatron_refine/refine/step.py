@@ -40,15 +40,22 @@ class Rollouts:
 
 
 def select(model, tokens: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
-           packed_seq_params: PackedSeqParams | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           packed_seq_params: PackedSeqParams | None = None, padding: torch.Tensor | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """No-grad forward -> next-token entropy [B, T] -> positions [B, n_chunks], their entropies, and which of
-    them are valid [B, n_chunks] (with packed documents a chunk may hold no position whose rollout fits)."""
+    them are valid [B, n_chunks] (with packed documents or padded rows a chunk may hold no position whose rollout
+    fits). padding [B, T]: True where a row's label is padding (data.pad_short_documents): rollouts start in its
+    document, and their truth (and `margin` tokens of it) ends before the padding."""
     with torch.no_grad():
         entropy = vocab_parallel_entropy(model(tokens, None, None, packed_seq_params=packed_seq_params))  # [B, T]
     eligible = None
     packing = Packing.from_params(packed_seq_params, *tokens.shape)
     if packing is not None:
         eligible = eligible_positions(packing.position_ids, packing.sequence_ids, cfg.margin)
+    if padding is not None:  # the padding as a document of its own, which no rollout may reach
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(padding)
+        fits = eligible_positions(positions, padding.long(), cfg.margin) & ~padding
+        eligible = fits if eligible is None else eligible & fits
     positions = select_positions(entropy, n_chunks=cfg.n_chunks, k=cfg.k, margin=cfg.margin, mode=cfg.selection,
                                  generator=generator, eligible=eligible)
     valid = torch.ones_like(positions, dtype=torch.bool) if eligible is None else eligible.gather(1, positions)
@@ -184,7 +191,8 @@ def policy_loss(cfg: RefineConfig, log_probs: torch.Tensor, old_log_probs: torch
 
 def refine_loss(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
                 ref_model=None, packed_seq_params: PackedSeqParams | None = None, loss_mask: torch.Tensor | None = None,
-                eos_id: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                eos_id: int | None = None, padding: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The on-policy REFINE objective on documents tokens [B, T] (labels = next tokens): sft * NTP + ppo * PG
     (+ kl * KL), the rollouts sampled and scored by this very forward (refine.mini_batches = 1).
 
@@ -192,9 +200,10 @@ def refine_loss(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineCo
     inside one document and branch from that document's own state.
     loss_mask [B, T]: the NTP loss's per-token weights (e.g. Megatron's eod_mask_loss), a mean over them.
     eos_id: the tokenizer's EOS, which rollouts never sample (None: no id banned).
+    padding [B, T]: padded rows' padding labels, where no rollout goes (`select`).
     """
     t0 = time.perf_counter()
-    positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params)
+    positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params, padding)
     t1 = time.perf_counter()
     out = model.forward_with_branch_states(tokens, positions, packed_seq_params)
     ntp = masked_mean(-vocab_parallel_log_probs(out.logits, labels), loss_mask)
@@ -241,12 +250,13 @@ class StoredRollouts:
 
 
 def rollout_round(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
-                  packed_seq_params: PackedSeqParams | None = None, eos_id: int | None = None) -> StoredRollouts:
+                  packed_seq_params: PackedSeqParams | None = None, eos_id: int | None = None,
+                  padding: torch.Tensor | None = None) -> StoredRollouts:
     """Select, branch, sample, score and take the old log-probs of one micro-batch, without a graph: the rollout
     half of a step, stored for the `mini_batches` PPO updates that follow (`ppo_update_loss`)."""
     with torch.no_grad():
         t0 = time.perf_counter()
-        positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params)
+        positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params, padding)
         t1 = time.perf_counter()
         out = model.forward_with_branch_states(tokens, positions, packed_seq_params)
         rollouts = roll_out(model, out, positions, cfg, generator, eos_id)

@@ -204,6 +204,11 @@ def _loss_mask(cfg: TrainConfig, batch: dict, device: torch.device) -> torch.Ten
     return batch["loss_mask"].to(device) if cfg.data.eod_mask_loss or cfg.data.pad_short_documents else None
 
 
+def _padding(cfg: TrainConfig, batch: dict, device: torch.device) -> torch.Tensor | None:
+    """Where padded document rows (data.pad_short_documents) have padding labels: no rollout goes there."""
+    return (batch["loss_mask"] == 0).to(device) if cfg.data.pad_short_documents else None
+
+
 def _ntp_forward_step(trainer: Trainer):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -228,7 +233,7 @@ def _refine_forward_step(trainer: Trainer, generator: torch.Generator):
         loss, metrics = refine_loss(model.module, batch["tokens"].to(device), batch["labels"].to(device),
                                     trainer.cfg.refine, generator, trainer.reference,
                                     _packed_seq_params(trainer.cfg, batch, device), _loss_mask(trainer.cfg, batch, device),
-                                    eos_id=trainer.loader.dataset.eos_id)
+                                    eos_id=trainer.loader.dataset.eos_id, padding=_padding(trainer.cfg, batch, device))
         return loss, lambda output: (output, {"lm loss": metrics.pop("ntp_loss"), **metrics})
 
     return forward_step
@@ -267,7 +272,8 @@ def collect_rollout_round(trainer: Trainer, step: int) -> list[tuple[list[dict],
         batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
         steps.append((batches, [rollout_round(module, b["tokens"].to(device), b["labels"].to(device), cfg.refine,
                                               generator, _packed_seq_params(cfg, b, device),
-                                              eos_id=trainer.loader.dataset.eos_id) for b in batches]))
+                                              eos_id=trainer.loader.dataset.eos_id, padding=_padding(cfg, b, device))
+                               for b in batches]))
     for name in ("time_select", "time_rollout"):
         total = sum(s.metrics[name] for _, stored in steps for s in stored)
         for i, (_, stored) in enumerate(steps):

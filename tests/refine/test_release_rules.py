@@ -130,3 +130,28 @@ def test_detach_prefix_is_checked():
         load_config("tiny-deltanet", ["refine.detach_prefix=maybe"])
     with pytest.raises(ValueError, match="refine.detach_prefix must be true or false"):
         RefineConfig(detach_prefix="false").validate()
+
+
+def _positions_on_padded_rows():
+    from megatron_refine.refine.step import select
+
+    initialize(seed=0, device="cpu")
+    model = tiny_fast_weight_model("deltanet_tiny")
+    ids = token_batch(2, T, seed=2)
+    padding = torch.zeros(2, T, dtype=torch.bool)
+    padding[0, 30:] = True  # row 0: a 31-token document, then padding labels; row 1: no padding
+    cfg = RefineConfig(n_chunks=4, k=3, margin=5, selection="uniform")
+    kept, unrestricted = [], []
+    for seed in range(20):
+        positions, _, valid = select(model, ids, cfg, torch.Generator().manual_seed(seed), padding=padding)
+        kept.append(positions[0][valid[0]])
+        assert valid[1].all()
+        unrestricted.append(select(model, ids, cfg, torch.Generator().manual_seed(seed))[0][0])
+    return torch.cat(kept), torch.cat(unrestricted)
+
+
+def test_rollouts_on_padded_rows_start_and_end_in_the_document():
+    kept, unrestricted = spawn(_positions_on_padded_rows, 1)[0]
+    # a rollout from t reads labels t .. t + k - 1 (and the margin's): all before the padding at label 30
+    assert len(kept) > 0 and (kept + 5 < 30).all() and (kept >= 5).all()
+    assert (unrestricted + 5 >= 30).any()  # without the padding mask, draws land there
