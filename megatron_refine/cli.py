@@ -229,12 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data (the README's main job)")
-    demo.add_argument("--steps", type=int, help="NTP pretraining steps (default 180)")
+    demo.add_argument("--steps", type=int, help="NTP pretraining steps (default 800)")
     demo.add_argument("--continue-steps", dest="continue_steps", type=int,
-                      help="steps of each continuation, REFINE and matched NTP (default 40)")
+                      help="steps of each continuation, REFINE and matched NTP (default 100)")
     demo.add_argument("--nproc", type=int, help="local data-parallel processes (default 2 on CPU, one per GPU up to 2)")
     demo.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    demo.add_argument("--documents", type=int, help="documents in the built-in corpus (default 6000)")
+    demo.add_argument("--documents", type=int, help="documents in the built-in corpus (default 20000)")
+    demo.add_argument("--eval-samples", dest="eval_samples", type=int,
+                      help="held-out examples of each recall task (default 100)")
     demo.add_argument("--out-dir", dest="out_dir", help="where outputs go (default demo_output)")
     demo.set_defaults(func=_demo)
 

@@ -8,6 +8,7 @@ import pytest
 
 from megatron_refine.cli import build_parser
 from megatron_refine.demo import DemoConfig, run
+from megatron_refine.evaluation.recall_tasks import RECALL_TASKS
 
 
 def test_console_script_lists_its_subcommands():
@@ -40,17 +41,22 @@ def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
     """The README's main job with a few steps: corpus, 2-rank NTP pretraining, REFINE and matched NTP
     continuations, recall evaluations, checkpoints, plots, and the Hugging Face export checked by generating."""
     cfg = DemoConfig(out_dir=str(tmp_path), device="cpu", steps=12, continue_steps=4, documents=160, seq_length=64,
-                     micro_batch_size=2, hidden_size=32, num_layers=1, recall_examples=4)
+                     micro_batch_size=2, hidden_size=32, num_layers=1, eval_samples=1)
     result = run(cfg)
     runs, export = result["runs"], result["hf_export"]
     hf = tmp_path / "hf" / "refine-mid"
     assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
     assert export["path"] == str(hf) and export["prompts"] == 4 and export["agree"] == 4  # fp32 on both sides
-    assert f"{hf}: transformers generate == megatron decoder on 4/4 prompts" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{hf}: transformers generate == megatron decoder on 4/4 prompts" in out
     assert len(runs["ntp"]["losses"]) == 12 and runs["ntp"]["losses"][-1] < runs["ntp"]["losses"][0]
     assert len(runs["refine-mid"]["losses"]) == len(runs["ntp-continued"]["losses"]) == 4
     assert [h["step"] for h in runs["refine-mid"]["refine"]] == [2, 4] and not runs["ntp-continued"]["refine"]
-    assert all(r["recall"].examples == 4 and 0 <= r["recall"].exact_match <= 1 for r in runs.values())
+    for name, r in runs.items():  # each stage scored on the task file, and its results written
+        assert [(row["task"], row["n"]) for row in r["eval"]] == [(task, 1) for task in RECALL_TASKS]
+        assert all(0 <= row["ci_low"] <= row["score"] <= row["ci_high"] <= 1 for row in r["eval"])
+        assert (tmp_path / "eval" / name / "results.csv").is_file()
+    assert "held-out recall after each stage" in out and "NTP pretrained" in out and "+ REFINE" in out
     for name, last in (("ntp", 12), ("refine-mid", 4), ("ntp-continued", 4)):
         assert (tmp_path / "checkpoints" / name / "latest_checkpointed_iteration.txt").read_text() == str(last)
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "reward.png").stat().st_size > 1000
@@ -181,12 +187,12 @@ def test_the_demo_fits_its_ranks_to_the_gpus(monkeypatch):
     """One NCCL rank per GPU: on a 1-GPU host the demo runs 1 rank (same tokens a step), never 2 on cuda:0."""
     import torch
 
-    from megatron_refine.demo import _global_batch, _resolve_devices
+    from megatron_refine.demo import _global_batch, resolve_devices
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    cfg = _resolve_devices(DemoConfig())
+    cfg = resolve_devices(DemoConfig())
     assert (cfg.device, cfg.nproc, _global_batch(cfg)) == ("cuda", 1, 16)
-    assert _resolve_devices(DemoConfig(device="cpu")).nproc == 2
+    assert resolve_devices(DemoConfig(device="cpu")).nproc == 2
     with pytest.raises(ValueError, match="--nproc 2 needs 2 GPUs, this host has 1: use --nproc 1 or --device cpu"):
-        _resolve_devices(DemoConfig(nproc=2))
+        resolve_devices(DemoConfig(nproc=2))

@@ -1,6 +1,6 @@
 """Data: tokenizers, the built-in synthetic corpus, tokenized webdataset shards, the packed and per-document loaders."""
 
-from megatron_refine.data.corpus import RecallExample, generate_documents, key_value_recall_examples
+from megatron_refine.data.corpus import generate_documents
 from megatron_refine.data.loader import DocumentLoader, DocumentLoaderState, LoaderState, PackedLoader
 from megatron_refine.data.preprocess import preprocess, write_builtin_corpus
 from megatron_refine.data.shards import DataError, ShardedDataset
@@ -14,10 +14,8 @@ __all__ = [
     "HFTokenizer",
     "LoaderState",
     "PackedLoader",
-    "RecallExample",
     "ShardedDataset",
     "generate_documents",
-    "key_value_recall_examples",
     "load_tokenizer",
     "preprocess",
     "tokenizer_from_metadata",

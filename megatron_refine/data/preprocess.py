@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_refine.data.corpus import generate_documents
+from megatron_refine.data.corpus import CORPUS_VERSION, generate_documents
 from megatron_refine.data.shards import (
     FORMAT_VERSION,
     METADATA,
@@ -275,8 +275,11 @@ def write_builtin_corpus(out_dir: str | Path, num_documents: int, seed: int, sha
     size) is rewritten rather than refused; one holding other data is refused as `preprocess` does."""
     source = Path(out_dir) / "source"
     source.mkdir(parents=True, exist_ok=True)
-    jsonl = source / f"builtin-seed{seed}-{num_documents}.jsonl"
+    # Named by the generator's version too: a folder written by an older generator is rewritten, not reused.
+    jsonl = source / f"builtin-v{CORPUS_VERSION}-seed{seed}-{num_documents}.jsonl"
     if not jsonl.is_file():
+        for stale in source.glob("builtin-*.jsonl"):
+            stale.unlink()
         tmp = jsonl.with_suffix(".tmp")
         with open(tmp, "w") as f:
             for text in generate_documents(num_documents, seed):

@@ -12,7 +12,6 @@ from megatron_refine.data import (
     PackedLoader,
     ShardedDataset,
     generate_documents,
-    key_value_recall_examples,
     load_tokenizer,
     preprocess,
     write_builtin_corpus,
@@ -48,12 +47,22 @@ def test_hf_tokenizer_json_is_used_from_disk(tmp_path):
         load_tokenizer(str(tmp_path / "nope.json"))
 
 
-def test_builtin_corpus_is_deterministic_and_recall_examples_are_consistent():
+def test_builtin_corpus_is_deterministic_and_every_table_answer_was_stated():
     assert list(generate_documents(20, seed=3)) == list(generate_documents(20, seed=3))
     assert list(generate_documents(20, seed=3)) != list(generate_documents(20, seed=4))
-    for ex in key_value_recall_examples(10, seed=9):
-        key = ex.prompt.rsplit("ask ", 1)[1].split(" =")[0]
-        assert f"key {key} ={ex.answer}\n" in ex.prompt  # the answer was stated earlier in the document
+    tables = [d for d in generate_documents(200, seed=3) if d.startswith("table:\n")]
+    assert len(tables) > 100
+    for doc in tables:
+        stated: dict[str, list[str]] = {}
+        for line in doc.splitlines()[1:]:
+            if "=" in line:
+                key, value = line.split("=")
+                stated.setdefault(key, []).append(value)
+            else:
+                keys, answer = line.split("?")
+                assert answer == ",".join(" ".join(stated[k]) for k in keys.split(","))
+        assert sorted(k for line in doc.splitlines() if "?" in line for k in line.split("?")[0].split(",")) == \
+            sorted(stated)  # every key asked back once
 
 
 def test_preprocess_writes_shards_and_metadata_and_resumes(tmp_path):

@@ -126,6 +126,23 @@ def test_another_builtin_corpus_replaces_the_previous_one(tmp_path):
     assert len(texts(tmp_path)) == 12
 
 
+def test_a_corpus_written_by_an_older_generator_is_regenerated(tmp_path, monkeypatch):
+    import importlib
+
+    import megatron_refine.data.corpus as corpus
+
+    # the module: the package exports a function of the same name
+    preprocess_module = importlib.import_module("megatron_refine.data.preprocess")
+
+    write_builtin_corpus(tmp_path, 10, seed=0, shard_size=5, progress=False)
+    monkeypatch.setattr(preprocess_module, "CORPUS_VERSION", corpus.CORPUS_VERSION + 1)
+    monkeypatch.setattr(preprocess_module, "generate_documents", lambda n, seed: (f"new {i}" for i in range(n)))
+    write_builtin_corpus(tmp_path, 10, seed=0, shard_size=5, progress=False)  # same seed and size, new generator
+    assert sorted(texts(tmp_path)) == sorted(f"new {i}" for i in range(10))
+    version = corpus.CORPUS_VERSION + 1
+    assert [p.name for p in (tmp_path / "source").glob("*.jsonl")] == [f"builtin-v{version}-seed0-10.jsonl"]
+
+
 def test_input_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "latin.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"latin.jsonl:2 is not UTF-8 text \(byte 0xe9\)"):
