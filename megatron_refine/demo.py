@@ -118,8 +118,8 @@ def _run_rank(cfg: DemoConfig, out: Path, task_file: Path) -> dict:
     pretrained = run("ntp")
     continued = continuation_overrides(cfg, out, cfg.continue_steps)
     refined = run("refine-mid", *continued, "stage=refine-mid", "refine.every=2")  # NTP steps between REFINE steps
-    prompts = [tokenizer.encode(ex.prompt) for ex in examples[:: max(1, len(examples) // EXPORT_PROMPTS)]]
-    prompts = prompts[:EXPORT_PROMPTS]
+    spread = examples[:: max(1, len(examples) // EXPORT_PROMPTS)][:EXPORT_PROMPTS]  # every task's prompts
+    prompts = [tokenizer.encode(ex.prompt) for ex in spread]
     reference = _greedy(refined.model, prompts) if torch.distributed.get_rank() == 0 else None
     run("ntp-continued", *continued)
     return {"runs": runs, "parameters": sum(p.numel() for p in pretrained.model.parameters()),
@@ -138,7 +138,7 @@ def comparison_table(runs: dict[str, dict]) -> str:
     for task in tasks:
         lines.append(f"{task:<18} {by_stage[columns[0]][task]['n']:>4}  "
                      + "  ".join(f"{cell(by_stage[name][task]):<{width}}" for name in columns))
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _check_hf_export(cfg: DemoConfig, out: Path, prompts: list[list[int]], reference: list[list[int]]) -> dict:
