@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from megatron_refine.demo import (
-    CORPUS_SEED, RECALL_SEED, DemoConfig, continuation_overrides, resolve_devices, train_config)
+    CORPUS_SEED, RECALL_SEED, DemoConfig, continuation_overrides, read_recall_tasks, resolve_devices, train_and_score)
 from megatron_refine.runtime import spawn
 
 METHODS = {"ntp": "NTP", "refine": "REFINE"}
@@ -34,21 +34,15 @@ def _seed_runs(cfg: DemoConfig, out: Path, data: Path, task_file: Path, seed: in
     """One seed: pretrain, then each budget's two continuations, each model scored on the task file."""
     import torch
 
-    from megatron_refine.data import ByteTokenizer
-    from megatron_refine.evaluation.runner import evaluate, examples_for, summarize
-    from megatron_refine.training import train
-
-    tokenizer = ByteTokenizer()
-    examples, _ = examples_for([], [], 0, tokenizer, RECALL_SEED, data=str(task_file), max_prompt_tokens=cfg.seq_length)
+    examples = read_recall_tasks(cfg, task_file)
     seeded = [f"seed={seed}", f"data.seed={seed}", f"refine.seed={seed}", f"data.path={data}"]
     rows = []
 
     def run(name, budget, method, *extra):
         start = time.perf_counter()
-        result = train(train_config(cfg, out, name, *seeded, *extra))
-        for r in summarize(evaluate(result.model, tokenizer, examples, progress=False)):
-            rows.append({"seed": seed, "budget": budget, "method": method, "task": r["task"], "n": r["n"],
-                         "score": r["score"]})
+        _, summary = train_and_score(cfg, out, name, task_file, examples, *seeded, *extra)
+        rows.extend({"seed": seed, "budget": budget, "method": method, "task": r["task"], "n": r["n"],
+                     "score": r["score"]} for r in summary)
         if torch.distributed.get_rank() == 0:
             print(f"seed {seed}: {name} in {time.perf_counter() - start:.0f}s", flush=True)
 

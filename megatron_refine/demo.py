@@ -93,24 +93,43 @@ def continuation_overrides(cfg: DemoConfig, out: Path, steps: int) -> list[str]:
             "optimizer.warmup_steps=1", f"optimizer.lr={cfg.lr / 3}", f"logging.log_interval={max(1, steps // 4)}"]
 
 
+def read_recall_tasks(cfg: DemoConfig, task_file: Path) -> list:
+    """The held-out recall examples of `task_file`, read as `megatron-refine eval --data` reads a task file."""
+    from megatron_refine.data import ByteTokenizer
+    from megatron_refine.evaluation.runner import examples_for
+
+    examples, _ = examples_for([], [], 0, ByteTokenizer(), RECALL_SEED, data=str(task_file),
+                               max_prompt_tokens=cfg.seq_length)
+    return examples
+
+
+def train_and_score(cfg: DemoConfig, out: Path, name: str, task_file: Path, examples: list, *extra: str):
+    """Train run `name`, score its model on the recall examples as `megatron-refine eval` does, and write
+    out/eval/<name>/results.json and results.csv (rank 0). Returns the training result and the summary rows."""
+    import torch
+
+    from megatron_refine.data import ByteTokenizer
+    from megatron_refine.evaluation.runner import evaluate, summarize, write_results
+    from megatron_refine.training import train
+
+    result = train(train_config(cfg, out, name, *extra))
+    results = evaluate(result.model, ByteTokenizer(), examples, progress=False)
+    summary = summarize(results)
+    if torch.distributed.get_rank() == 0:
+        write_results(out / "eval" / name, results, summary, {"load": str(result.checkpoint), "data": str(task_file)})
+    return result, summary
+
+
 def _run_rank(cfg: DemoConfig, out: Path, task_file: Path) -> dict:
     import torch
 
     from megatron_refine.data import ByteTokenizer
-    from megatron_refine.evaluation.runner import evaluate, examples_for, summarize, write_results
-    from megatron_refine.training import train
 
-    tokenizer = ByteTokenizer()
-    examples, _ = examples_for([], [], 0, tokenizer, RECALL_SEED, data=str(task_file), max_prompt_tokens=cfg.seq_length)
+    tokenizer, examples = ByteTokenizer(), read_recall_tasks(cfg, task_file)
     runs = {}
 
     def run(name, *extra):
-        result = train(train_config(cfg, out, name, *extra))
-        results = evaluate(result.model, tokenizer, examples, progress=False)  # what `megatron-refine eval` runs
-        summary = summarize(results)
-        if torch.distributed.get_rank() == 0:
-            write_results(out / "eval" / name, results, summary,
-                          {"load": str(result.checkpoint), "data": str(task_file)})
+        result, summary = train_and_score(cfg, out, name, task_file, examples, *extra)
         runs[name] = {"losses": result.losses, "tokens_per_s": result.tokens_per_s, "checkpoint": result.checkpoint,
                       "eval": summary, "refine": result.refine_history}
         return result

@@ -179,7 +179,6 @@ class _ChunkReader:
         finally:
             targets.clear()  # the Planner class lives on until a cyclic collection: let it hold no tensors
 
-
     def _read_whole_chunks(self, tensors: list) -> list:
         """Read the tensors that are exactly one saved chunk (a layout saved at the same TP as this one's, e.g. every
         tensor of a TP=1 checkpoint) straight from their file into their `data`; return the others. torch DCP would
