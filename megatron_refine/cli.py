@@ -153,7 +153,7 @@ def _dry_run(cfg) -> None:
     finally:
         destroy()
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-    rounds = cfg.refine.mini_batches if cfg.stage == "refine-mid" else 1
+    rounds = cfg.refine.mini_batches if cfg.uses_refine else 1
     print(f"# dry run: {cfg.stage}, {model.mixer} {cfg.model.config}: {counts['total']:,d} parameters (vocabulary "
           f"{vocab:,d}), TP {par.tensor_model_parallel_size} PP {par.pipeline_model_parallel_size} SP "
           f"{par.sequence_parallel}; {data.global_batch_size} x {data.seq_length} = "
@@ -169,10 +169,14 @@ def _eval(args: argparse.Namespace) -> None:
     from megatron_refine.training import load_config
 
     known = ("parallel.tensor_model_parallel_size", "parallel.sequence_parallel", "device")
-    unknown = [item for item in args.set if item.split("=", 1)[0] not in known]
-    if unknown:
-        raise ValueError(f"eval takes --set {', '.join(known)} only, got {unknown}")
-    layout = load_config(None, args.set)  # the same parsing and checks as train's
+    layout_sets = [item for item in args.set if item.split("=", 1)[0].strip() in known]
+    ttt_sets = [item for item in args.set if item not in layout_sets]
+    if ttt_sets and args.ttt == "none":
+        raise ValueError(f"eval takes --set {', '.join(known)} only, got {ttt_sets}; other keys set the test-time "
+                         "training config (with --ttt refine or ntp)")
+    layout = load_config(None, layout_sets)  # the same parsing and checks as train's
+    if args.ttt != "none":
+        load_config(f"ttt-{args.ttt}", ttt_sets)  # a bad TTT key fails here, before any rank starts
     split = lambda text, kind: [kind(x) for x in text.split(",") if x] if text else []  # noqa: E731
     options = EvalArgs(
         load=args.load, tasks=split(args.tasks, str), lengths=split(args.lengths, int) or [4096],
@@ -180,11 +184,19 @@ def _eval(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer, seed=args.seed, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
         out_dir=args.out_dir,
         tensor_model_parallel_size=layout.parallel.tensor_model_parallel_size,
-        sequence_parallel=layout.parallel.sequence_parallel, device=layout.device)
+        sequence_parallel=layout.parallel.sequence_parallel, device=layout.device, ttt=args.ttt,
+        ttt_reset=args.ttt_reset, ttt_overrides=ttt_sets)
     if args.nproc > 1 and "RANK" not in os.environ:
         spawn(run, args.nproc, options, timeout=7 * 24 * 3600)
     else:
         run(options)
+
+
+def _parquet_to_jsonl(args: argparse.Namespace) -> None:
+    from megatron_refine.data.prompt_answer import parquet_to_jsonl
+
+    count = parquet_to_jsonl(args.input, args.output, args.task, args.metric, args.max_new_tokens)
+    print(f"wrote {args.output}: {count} prompts with answers")
 
 
 def _preprocess(args: argparse.Namespace) -> None:
@@ -237,16 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--documents", type=int, help="documents in the built-in corpus (default 20000)")
     demo.add_argument("--eval-samples", dest="eval_samples", type=int,
                       help="held-out examples of each recall task (default 100)")
+    demo.add_argument("--post-steps", dest="post_steps", type=int,
+                      help="steps of each post-training run, nested REFINE and plain SFT (default 60)")
+    demo.add_argument("--qa-samples", dest="qa_samples", type=int,
+                      help="held-out questions of each QA task, answered with test-time training (default 50)")
     demo.add_argument("--out-dir", dest="out_dir", help="where outputs go (default demo_output)")
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", help="NTP pretraining, or REFINE mid-training with --stage refine-mid")
-    train.add_argument("--config", help="a YAML file or a built-in name (tiny-deltanet, tiny-lact, "
-                       "refine-mid-deltanet-1p3b, refine-mid-lact-760m, ntp-mid-deltanet-1p3b, ntp-mid-lact-760m)")
+    train = sub.add_parser("train", help="NTP pretraining; REFINE mid-training, post-training or test-time training with --stage")
+    train.add_argument("--config", help="a YAML file or a built-in name (tiny-deltanet, tiny-lact, the paper's "
+                       "{refine,ntp}-mid-{deltanet-1p3b,lact-760m}, {refine,ntp,sft}-post-{deltanet-1p3b,lact-760m}, "
+                       "ttt-refine, ttt-ntp)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field, e.g. --set optimizer.lr=1e-3 --set data.path=shards/")
-    train.add_argument("--stage", choices=["pretrain", "refine-mid"],
-                       help="pretrain (NTP) or refine-mid (NTP interleaved with REFINE steps, see refine.every)")
+    train.add_argument("--stage", choices=["pretrain", "refine-mid", "refine-post", "ttt"],
+                       help="pretrain (NTP), refine-mid (NTP interleaved with REFINE steps, see refine.every), "
+                       "refine-post (per batch: prompt_update on the prompts, then SFT on the answers), ttt (the "
+                       "prompt update only); the last two read data.layout=prompt_answer")
     train.add_argument("--load", help="resume from this checkpoint folder (checkpoint.load)")
     train.add_argument("--finetune", action="store_true", help="with --load: model weights only, from step 0")
     train.add_argument("--overwrite", action="store_true",
@@ -276,8 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="prompt tokens packed into one forward at most (lower it when memory is short)")
     evaluate.add_argument("--out-dir", dest="out_dir", default="eval_output", help="results.json, results.csv")
     evaluate.add_argument("--nproc", type=int, default=1, help="local processes (data / tensor parallel)")
+    evaluate.add_argument("--ttt", choices=["refine", "ntp", "none"], default="none",
+                          help="test-time training on each batch of --batch-size prompts before answering it: REFINE "
+                          "(NTP + 0.4 PG, binary reward) or NTP (default none)")
+    evaluate.add_argument("--ttt-reset", dest="ttt_reset", choices=["batch", "never"], default="batch",
+                          help="batch: restore weights and optimizer state before every batch (default); never: "
+                          "carry them over the stream in file order, as the release does")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="parallel.tensor_model_parallel_size=N, parallel.sequence_parallel=true, device=cpu")
+                          help="parallel.tensor_model_parallel_size=N, parallel.sequence_parallel=true, device=cpu; "
+                          "with --ttt any training key, e.g. optimizer.lr=1e-5 (the presets ttt-refine / ttt-ntp)")
     evaluate.set_defaults(func=_eval)
 
     from megatron_refine.data.preprocess import add_arguments as add_preprocess_arguments
@@ -307,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("--tp", type=int, default=1, help="the TP size to fine-tune at: checked against the heads")
     from_hf.add_argument("--pp", type=int, default=1, help="the PP size to fine-tune at: checked against the layers")
     from_hf.set_defaults(func=_convert_from_hf)
+
+    to_jsonl = sub.add_parser("parquet-to-jsonl", help="RULER QA parquet (the REFINE release's: prompt, answer) -> a "
+                              "prompt / answer jsonl for data.layout=prompt_answer")
+    to_jsonl.add_argument("--input", required=True, help="a .parquet file with 'prompt' and 'answer' (list) columns")
+    to_jsonl.add_argument("--output", required=True, help="the .jsonl to write")
+    to_jsonl.add_argument("--task", help="a task name for every line (e.g. ruler_squad): then also an eval task file")
+    to_jsonl.add_argument("--metric", help="the metric of every line (default: the task's, e.g. ruler_substring)")
+    to_jsonl.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="the answer budget of every line")
+    to_jsonl.set_defaults(func=_parquet_to_jsonl)
 
     info = sub.add_parser("info", help="show versions, CUDA and the fast paths available")
     info.set_defaults(func=_info)

@@ -11,7 +11,12 @@
 4. evaluates each stage's model on that task file as `megatron-refine eval --data` does (packed greedy decoding
    with the cached decoder, the file's metrics, 95% intervals), prints the three side by side and writes each
    one's results.json / results.csv; writes loss- and reward-curve PNGs and TensorBoard scalars;
-5. exports the REFINE checkpoint to Hugging Face format (fla's `delta_net`), greedy-decodes a few held-out
+5. post-trains the REFINE checkpoint on question / answer prompts over the corpus's registries and facts
+   (`recall_tasks.QA_TASKS`): nested REFINE (`--stage refine-post`: a REFINE update on each batch's prompts, then
+   an SFT step on its answers) and the plain SFT baseline; then answers held-out questions with test-time
+   training (`eval --ttt refine`: each batch of 8 test prompts trained on before it is answered, reset after it),
+   and prints the QA scores of the four stages side by side (REFINE mid, + SFT, + nested REFINE, + TTT);
+6. exports the REFINE checkpoint to Hugging Face format (fla's `delta_net`), greedy-decodes a few held-out
    recall prompts from it with transformers' `generate` (fla's kernels on CUDA, its PyTorch references on a
    CPU: megatron_refine.conversion.fla_cpu) and checks the tokens against our cached decoder's on the trained
    model; then prints a summary table.
@@ -26,8 +31,11 @@ from pathlib import Path
 from megatron_refine.runtime import local_gpus, spawn
 
 CORPUS_SEED, RECALL_SEED = 0, 10_000  # the recall tables never appear in the training corpus
+QA_TRAIN_SEED, QA_TEST_SEED = 20_000, 30_000  # post-training questions, held-out test questions
 EXPORT_PROMPTS, EXPORT_NEW_TOKENS = 8, 16  # the export check: greedy continuations of a few recall prompts
 STAGES = {"ntp": "NTP pretrained", "ntp-continued": "+ NTP", "refine-mid": "+ REFINE"}  # the table's columns
+QA_STAGES = {"refine-mid": "REFINE mid", "sft": "+ SFT", "refine-post": "+ nested REFINE",
+             "ttt": "+ nested REFINE + TTT"}
 
 
 @dataclass
@@ -47,6 +55,9 @@ class DemoConfig:
     init_method_std: float = 0.08
     lr: float = 3e-3
     eval_samples: int = 100  # held-out examples of each recall task
+    post_steps: int = 60  # steps of each post-training run (nested REFINE, plain SFT): 16 prompts a step
+    qa_samples: int = 50  # held-out questions of each QA task (test-time training's stream)
+    qa_train: int = 2000  # post-training questions of each QA task
 
 
 def _global_batch(cfg: DemoConfig) -> int:
@@ -120,12 +131,60 @@ def train_and_score(cfg: DemoConfig, out: Path, name: str, task_file: Path, exam
     return result, summary
 
 
+def post_training_overrides(cfg: DemoConfig, out: Path, update: str) -> list[str]:
+    """Post-training (stage refine-post, `prompt_update`) from out's REFINE checkpoint on the QA training file."""
+    return ["stage=refine-post", "data.layout=prompt_answer", f"data.path={out / 'post' / 'qa_train.jsonl'}",
+            "data.tokenizer=byte", "data.max_answer_tokens=8", f"prompt_update={update}",
+            f"checkpoint.load={out / 'checkpoints' / 'refine-mid'}", "checkpoint.finetune=true",
+            f"train_steps={cfg.post_steps}", "optimizer.warmup_steps=1", f"optimizer.lr={cfg.lr / 3}",
+            f"logging.log_interval={max(1, cfg.post_steps // 3)}", "refine.reward=hybrid", "refine.ppo_coef=0.2"]
+
+
+def _post_train_and_ttt(cfg: DemoConfig, out: Path, qa_test: list, refined) -> dict:
+    """The QA summaries of the REFINE model, its two post-trainings and test-time training on the best of them."""
+    import torch
+    import yaml
+
+    from megatron_refine.data import ByteTokenizer
+    from megatron_refine.evaluation.runner import EvalArgs, evaluate, summarize, write_results
+    from megatron_refine.evaluation.ttt import run_test_time_training
+    from megatron_refine.runtime import initialize
+    from megatron_refine.training import train
+
+    tokenizer, summaries, losses = ByteTokenizer(), {}, {}
+
+    def score(name, results):
+        summaries[name] = summarize(results)
+        if torch.distributed.get_rank() == 0:
+            write_results(out / "eval" / "qa" / name, results, summaries[name], {"stage": name})
+
+    score("refine-mid", evaluate(refined, tokenizer, qa_test, progress=False))
+    for name, update in (("sft", "none"), ("refine-post", "refine")):
+        config = train_config(cfg, out, name, *post_training_overrides(cfg, out, update))
+        if torch.distributed.get_rank() == 0:  # the run again: megatron-refine train --config out/post/NAME.yaml
+            (out / "post" / f"{name}.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        result = train(config)
+        losses[name] = result.losses
+        if name == "sft":
+            score(name, evaluate(result.model, tokenizer, qa_test, progress=False))
+    args = EvalArgs(load=str(out / "checkpoints" / "refine-post"), device=cfg.device, ttt="refine", batch_size=8,
+                    ttt_overrides=[f"optimizer.lr={cfg.lr / 3}", "data.max_answer_tokens=8",
+                                   "logging.log_interval=100000"])
+    ttt = run_test_time_training(args, qa_test, tokenizer, initialize(device=cfg.device, seed=1234))
+    score("refine-post", ttt.baseline)  # the post-trained model as loaded: eval without TTT
+    score("ttt", ttt.results)
+    return {"eval": summaries, "losses": losses}
+
+
 def _run_rank(cfg: DemoConfig, out: Path, task_file: Path) -> dict:
     import torch
 
     from megatron_refine.data import ByteTokenizer
+    from megatron_refine.evaluation.runner import examples_for
 
     tokenizer, examples = ByteTokenizer(), read_recall_tasks(cfg, task_file)
+    qa_test, _ = examples_for([], [], 0, tokenizer, 0, data=str(out / "eval" / "qa.jsonl"),
+                              max_prompt_tokens=cfg.seq_length)
     runs = {}
 
     def run(name, *extra):
@@ -140,8 +199,9 @@ def _run_rank(cfg: DemoConfig, out: Path, task_file: Path) -> dict:
     spread = examples[:: max(1, len(examples) // EXPORT_PROMPTS)][:EXPORT_PROMPTS]  # every task's prompts
     prompts = [tokenizer.encode(ex.prompt) for ex in spread]
     reference = _greedy(refined.model, prompts) if torch.distributed.get_rank() == 0 else None
+    post = _post_train_and_ttt(cfg, out, qa_test, refined.model)
     run("ntp-continued", *continued)
-    return {"runs": runs, "parameters": sum(p.numel() for p in pretrained.model.parameters()),
+    return {"runs": runs, "post": post, "parameters": sum(p.numel() for p in pretrained.model.parameters()),
             "world": torch.distributed.get_world_size(), "backend": torch.distributed.get_backend(),
             "export_prompts": prompts, "export_reference": reference}
 
@@ -230,7 +290,8 @@ def resolve_devices(cfg: DemoConfig) -> DemoConfig:
 
 def run(cfg: DemoConfig) -> dict:
     from megatron_refine.data import write_builtin_corpus
-    from megatron_refine.evaluation.recall_tasks import recall_examples, write_task_file
+    from megatron_refine.evaluation.recall_tasks import qa_examples, recall_examples, write_task_file
+    from megatron_refine.evaluation.runner import format_comparison
 
     cfg = resolve_devices(cfg)
     start = time.perf_counter()
@@ -241,6 +302,8 @@ def run(cfg: DemoConfig) -> dict:
     print(f"corpus: {meta['num_documents']:,d} documents, {meta['num_tokens']:,d} byte tokens in "
           f"{len(meta['shards'])} shards", flush=True)
     task_file = write_task_file(recall_examples(cfg.eval_samples, RECALL_SEED), out / "eval" / "recall.jsonl")
+    write_task_file(qa_examples(cfg.qa_train, QA_TRAIN_SEED), out / "post" / "qa_train.jsonl")
+    write_task_file(qa_examples(cfg.qa_samples, QA_TEST_SEED), out / "eval" / "qa.jsonl")
     result = spawn(_run_rank, cfg.nproc, cfg, out, task_file, timeout=3600)[0]
     result["hf_export"] = export = spawn(_check_hf_export, 1, cfg, out, result["export_prompts"],
                                          result["export_reference"], timeout=600)[0]
@@ -265,7 +328,15 @@ def run(cfg: DemoConfig) -> dict:
         if r["refine"]:
             detail += f"; reward {r['refine'][0]['reward_mean']:.3f} -> {r['refine'][-1]['reward_mean']:.3f}"
         rows.append((name, detail))
+    for name, label in (("sft", "SFT"), ("refine-post", "nested REFINE")):
+        losses = result["post"]["losses"][name]
+        rows.append((name, f"{label} post-training, +{len(losses)} steps from the REFINE checkpoint, answer loss "
+                           f"{losses[0]:.3f} -> {losses[-1]:.3f}"))
     rows += [
+        ("questions", f"{out / 'eval' / 'qa.jsonl'}: {cfg.qa_samples} held-out questions a task; results in "
+                      f"{out / 'eval' / 'qa'}/<stage>/; TTT again with `megatron-refine eval --load "
+                      f"{out / 'checkpoints' / 'refine-post'} --data {out / 'eval' / 'qa.jsonl'} --samples 0 --ttt "
+                      f"refine --set optimizer.lr={cfg.lr / 3:g} --set data.max_answer_tokens=8`"),
         ("recall tasks", f"{task_file}: {cfg.eval_samples} held-out tables a task (chance: 1% a value); results in "
                          f"{out / 'eval'}/<stage>/, again with `megatron-refine eval --load "
                          f"{out / 'checkpoints' / 'refine-mid'} --data {task_file} --samples 0`"),
@@ -280,6 +351,9 @@ def run(cfg: DemoConfig) -> dict:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}} | {v}" for k, v in rows), flush=True)
     print("\nheld-out recall after each stage (score, 95% interval):\n" + comparison_table(runs), flush=True)
+    qa = result["post"]["eval"]
+    print("\nheld-out questions after post-training and test-time training (score, 95% interval):\n"
+          + format_comparison({QA_STAGES[name]: qa[name] for name in QA_STAGES}), flush=True)
     if not ntp["losses"][-1] < ntp["losses"][0]:
         raise RuntimeError(f"the demo did not learn: loss {ntp['losses'][0]:.3f} -> {ntp['losses'][-1]:.3f}")
     if export["agree"] < 0.75 * export["prompts"]:  # a near-tie may flip under other kernels, a bad export flips most

@@ -15,7 +15,8 @@ def test_console_script_lists_its_subcommands():
     out = subprocess.run(
         [sys.executable, "-m", "megatron_refine.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("demo", "train", "eval", "preprocess", "model-info", "convert-to-hf", "convert-from-hf", "info"):
+    for command in ("demo", "train", "eval", "preprocess", "model-info", "convert-to-hf", "convert-from-hf",
+                    "parquet-to-jsonl", "info"):
         assert command in out
 
 
@@ -39,9 +40,11 @@ def test_model_info_rejects_an_unknown_config():
 
 def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
     """The README's main job with a few steps: corpus, 2-rank NTP pretraining, REFINE and matched NTP
-    continuations, recall evaluations, checkpoints, plots, and the Hugging Face export checked by generating."""
+    continuations, recall evaluations, post-training (nested REFINE, SFT) and test-time training scored on
+    questions, checkpoints, plots, and the Hugging Face export checked by generating."""
     cfg = DemoConfig(out_dir=str(tmp_path), device="cpu", steps=12, continue_steps=4, documents=160, seq_length=64,
-                     micro_batch_size=2, hidden_size=32, num_layers=1, eval_samples=1)
+                     micro_batch_size=2, hidden_size=32, num_layers=1, eval_samples=1, post_steps=2, qa_samples=3,
+                     qa_train=8)
     result = run(cfg)
     runs, export = result["runs"], result["hf_export"]
     hf = tmp_path / "hf" / "refine-mid"
@@ -57,6 +60,14 @@ def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
         assert all(0 <= row["ci_low"] <= row["score"] <= row["ci_high"] <= 1 for row in r["eval"])
         assert (tmp_path / "eval" / name / "results.csv").is_file()
     assert "held-out recall after each stage" in out and "NTP pretrained" in out and "+ REFINE" in out
+    post = result["post"]
+    assert [len(post["losses"][name]) for name in ("sft", "refine-post")] == [2, 2]
+    for name in ("refine-mid", "sft", "refine-post", "ttt"):  # the QA table's four columns, each written
+        assert [(row["task"], row["n"]) for row in post["eval"][name]] == [("qa_table", 3), ("qa_registry", 3), ("qa_facts", 3)]
+        assert (tmp_path / "eval" / "qa" / name / "results.csv").is_file()
+    assert "held-out questions after post-training and test-time training" in out and "+ nested REFINE + TTT" in out
+    for name in ("sft", "refine-post"):
+        assert (tmp_path / "checkpoints" / name / "latest_checkpointed_iteration.txt").read_text() == "2"
     for name, last in (("ntp", 12), ("refine-mid", 4), ("ntp-continued", 4)):
         assert (tmp_path / "checkpoints" / name / "latest_checkpointed_iteration.txt").read_text() == str(last)
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "reward.png").stat().st_size > 1000

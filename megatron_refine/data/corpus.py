@@ -77,23 +77,31 @@ def table_document(rng: random.Random) -> str:
     return text
 
 
-def key_value_document(rng: random.Random, num_pairs: int = 6, num_queries: int = 3) -> str:
-    """A registry: "key K = VVV" lines, filler, then "ask K = VVV" for some of its keys."""
+def registry_prompt(rng: random.Random, num_pairs: int = 6) -> tuple[str, dict[str, str]]:
+    """A registry's "key K = VVV" lines and filler, up to its asks, and its values."""
     keys = rng.sample(KEYS, num_pairs)
     values = {k: f"{rng.randrange(1000):03d}" for k in keys}
     text = f"registry {rng.randrange(100)} :\n" + "".join(f"key {k} = {values[k]}\n" for k in keys)
-    text += _filler(rng, rng.randint(1, 3)) + "\n"
-    return text + "".join(f"ask {k} = {values[k]}\n" for k in rng.sample(keys, num_queries))
+    return text + _filler(rng, rng.randint(1, 3)) + "\n", values
 
 
-def facts_document(rng: random.Random) -> str:
+def key_value_document(rng: random.Random, num_pairs: int = 6, num_queries: int = 3) -> str:
+    """A registry: "key K = VVV" lines, filler, then "ask K = VVV" for some of its keys."""
+    text, values = registry_prompt(rng, num_pairs)
+    return text + "".join(f"ask {k} = {values[k]}\n" for k in rng.sample(list(values), num_queries))
+
+
+def facts_prompt(rng: random.Random) -> tuple[str, dict[str, str]]:
+    """Three people's homes stated, then filler, up to the questions; and the homes."""
     people = rng.sample(NAMES, 3)
     homes = {p: rng.choice(CITIES) for p in people}
     text = " ".join(f"{p} lives in {homes[p]} ." for p in people) + "\n"
-    text += _filler(rng, rng.randint(2, 4)) + "\n"
-    for p in rng.sample(people, 2):
-        text += f"where does {p} live ? {homes[p]} .\n"
-    return text
+    return text + _filler(rng, rng.randint(2, 4)) + "\n", homes
+
+
+def facts_document(rng: random.Random) -> str:
+    text, homes = facts_prompt(rng)
+    return text + "".join(f"where does {p} live ? {homes[p]} .\n" for p in rng.sample(list(homes), 2))
 
 
 def needle_document(rng: random.Random) -> str:

@@ -200,6 +200,11 @@ class ShardedDataset:
         folder written before metadata recorded it (format 1)."""
         return self.metadata.get("tokenizer_hash")
 
+    @property
+    def tokenizer_description(self) -> dict | None:
+        """The tokenizer the data was tokenized with, as `tokenizers.tokenizer_from_metadata` reads it."""
+        return self.metadata.get("tokenizer")
+
     def preprocess_command(self, **changes) -> str:
         """The command that rewrites this folder (see `preprocess_command`)."""
         return preprocess_command(self.path, self.metadata, **changes)

@@ -9,10 +9,10 @@ is required by the classification metric. Fields the reader does not use are kep
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
+from megatron_refine.data.jsonl import jsonl_rows
 from megatron_refine.data.shards import DataError
 from megatron_refine.data.tokenizers import Tokenizer
 from megatron_refine.evaluation.examples import EvalExample
@@ -55,25 +55,17 @@ def read_task_file(
         raise FileNotFoundError(f"task file {path} not found: pass the path of a .jsonl task file")
 
     examples, counts, truncated = [], Counter(), Counter()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}): write one JSON object a line") from None
-            ex = _example(row, where)
-            ids = tokenizer.encode(ex.prompt)
-            pieces = truncate_tokens(ids, max_prompt_tokens, truncate)
-            cut = len(pieces) > 1 or len(pieces[0]) < len(ids)
-            if cut:
-                ex.prompt = "".join(tokenizer.decode(p) for p in pieces)  # piece by piece, as LongBench
-                truncated[ex.task] += 1
-            ex.meta.update(source=where, prompt_tokens=len(ids), truncated=cut)
-            counts[ex.task] += 1
-            examples.append(ex)
+    for row, where in jsonl_rows(path):
+        ex = _example(row, where)
+        ids = tokenizer.encode(ex.prompt)
+        pieces = truncate_tokens(ids, max_prompt_tokens, truncate)
+        cut = len(pieces) > 1 or len(pieces[0]) < len(ids)
+        if cut:
+            ex.prompt = "".join(tokenizer.decode(p) for p in pieces)  # piece by piece, as LongBench
+            truncated[ex.task] += 1
+        ex.meta.update(source=where, prompt_tokens=len(ids), truncated=cut)
+        counts[ex.task] += 1
+        examples.append(ex)
     if not examples:
         raise DataError(f"{path} holds no examples: write one JSON object a line")
     return examples, {"examples": dict(counts), "truncated": dict(truncated)}

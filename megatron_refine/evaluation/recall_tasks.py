@@ -10,6 +10,11 @@ RULER's needle tasks: a table of "K=VV" lines, then one ask line ("K?") the mode
 Generate them from a seed the training corpus did not use: the tables are then new to the model. The examples
 are `EvalExample`s for `evaluation.runner.evaluate`, and `write_task_file` writes them as the jsonl that
 `megatron-refine eval --data` reads.
+
+The demo's post-training and test-time training run on question / answer prompts over the corpus's kinds
+(`QA_TASKS`): qa_table asks one key of a table of 16 ("K?" -> "VV"), qa_registry one key of a registry ("ask K = "
+-> "VVV"), qa_facts where one of three people lives ("where does P live ? " -> "CITY"); written with answers, they
+are also `data.layout=prompt_answer` files.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from megatron_refine.data.corpus import TABLE_KEYS, ask_line, table_lines
+from megatron_refine.data.corpus import TABLE_KEYS, ask_line, facts_prompt, registry_prompt, table_lines
 from megatron_refine.evaluation.examples import EvalExample
 
 RECALL_TASKS = ("recall_single", "recall_multikey", "recall_multiquery", "recall_multivalue")
@@ -46,6 +51,37 @@ def recall_examples(samples: int, seed: int, tasks: tuple[str, ...] = RECALL_TAS
     """`samples` examples of each task, deterministic from `seed`."""
     rng = random.Random(seed)
     return [recall_example(task, rng) for task in tasks for _ in range(samples)]
+
+
+QA_TASKS = ("qa_table", "qa_registry", "qa_facts")
+QA_TABLE_PAIRS = 16  # the largest training tables
+
+
+def qa_example(task: str, rng: random.Random) -> EvalExample:
+    """One question / answer example of `task` (a name of QA_TASKS), exact match."""
+    if task == "qa_table":
+        keys = rng.sample(TABLE_KEYS, QA_TABLE_PAIRS)
+        text, values = table_lines(rng, keys)
+        question, answer = ask_line([rng.choice(keys)], values)
+        prompt = text + question
+    elif task == "qa_registry":
+        text, values = registry_prompt(rng)
+        key = rng.choice(list(values))
+        prompt, answer = f"{text}ask {key} = ", values[key]
+    elif task == "qa_facts":
+        text, homes = facts_prompt(rng)
+        person = rng.choice(list(homes))
+        prompt, answer = f"{text}where does {person} live ? ", homes[person]
+    else:
+        raise ValueError(f"unknown QA task {task!r}: use one of {', '.join(QA_TASKS)}")
+    return EvalExample(task=task, prompt=prompt, answers=[answer], max_new_tokens=len(answer.encode()),
+                       metric="exact_match")
+
+
+def qa_examples(samples: int, seed: int, tasks: tuple[str, ...] = QA_TASKS) -> list[EvalExample]:
+    """`samples` examples of each QA task, deterministic from `seed`, the tasks interleaved (a test stream)."""
+    rng = random.Random(seed)
+    return [qa_example(task, rng) for _ in range(samples) for task in tasks]
 
 
 def write_task_file(examples: list[EvalExample], path: str | Path) -> Path:

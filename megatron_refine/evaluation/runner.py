@@ -138,6 +138,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(columns: dict[str, list[dict]]) -> str:
+    """Several runs' summary rows side by side (one column a run: score and 95% interval), by task and length."""
+    cell = lambda r: f"{100 * r['score']:5.1f}% [{100 * r['ci_low']:4.1f}, {100 * r['ci_high']:4.1f}]"  # noqa: E731
+    width = max(len(cell({"score": 1, "ci_low": 1, "ci_high": 1})), *map(len, columns))
+    by_run = {name: {(r["task"], r["length"]): r for r in rows} for name, rows in columns.items()}
+    first = next(iter(columns.values()))
+    lines = [f"{'task':<22} {'length':>7} {'n':>5}  " + "  ".join(f"{name:<{width}}" for name in columns)]
+    for r in first:
+        key = (r["task"], r["length"])
+        cells = [cell(by_run[name][key]) if key in by_run[name] else "-" for name in columns]
+        length = r["length"] if r["length"] is not None else "-"
+        lines.append(f"{r['task']:<22} {length!s:>7} {r['n']:>5}  " + "  ".join(f"{c:<{width}}" for c in cells))
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def write_results(out_dir: str | Path, results: list[dict], rows: list[dict], config: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +168,6 @@ def load_model(load: str | Path, tokenizer: str | None = None, sequence_parallel
     `tokenizer` ("byte" or a tokenizer.json), else the one its training data recorded."""
     from megatron.core import dist_checkpointing
 
-    from megatron_refine.data.tokenizers import load_tokenizer, tokenizer_from_metadata
     from megatron_refine.models import build_model, get_config
     from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration, load_checkpoint
 
@@ -172,13 +186,19 @@ def load_model(load: str | Path, tokenizer: str | None = None, sequence_parallel
     if cuda:
         model.cuda()
     load_checkpoint(load, model)
-    if tokenizer:
-        return model, load_tokenizer(tokenizer)
-    metadata = Path(common.get("data_path") or "") / "metadata.json"
-    if not common.get("data_path") or not metadata.is_file():
+    return model, checkpoint_tokenizer(load, tokenizer)
+
+
+def checkpoint_tokenizer(load: str | Path, tokenizer: str | None = None):
+    """`tokenizer` ("byte" or a tokenizer.json) when given, else the one the checkpoint was trained with."""
+    from megatron_refine.data.tokenizers import load_tokenizer
+    from megatron_refine.training.checkpointing import saved_tokenizer
+
+    found = load_tokenizer(tokenizer) if tokenizer else saved_tokenizer(load)
+    if found is None:
         raise ValueError(f"{load} does not record its training data's tokenizer: pass --tokenizer (byte, or a "
                          "tokenizer.json)")
-    return model, tokenizer_from_metadata(json.loads(metadata.read_text())["tokenizer"])
+    return found
 
 
 def examples_for(tasks: list[str], lengths: list[int], samples: int, tokenizer, seed: int,
@@ -220,6 +240,9 @@ class EvalArgs:
     tensor_model_parallel_size: int = 1
     sequence_parallel: bool = False
     device: str | None = None
+    ttt: str = "none"  # test-time training before answering each batch: refine, ntp or none (evaluation/ttt.py)
+    ttt_reset: str = "batch"  # batch: restore weights and optimizer before every batch; never: carry them over
+    ttt_overrides: list[str] = field(default_factory=list)  # `--set` overrides of the TTT training config
 
 
 def run(args: EvalArgs) -> list[dict]:
@@ -227,23 +250,37 @@ def run(args: EvalArgs) -> list[dict]:
     prints the table and writes results.json / results.csv."""
     from megatron_refine.runtime import destroy, initialize
 
-    initialize(tp=args.tensor_model_parallel_size, device=args.device)
+    runtime = initialize(tp=args.tensor_model_parallel_size, device=args.device)
     try:
-        model, tokenizer = load_model(args.load, args.tokenizer, args.sequence_parallel)
+        if args.ttt == "none":
+            model, tokenizer = load_model(args.load, args.tokenizer, args.sequence_parallel)
+        else:
+            tokenizer = checkpoint_tokenizer(args.load, args.tokenizer)
         haystack = Path(args.haystack).read_text() if args.haystack else None
         examples, truncated = examples_for(args.tasks, args.lengths, args.samples, tokenizer, args.seed, args.data,
                                            args.max_prompt_tokens, haystack)
         if not examples:
             raise ValueError("nothing to evaluate: pass --tasks (e.g. niah_single) and / or --data file.jsonl")
-        results = evaluate(model, tokenizer, examples, batch_size=args.batch_size,
-                           max_batch_tokens=args.max_batch_tokens)
+        config = {**asdict(args), "truncated": truncated}
+        if args.ttt == "none":
+            results = evaluate(model, tokenizer, examples, batch_size=args.batch_size,
+                               max_batch_tokens=args.max_batch_tokens)
+        else:
+            from megatron_refine.evaluation.ttt import run_test_time_training, write_ttt_results
+
+            ttt = run_test_time_training(args, examples, tokenizer, runtime)
+            baseline, results = ttt.baseline, ttt.results
         rows = summarize(results)
         if torch.distributed.get_rank() == 0:
-            print(format_table(rows), flush=True)
-            if truncated:
+            if args.ttt == "none":
+                write_results(args.out_dir, results, rows, config)
+                print(format_table(rows), flush=True)
+            else:
+                print(write_ttt_results(args.out_dir, baseline, results, config), flush=True)
+            if truncated.get("truncated"):
                 print(f"prompts cut to {args.max_prompt_tokens} tokens: {truncated}", flush=True)
-            write_results(args.out_dir, results, rows, {**asdict(args), "truncated": truncated})
-            print(f"wrote {Path(args.out_dir) / 'results.json'} and results.csv", flush=True)
+            print(f"wrote {Path(args.out_dir) / 'results.json'} and results.csv"
+                  + (f" (no TTT: {Path(args.out_dir) / 'no-ttt'}/)" if args.ttt != "none" else ""), flush=True)
         return rows
     finally:
         destroy()

@@ -33,6 +33,12 @@ def eligible_positions(position_ids: torch.Tensor, sequence_ids: torch.Tensor, m
     return (position_ids >= margin) & same_ahead
 
 
+def chunks_with_candidates(lengths: torch.Tensor, n_chunks: int, margin: int) -> torch.Tensor:
+    """Rows of `lengths` [B] real positions: which of their n_chunks chunks hold a candidate [B, n_chunks] (a row
+    with fewer than n_chunks candidates between its margins has empty chunks, whose draws the caller masks out)."""
+    return torch.arange(n_chunks, device=lengths.device) < (lengths - 2 * margin)[:, None]
+
+
 def select_positions(
     entropy: torch.Tensor,
     *,
@@ -42,12 +48,16 @@ def select_positions(
     mode: str = "entropy",
     generator: torch.Generator | None = None,
     eligible: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """entropy [B, T] (of predicting token t+1 from tokens <= t) -> positions [B, n_chunks].
 
     The candidates t in [margin, T - margin) are split into n_chunks equal chunks (the last takes the
     remainder); each chunk gives one position: drawn from softmax(smoothed entropy) (`entropy`), uniformly,
     or the chunk's argmax / argmin. A rollout from t reads the true continuation t+1..t+k, so margin >= k.
+    lengths [B]: each row's real positions (a padded document, a post-training prompt: the labels that belong to
+    it); row b's candidates are then [margin, lengths[b] - margin), chunked the same way. A chunk with no
+    candidate (`chunks_with_candidates`) gives position `margin`, which the caller masks out.
     eligible [B, T] (packed documents, `eligible_positions`): only those are drawn; a chunk with none gives
     a position that is not eligible, which the caller masks out (`eligible.gather(1, positions)`).
     """
@@ -56,29 +66,32 @@ def select_positions(
     if margin < k:
         raise ValueError(f"margin ({margin}) must be >= k ({k}): a rollout from t compares with tokens t+1..t+k")
     B, T = entropy.shape
-    span = T - 2 * margin
     if T < min_sequence_length(n_chunks, margin):
         raise ValueError(
-            f"sequence length {T} leaves {span} candidate positions after the margins of {margin} tokens, fewer than "
-            f"n_chunks={n_chunks}: use longer sequences (>= {min_sequence_length(n_chunks, margin)}) or fewer "
-            "chunks / a smaller margin"
+            f"sequence length {T} leaves {T - 2 * margin} candidate positions after the margins of {margin} tokens, "
+            f"fewer than n_chunks={n_chunks}: use longer sequences (>= {min_sequence_length(n_chunks, margin)}) or "
+            "fewer chunks / a smaller margin"
         )
     scores = smooth_entropy(entropy.float(), k)
     allowed = torch.ones_like(scores, dtype=torch.bool) if eligible is None else eligible
-    size = span // n_chunks
+    span = torch.full((B,), T - 2 * margin, device=scores.device) if lengths is None else lengths - 2 * margin
+    size = (span // n_chunks).clamp(min=1)[:, None]
+    offset = torch.arange(T, device=scores.device) - margin  # [T]
+    chunk_of = torch.where((offset >= 0) & (offset < span[:, None]), (offset // size).clamp(max=n_chunks - 1), -1)
+    fallback = offset == 0  # an empty chunk's position (masked out by the caller)
     positions = []
     for c in range(n_chunks):
-        lo = margin + c * size
-        hi = margin + span if c == n_chunks - 1 else lo + size
-        chunk, ok = scores[:, lo:hi], allowed[:, lo:hi]  # [B, L]
-        ok = ok | ~ok.any(-1, keepdim=True)  # a chunk with no eligible position draws from all (masked later)
+        inside = chunk_of == c  # [B, T]
+        inside = inside | (fallback & ~inside.any(-1, keepdim=True))
+        ok = inside & allowed
+        ok = ok | (inside & ~ok.any(-1, keepdim=True))  # a chunk with no eligible position draws from all of it
         if mode == "argmax":
-            pick = chunk.masked_fill(~ok, -torch.inf).argmax(-1)
+            pick = scores.masked_fill(~ok, -torch.inf).argmax(-1)
         elif mode == "argmin":
-            pick = chunk.masked_fill(~ok, torch.inf).argmin(-1)
+            pick = scores.masked_fill(~ok, torch.inf).argmin(-1)
         else:
-            weights = ok.float() if mode == "uniform" else torch.softmax(chunk.masked_fill(~ok, -torch.inf), dim=-1)
+            weights = ok.float() if mode == "uniform" else torch.softmax(scores.masked_fill(~ok, -torch.inf), dim=-1)
             on = weights.device if generator is None else generator.device  # multinomial wants them together
-            pick = torch.multinomial(weights.to(on), 1, generator=generator)[:, 0].to(chunk.device)
-        positions.append(lo + pick)
+            pick = torch.multinomial(weights.to(on), 1, generator=generator)[:, 0].to(scores.device)
+        positions.append(pick)
     return torch.stack(positions, dim=1)

@@ -26,7 +26,7 @@ from megatron_refine.models.packing import Packing
 from megatron_refine.refine.config import RefineConfig
 from megatron_refine.refine.grpo import grpo_advantages, k3_kl, ppo_clipped_loss
 from megatron_refine.refine.rewards import rollout_rewards
-from megatron_refine.refine.selection import eligible_positions, select_positions
+from megatron_refine.refine.selection import chunks_with_candidates, eligible_positions, select_positions
 from megatron_refine.refine.vocab import vocab_parallel_entropy, vocab_parallel_log_probs
 
 
@@ -40,25 +40,24 @@ class Rollouts:
 
 
 def select(model, tokens: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
-           packed_seq_params: PackedSeqParams | None = None, padding: torch.Tensor | None = None,
+           packed_seq_params: PackedSeqParams | None = None, lengths: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """No-grad forward -> next-token entropy [B, T] -> positions [B, n_chunks], their entropies, and which of
-    them are valid [B, n_chunks] (with packed documents or padded rows a chunk may hold no position whose rollout
-    fits). padding [B, T]: True where a row's label is padding (data.pad_short_documents): rollouts start in its
-    document, and their truth (and `margin` tokens of it) ends before the padding."""
+    them are valid [B, n_chunks] (with packed documents or short rows a chunk may hold no position whose rollout
+    fits). lengths [B]: each row's real labels (a padded document, a post-training prompt; the rest is padding
+    or an answer): the chunks split that part only, and every rollout and its truth (and `margin` tokens more)
+    stay in it."""
     with torch.no_grad():
         entropy = vocab_parallel_entropy(model(tokens, None, None, packed_seq_params=packed_seq_params))  # [B, T]
     eligible = None
     packing = Packing.from_params(packed_seq_params, *tokens.shape)
     if packing is not None:
         eligible = eligible_positions(packing.position_ids, packing.sequence_ids, cfg.margin)
-    if padding is not None:  # the padding as a document of its own, which no rollout may reach
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(padding)
-        fits = eligible_positions(positions, padding.long(), cfg.margin) & ~padding
-        eligible = fits if eligible is None else eligible & fits
     positions = select_positions(entropy, n_chunks=cfg.n_chunks, k=cfg.k, margin=cfg.margin, mode=cfg.selection,
-                                 generator=generator, eligible=eligible)
+                                 generator=generator, eligible=eligible, lengths=lengths)
     valid = torch.ones_like(positions, dtype=torch.bool) if eligible is None else eligible.gather(1, positions)
+    if lengths is not None:
+        valid = valid & chunks_with_candidates(lengths, cfg.n_chunks, cfg.margin)
     return positions, entropy.gather(1, positions), valid
 
 
@@ -162,12 +161,34 @@ def group_advantages(cfg: RefineConfig, positions: torch.Tensor, valid: torch.Te
 
 
 def token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mean of per-token values [R, k] over every DP rank's counted rollout tokens (mask [R]), as this rank's
-    share: DDP averages gradients over DP, so each rank's sum is scaled by DP size / the global count."""
-    total = (mask.sum() * per_token.shape[1]).to(torch.float32).clone()
+    """The mean of per-token values over every DP rank's counted tokens, as this rank's share: DDP averages
+    gradients over DP, so each rank's sum is scaled by DP size / the global count. per_token [R, k]; mask [R]
+    (rollouts: all k tokens of a counted row) or per_token's shape (token weights)."""
+    weights = mask.to(per_token.dtype)
+    if weights.dim() < per_token.dim():
+        weights = weights[:, None].expand_as(per_token)
+    total = weights.sum().to(torch.float32).clone()
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     scale = parallel_state.get_data_parallel_world_size() / total.clamp(min=1)
-    return (per_token * mask[:, None].to(per_token.dtype)).sum() * scale
+    return (per_token * weights).sum() * scale
+
+
+def mean_loss(per_token: torch.Tensor, mask: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """Per-token losses [B, T] under weights [B, T] (all ones when None): this rank's mean, or given `tokens`, the
+    step's counted tokens on every DP rank divided by its micro-batches, this micro-batch's share of the mean over
+    all of them (Megatron's schedule averages micro-batches, DDP averages DP ranks): rows of unequal lengths, such
+    as prompts and answers, then weigh by their tokens however they are split into micro-batches and ranks."""
+    if tokens is None:
+        return masked_mean(per_token, mask)
+    weights = torch.ones_like(per_token) if mask is None else mask
+    return (per_token.float() * weights).sum() * parallel_state.get_data_parallel_world_size() / tokens.clamp(min=1)
+
+
+def ntp_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
+             tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy of logits [B, T, V/t] against labels [B, T] under loss_mask [B, T] (`mean_loss`)."""
+    return mean_loss(-vocab_parallel_log_probs(logits, labels), loss_mask, tokens)
 
 
 def policy_loss(cfg: RefineConfig, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
@@ -191,7 +212,7 @@ def policy_loss(cfg: RefineConfig, log_probs: torch.Tensor, old_log_probs: torch
 
 def refine_loss(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
                 ref_model=None, packed_seq_params: PackedSeqParams | None = None, loss_mask: torch.Tensor | None = None,
-                eos_id: int | None = None, padding: torch.Tensor | None = None,
+                eos_id: int | None = None, lengths: torch.Tensor | None = None, ntp_tokens: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The on-policy REFINE objective on documents tokens [B, T] (labels = next tokens): sft * NTP + ppo * PG
     (+ kl * KL), the rollouts sampled and scored by this very forward (refine.mini_batches = 1).
@@ -200,13 +221,14 @@ def refine_loss(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineCo
     inside one document and branch from that document's own state.
     loss_mask [B, T]: the NTP loss's per-token weights (e.g. Megatron's eod_mask_loss), a mean over them.
     eos_id: the tokenizer's EOS, which rollouts never sample (None: no id banned).
-    padding [B, T]: padded rows' padding labels, where no rollout goes (`select`).
+    lengths [B]: each row's real labels when the rest is padding or an answer (`select`): no rollout goes there.
+    ntp_tokens: the NTP loss as a token mean over the whole step (`mean_loss`), not this micro-batch's mean.
     """
     t0 = time.perf_counter()
-    positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params, padding)
+    positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params, lengths)
     t1 = time.perf_counter()
     out = model.forward_with_branch_states(tokens, positions, packed_seq_params)
-    ntp = masked_mean(-vocab_parallel_log_probs(out.logits, labels), loss_mask)
+    ntp = ntp_loss(out.logits, labels, loss_mask, ntp_tokens)
     rollouts = roll_out(model, out, positions, cfg, generator, eos_id)
     t2 = time.perf_counter()
     rewards, mask, advantages = group_advantages(cfg, positions, valid, labels, out.hidden.detach(),
@@ -251,12 +273,12 @@ class StoredRollouts:
 
 def rollout_round(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
                   packed_seq_params: PackedSeqParams | None = None, eos_id: int | None = None,
-                  padding: torch.Tensor | None = None) -> StoredRollouts:
+                  lengths: torch.Tensor | None = None) -> StoredRollouts:
     """Select, branch, sample, score and take the old log-probs of one micro-batch, without a graph: the rollout
     half of a step, stored for the `mini_batches` PPO updates that follow (`ppo_update_loss`)."""
     with torch.no_grad():
         t0 = time.perf_counter()
-        positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params, padding)
+        positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params, lengths)
         t1 = time.perf_counter()
         out = model.forward_with_branch_states(tokens, positions, packed_seq_params)
         rollouts = roll_out(model, out, positions, cfg, generator, eos_id)
@@ -270,12 +292,13 @@ def rollout_round(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: Refine
 
 def ppo_update_loss(model, tokens: torch.Tensor, labels: torch.Tensor, stored: StoredRollouts, cfg: RefineConfig,
                     ref_model=None, packed_seq_params: PackedSeqParams | None = None,
-                    loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    loss_mask: torch.Tensor | None = None, ntp_tokens: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One PPO update over a stored rollout round's micro-batch: a fresh forward over the documents gives the NTP
     loss and the branch states after the stored positions, from which the current policy's log-probs of the
     stored rollout tokens are recomputed; the ratio to the round's log-probs is clipped as in the release."""
     out = model.forward_with_branch_states(tokens, stored.positions, packed_seq_params)
-    ntp = masked_mean(-vocab_parallel_log_probs(out.logits, labels), loss_mask)
+    ntp = ntp_loss(out.logits, labels, loss_mask, ntp_tokens)
     first_logits, cache = branch_starts(out, stored.positions, cfg.n)
     if cfg.detach_prefix:
         first_logits, cache = first_logits.detach(), cache.detach()

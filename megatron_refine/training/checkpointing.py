@@ -188,6 +188,7 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
         "vocab_size": model.tokenizer_vocab_size,
         "model_identity": model_identity(model),
         "tokenizer_hash": loader.dataset.tokenizer_hash,
+        "tokenizer": loader.dataset.tokenizer_description,
         "data_path": str(Path(loader.dataset.path).resolve()),
         "config": config,
     }
@@ -202,6 +203,25 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
         _prune(root, keep_last)
     torch.distributed.barrier()
     return final
+
+
+def saved_tokenizer(root: str | Path):
+    """The tokenizer the newest checkpoint of `root` was trained with (as it records it, or as its training data's
+    metadata.json does for checkpoints from before it did), or None when neither says."""
+    import json
+
+    from megatron_refine.data.tokenizers import tokenizer_from_metadata
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(root, iteration)))
+    if common.get("tokenizer"):
+        return tokenizer_from_metadata(common["tokenizer"])
+    metadata = Path(common.get("data_path") or "") / "metadata.json"
+    if common.get("data_path") and metadata.is_file():
+        return tokenizer_from_metadata(json.loads(metadata.read_text())["tokenizer"])
+    return None
 
 
 def _distributed_optimizers(optimizer) -> list:

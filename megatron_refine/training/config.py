@@ -14,7 +14,9 @@ import yaml
 
 from megatron_refine.refine.config import RefineConfig
 
-STAGES = ("pretrain", "refine-mid")
+STAGES = ("pretrain", "refine-mid", "refine-post", "ttt")
+PROMPT_STAGES = ("refine-post", "ttt")  # data.layout prompt_answer: an update on the prompts (prompt_update)
+PROMPT_UPDATES = ("refine", "ntp", "none")
 DEVICES = (None, "cuda", "cpu")
 AT_LEAST_ONE = ("train_steps", "max_skipped_steps", "data.seq_length", "data.micro_batch_size",
                 "data.global_batch_size", "logging.log_interval")
@@ -50,13 +52,28 @@ class DataArgs:
     # documents: right-pad documents shorter than seq_length + 1 tokens (and >= min_document_tokens) with EOS,
     # with no loss on the padding.
     pad_short_documents: bool = False
+    # prompt_answer (stages refine-post, ttt): data.path is a jsonl of {"prompt", "answer" | "answers"} lines,
+    # tokenized with this tokenizer (byte or a tokenizer.json; null: the one of the checkpoint loaded).
+    tokenizer: str | None = None
+    max_answer_tokens: int = 32  # answers (EOS included) are cut to this; prompts to seq_length - this
+    prompt_truncation: str = "left"  # a long prompt loses its start (left: the question at its end stays) or end
 
     def validate(self, stage: str) -> None:
-        layouts = ("packed", "documents")
+        layouts = ("packed", "documents", "prompt_answer")
         if self.layout not in layouts:
             raise ValueError(f"data.layout must be one of {layouts}, got {self.layout!r}: packed concatenates "
-                             "documents into rows, documents gives each row one document")
-        if self.layout == "packed" and (self.min_document_tokens is not None or self.pad_short_documents):
+                             "documents into rows, documents gives each row one document, prompt_answer reads "
+                             "a jsonl of prompts and answers (stages refine-post, ttt)")
+        if (self.layout == "prompt_answer") != (stage in PROMPT_STAGES):
+            raise ValueError(f"stage {stage} with data.layout={self.layout}: stages {' and '.join(PROMPT_STAGES)} "
+                             "train on data.layout=prompt_answer (a jsonl of prompts and answers), the others on "
+                             "preprocessed shards (packed or documents)")
+        if self.prompt_truncation not in ("left", "right"):
+            raise ValueError(f"data.prompt_truncation must be left or right, got {self.prompt_truncation!r}")
+        if self.layout == "prompt_answer" and not 1 <= self.max_answer_tokens < self.seq_length - 1:
+            raise ValueError(f"data.max_answer_tokens ({self.max_answer_tokens}) must be >= 1 and leave a prompt "
+                             f"in data.seq_length ({self.seq_length}): prompts are cut to seq_length - max_answer_tokens")
+        if self.layout != "documents" and (self.min_document_tokens is not None or self.pad_short_documents):
             raise ValueError("data.min_document_tokens and data.pad_short_documents apply to data.layout=documents: "
                              "set data.layout=documents, or leave them unset")
         if self.min_document_tokens is None:
@@ -139,15 +156,33 @@ class TrainConfig:
     # Bitwise-reproducible runs: deterministic torch kernels, cuBLAS workspace, megatron-core's
     # deterministic_mode, NCCL ring all-reduce (README, Training: what stays nondeterministic on CUDA).
     deterministic: bool = False
-    stage: str = "pretrain"  # pretrain (NTP), refine-mid (NTP steps interleaved with REFINE steps)
+    # pretrain (NTP), refine-mid (NTP steps interleaved with REFINE steps), refine-post (per batch of prompts and
+    # answers: the prompt update, then an SFT step on the answers), ttt (the prompt update only: test-time training)
+    stage: str = "pretrain"
+    # refine-post and ttt: the update on the prompt tokens. refine: refine.sft_coef x NTP + refine.ppo_coef x PG
+    # (REFINE branched inside each prompt); ntp: NTP only (the nested-NTP baseline); none: no update (refine-post's
+    # plain SFT baseline).
+    prompt_update: str = "refine"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def uses_refine(self) -> bool:
+        """Whether this run takes REFINE steps (rollouts: the whole model on one pipeline stage)."""
+        return self.stage == "refine-mid" or (self.stage in PROMPT_STAGES and self.prompt_update == "refine")
 
     def validate(self) -> None:
         """Checks that need no process group, so a bad value fails before any rank starts (`load_config`)."""
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.prompt_update not in PROMPT_UPDATES:
+            raise ValueError(f"prompt_update must be one of {PROMPT_UPDATES}, got {self.prompt_update!r}")
+        if self.stage == "ttt" and self.prompt_update == "none":
+            raise ValueError("stage ttt with prompt_update=none trains nothing: use prompt_update=refine or ntp")
+        if self.stage == "refine-post" and self.refine.mini_batches > 1:
+            raise ValueError(f"stage refine-post takes one on-policy prompt update a batch (refine.mini_batches=1, got "
+                             f"{self.refine.mini_batches}); test-time training (stage ttt) takes mini-batches")
         if self.device not in DEVICES:
             raise ValueError(f"device must be cuda or cpu (or null: CUDA when the host has it), got {self.device!r}")
         if self.checkpoint.keep_last < 1:
@@ -160,7 +195,7 @@ class TrainConfig:
         self.data.validate(self.stage)
         self.refine.validate()
         rounds = self.refine.mini_batches
-        if self.stage == "refine-mid" and rounds > 1:  # a checkpoint between a round's steps would lose its rollouts
+        if self.uses_refine and rounds > 1:  # a checkpoint between a round's steps would lose its rollouts
             for key, value in (("train_steps", self.train_steps), ("checkpoint.save_interval", self.checkpoint.save_interval),
                                ("exit_interval", self.exit_interval)):
                 if value and value % rounds:
@@ -182,6 +217,23 @@ _PAPER_MID = {
 _REFINE_MID = {"stage": "refine-mid", "refine": {"every": 1, "mini_batches": 4, "reward": "cosine",
                                                  "sft_coef": 1.0, "ppo_coef": 0.2}}
 
+# The paper's post-training ("nested", per batch of 16 prompts: a REFINE update on the prompts, NTP x 1.0 + PG x 0.2
+# with the hybrid reward, then an SFT step on the answers) and its baselines: plain SFT, nested NTP. RULER QA at
+# 4K / 8K / 16K: rows of 16384 tokens hold every prompt (cut to 16352) and its answer (<= 32 tokens).
+_PAPER_POST = {
+    "optimizer": _PAPER_MID["optimizer"], "bf16": True, "train_steps": 100, "stage": "refine-post",
+    "data": {"layout": "prompt_answer", "seq_length": 16384, "micro_batch_size": 1, "global_batch_size": 16},
+    "refine": {"every": 1, "mini_batches": 1, "reward": "hybrid", "sft_coef": 1.0, "ppo_coef": 0.2},
+}
+# Test-time training (`megatron-refine eval --ttt`): per batch of 8 test prompts one rollout round, NTP x 1.0 +
+# PG x 0.4 with the binary reward, in 2 optimizer steps of 4 prompts; the model comes from the checkpoint (bf16
+# on CUDA, fp32 on a CPU, as `bf16` defaults).
+_PAPER_TTT = {
+    "optimizer": _PAPER_MID["optimizer"], "train_steps": 2, "stage": "ttt",
+    "data": {"layout": "prompt_answer", "seq_length": 16384, "micro_batch_size": 1, "global_batch_size": 4},
+    "refine": {"every": 1, "mini_batches": 2, "reward": "binary", "sft_coef": 1.0, "ppo_coef": 0.4},
+}
+
 # Built-in configs by name: overrides of the defaults above.
 NAMED_CONFIGS: dict[str, dict] = {
     "tiny-deltanet": {"model": {"config": "deltanet_tiny"}},
@@ -190,6 +242,11 @@ NAMED_CONFIGS: dict[str, dict] = {
     "refine-mid-lact-760m": {"model": {"config": "lact_760m"}, **_PAPER_MID, **_REFINE_MID},
     "ntp-mid-deltanet-1p3b": {"model": {"config": "deltanet_1p3b"}, **_PAPER_MID},
     "ntp-mid-lact-760m": {"model": {"config": "lact_760m"}, **_PAPER_MID},
+    **{f"{name}-post-{model.replace('_', '-')}": {"model": {"config": model}, **_PAPER_POST, "prompt_update": update}
+       for name, update in (("refine", "refine"), ("ntp", "ntp"), ("sft", "none"))
+       for model in ("deltanet_1p3b", "lact_760m")},
+    "ttt-refine": {**_PAPER_TTT, "prompt_update": "refine"},
+    "ttt-ntp": {**_PAPER_TTT, "prompt_update": "ntp"},
 }
 
 

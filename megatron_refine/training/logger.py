@@ -42,6 +42,8 @@ class MetricsLogger:
                 if name in metrics:
                     value = metrics[name]
                     line += f" | {name.replace('_', ' ')} " + (f"{value:.2e}" if name == "lr" else f"{value:.4g}")
+            if "post/prompt_loss" in metrics:  # refine-post: `loss` is the SFT step's, on the answers
+                line += f" | prompt loss {metrics['post/prompt_loss']:.4g}"
             if "refine/reward_mean" in metrics:
                 line += (f" | REFINE reward {metrics['refine/reward_mean']:.3f} pg {metrics['refine/pg_loss']:.3g}"
                          f" clip {metrics['refine/clip_fraction']:.2f} ent {metrics['refine/selected_entropy']:.2f}"

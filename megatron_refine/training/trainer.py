@@ -8,6 +8,10 @@ and Megatron's plain optimizer on CPU by default (`bf16`, `optimizer.use_distrib
 REFINE steps (`stage=refine-mid`) are on-policy (`refine_loss`), or with `refine.mini_batches` m > 1 the first
 step of each rollout round rolls out the next m steps' batches (`collect_rollout_round`) and every step of the
 round is a PPO update on its share (`ppo_update_loss`).
+Prompt / answer batches (`data.layout=prompt_answer`): stage ttt takes the update on the prompt tokens
+(`prompt_update`: REFINE branched inside each prompt, or NTP), and stage refine-post takes it and then an SFT step
+on the answers: two optimizer steps a batch, the scheduler stepping once. Their NTP / SFT losses are token means
+over the whole step (every micro-batch and DP rank), so prompts of any lengths weigh alike however they are split.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_refine.data import DocumentLoader, PackedLoader, ShardedDataset
+from megatron_refine.data.prompt_answer import PromptAnswerDataset, PromptAnswerLoader
 from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config, packed_seq_params
 from megatron_refine.refine import (
-    StoredRollouts, check_logprob_parity, masked_mean, min_sequence_length, ppo_update_loss, refine_loss, rollout_round)
+    StoredRollouts, check_logprob_parity, mean_loss, min_sequence_length, ppo_update_loss, refine_loss, rollout_round)
 from megatron_refine.runtime import Runtime, initialize, set_deterministic
 from megatron_refine.training.checkpointing import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_refine.training.config import CheckpointArgs, TrainConfig
@@ -40,10 +45,12 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclass
 class StepResult:
-    loss: float  # the NTP loss (on REFINE steps too)
+    loss: float  # the NTP loss (on REFINE steps too; refine-post: the SFT loss on the answers)
     grad_norm: float | None
     skipped: bool
     refine: dict[str, float] = field(default_factory=dict)  # REFINE metrics, on REFINE steps
+    prompt_loss: float | None = None  # refine-post: the NTP loss of the update on the prompts
+    prompt_grad_norm: float | None = None
 
 
 @dataclass
@@ -54,6 +61,8 @@ class TrainResult:
     skipped_steps: int = 0
     checkpoint: str | None = None
     refine_history: list[dict] = field(default_factory=list)  # metrics of each REFINE step
+    prompt_losses: list[float] = field(default_factory=list)  # refine-post: the prompt update's NTP loss per step
+    step_tokens_per_s: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -63,7 +72,7 @@ class Trainer:
     model: DistributedDataParallel
     optimizer: object
     scheduler: OptimizerParamScheduler
-    loader: PackedLoader | DocumentLoader
+    loader: PackedLoader | DocumentLoader | PromptAnswerLoader
     num_microbatches: int
     start_step: int = 0
     reference: FastWeightGPTModel | None = None  # frozen starting model, for REFINE's KL term
@@ -73,14 +82,34 @@ class Trainer:
         return self.model.module
 
 
-def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
+def prompt_tokenizer(cfg: TrainConfig):
+    """The tokenizer of prompt / answer text: data.tokenizer, else the one the loaded checkpoint was trained with."""
+    from megatron_refine.data.tokenizers import load_tokenizer
+    from megatron_refine.training.checkpointing import saved_tokenizer
+
+    found = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    if found is None and cfg.checkpoint.load:
+        found = saved_tokenizer(cfg.checkpoint.load)
+    if found is None:
+        raise ValueError("data.layout=prompt_answer tokenizes text: set data.tokenizer (byte, or a tokenizer.json), "
+                         "or load a checkpoint that records its tokenizer")
+    return found
+
+
+def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswerDataset | None = None) -> Trainer:
+    """dataset: prompt / answer examples given in memory instead of data.path (test-time training's batches)."""
     par, data, opt = cfg.parallel, cfg.data, cfg.optimizer
     if cfg.deterministic:
         set_deterministic()
     rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed,
                                device=cfg.device)
     start = checkpoint_start(cfg.checkpoint, rt.is_main)
-    dataset = ShardedDataset.open(data.path)
+    if data.layout == "prompt_answer":
+        dataset = dataset or PromptAnswerDataset.open(data.path, prompt_tokenizer(cfg), data.seq_length,
+                                                      data.max_answer_tokens, data.prompt_truncation,
+                                                      require_answers=cfg.stage == "refine-post")
+    else:
+        dataset = ShardedDataset.open(data.path)
     dp = rt.layout.data_parallel_size
     if data.global_batch_size % (data.micro_batch_size * dp) != 0:
         raise ValueError(
@@ -95,6 +124,11 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
                                 pad_short_documents=data.pad_short_documents, **sharding)
         if rt.is_main:
             print(loader.summary(), flush=True)
+    elif data.layout == "prompt_answer":  # test-time training reads the test stream in its order
+        loader = PromptAnswerLoader(dataset, data.seq_length, data.micro_batch_size, shuffle=cfg.stage != "ttt",
+                                    **sharding)
+        if rt.is_main:
+            print(dataset.summary(), flush=True)
     else:
         loader = PackedLoader(dataset, data.seq_length, data.micro_batch_size, **sharding)
     decay_steps = opt.lr_decay_steps or cfg.train_steps
@@ -103,7 +137,7 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
             f"optimizer.warmup_steps ({opt.warmup_steps}) must be smaller than the decay steps ({decay_steps}: "
             "optimizer.lr_decay_steps, default train_steps); lower the warmup or train longer"
         )
-    if cfg.stage == "refine-mid":
+    if cfg.uses_refine:
         r = cfg.refine
         if par.pipeline_model_parallel_size > 1:
             raise ValueError(
@@ -165,7 +199,7 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None) -> Trainer:
     elif start == "resume":
         trainer.start_step = load_checkpoint(ckpt.load, module, optimizer, scheduler, loader,
                                              allow_tokenizer_change=ckpt.allow_tokenizer_change)
-    if cfg.stage == "refine-mid" and cfg.refine.kl_coef > 0:
+    if cfg.uses_refine and cfg.refine.kl_coef > 0:
         trainer.reference = frozen_copy(module)
     return trainer
 
@@ -192,8 +226,9 @@ def checkpoint_start(ckpt: CheckpointArgs, is_main: bool = True) -> str | None:
 
 def _packed_seq_params(cfg: TrainConfig, batch: dict, device: torch.device):
     """The loader's document starts as megatron-core's PackedSeqParams, or None without document resets or with
-    one document per row (data.layout=documents: each row is its own sequence, its padding only trails it)."""
-    if not cfg.data.reset_at_document_boundaries or cfg.data.layout == "documents":
+    one document or prompt per row (data.layout documents, prompt_answer: each row is its own sequence, its padding
+    only trails it)."""
+    if not cfg.data.reset_at_document_boundaries or cfg.data.layout != "packed":
         return None
     return packed_seq_params(batch["cu_seqlens"].to(device))
 
@@ -204,12 +239,38 @@ def _loss_mask(cfg: TrainConfig, batch: dict, device: torch.device) -> torch.Ten
     return batch["loss_mask"].to(device) if cfg.data.eod_mask_loss or cfg.data.pad_short_documents else None
 
 
-def _padding(cfg: TrainConfig, batch: dict, device: torch.device) -> torch.Tensor | None:
-    """Where padded document rows (data.pad_short_documents) have padding labels: no rollout goes there."""
-    return (batch["loss_mask"] == 0).to(device) if cfg.data.pad_short_documents else None
+def _update_masks(cfg: TrainConfig, batch: dict, device: torch.device) -> dict:
+    """What the update on a batch trains on: its NTP loss mask, each row's real labels (`lengths` [B], where REFINE
+    may branch: None when every label is real) and the step's token count the loss is a mean over (`ntp_tokens`,
+    see `_count_tokens`; None: each micro-batch's own mean). Prompt / answer rows: the prompt tokens; padded
+    document rows: the document."""
+    if cfg.data.layout == "prompt_answer":
+        return {"loss_mask": batch["prompt_mask"].to(device), "lengths": _branch_lengths(cfg, batch, device),
+                "ntp_tokens": batch["prompt_tokens"].to(device)}
+    return {"loss_mask": _loss_mask(cfg, batch, device), "lengths": _branch_lengths(cfg, batch, device),
+            "ntp_tokens": None}
 
 
-def _ntp_forward_step(trainer: Trainer):
+def _branch_lengths(cfg: TrainConfig, batch: dict, device: torch.device) -> torch.Tensor | None:
+    """Each row's labels REFINE may branch in [B] (a prompt's, a padded document's), None when all of them."""
+    if cfg.data.layout == "prompt_answer":
+        return batch["prompt_lengths"].to(device)
+    return batch["loss_mask"].sum(1).long().to(device) if cfg.data.pad_short_documents else None
+
+
+def _count_tokens(batches: list[dict], device: torch.device) -> None:
+    """Prompt / answer micro-batches: the step's prompt and answer label counts over every DP rank, divided by the
+    number of micro-batches, stored in each (`prompt_tokens`, `answer_tokens`) for `mean_loss`."""
+    counts = torch.stack([sum(b[key].sum() for b in batches) for key in ("prompt_mask", "loss_mask")]).float()
+    counts = counts.to(device)
+    torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    for b in batches:
+        b["prompt_tokens"], b["answer_tokens"] = counts / len(batches)
+
+
+def _ntp_forward_step(trainer: Trainer, answers: bool = False):
+    """NTP on the batch's update tokens (`_update_masks`), or with `answers` refine-post's SFT step: the answer
+    tokens given the prompt, a mean over the step's answer tokens."""
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         device = next(model.parameters()).device
@@ -217,7 +278,12 @@ def _ntp_forward_step(trainer: Trainer):
                        packed_seq_params=_packed_seq_params(trainer.cfg, batch, device))
 
         def loss_func(per_token_loss):  # called on the last pipeline stage only
-            loss = masked_mean(per_token_loss, _loss_mask(trainer.cfg, batch, per_token_loss.device))
+            if answers:
+                loss = mean_loss(per_token_loss, batch["loss_mask"].to(per_token_loss.device),
+                                 batch["answer_tokens"].to(per_token_loss.device))
+            else:
+                masks = _update_masks(trainer.cfg, batch, per_token_loss.device)
+                loss = mean_loss(per_token_loss, masks["loss_mask"], masks["ntp_tokens"])
             # A copy: the schedule divides the returned loss in place by the number of micro-batches.
             return loss, {"lm loss": loss.detach().clone()}
 
@@ -232,8 +298,8 @@ def _refine_forward_step(trainer: Trainer, generator: torch.Generator):
         device = next(model.parameters()).device
         loss, metrics = refine_loss(model.module, batch["tokens"].to(device), batch["labels"].to(device),
                                     trainer.cfg.refine, generator, trainer.reference,
-                                    _packed_seq_params(trainer.cfg, batch, device), _loss_mask(trainer.cfg, batch, device),
-                                    eos_id=trainer.loader.dataset.eos_id, padding=_padding(trainer.cfg, batch, device))
+                                    _packed_seq_params(trainer.cfg, batch, device),
+                                    eos_id=trainer.loader.dataset.eos_id, **_update_masks(trainer.cfg, batch, device))
         return loss, lambda output: (output, {"lm loss": metrics.pop("ntp_loss"), **metrics})
 
     return forward_step
@@ -244,10 +310,11 @@ def _ppo_update_forward_step(trainer: Trainer):
     def forward_step(data_iterator, model):
         batch, stored = next(data_iterator)
         device = next(model.parameters()).device
+        masks = _update_masks(trainer.cfg, batch, device)
         loss, metrics = ppo_update_loss(model.module, batch["tokens"].to(device), batch["labels"].to(device), stored,
                                         trainer.cfg.refine, trainer.reference,
-                                        _packed_seq_params(trainer.cfg, batch, device),
-                                        _loss_mask(trainer.cfg, batch, device))
+                                        _packed_seq_params(trainer.cfg, batch, device), masks["loss_mask"],
+                                        masks["ntp_tokens"])
         return loss, lambda output: (output, {"lm loss": metrics.pop("ntp_loss"), **metrics})
 
     return forward_step
@@ -272,7 +339,8 @@ def collect_rollout_round(trainer: Trainer, step: int) -> list[tuple[list[dict],
         batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
         steps.append((batches, [rollout_round(module, b["tokens"].to(device), b["labels"].to(device), cfg.refine,
                                               generator, _packed_seq_params(cfg, b, device),
-                                              eos_id=trainer.loader.dataset.eos_id, padding=_padding(cfg, b, device))
+                                              eos_id=trainer.loader.dataset.eos_id,
+                                              lengths=_branch_lengths(cfg, b, device))
                                for b in batches]))
     for name in ("time_select", "time_rollout"):
         total = sum(s.metrics[name] for _, stored in steps for s in stored)
@@ -308,22 +376,28 @@ def _reduce_metrics(losses: list[dict], device: torch.device) -> dict[str, float
 
 
 def is_refine_step(cfg: TrainConfig, step: int) -> bool:
-    return cfg.stage == "refine-mid" and step % cfg.refine.every == 0
+    if cfg.stage == "refine-mid":
+        return step % cfg.refine.every == 0
+    return cfg.uses_refine
 
 
-def train_step(trainer: Trainer, batches: list[dict], step: int = 1, stored: list[StoredRollouts] | None = None
-               ) -> StepResult:
-    """One optimizer step on `batches` (micro-batches): NTP, on-policy REFINE, or with `stored` rollouts (one per
-    micro-batch, from `collect_rollout_round`) a PPO update of a rollout round."""
-    model, optimizer, cfg = trainer.model, trainer.optimizer, trainer.cfg
+def _update(trainer: Trainer, batches: list[dict], step: int, stored: list[StoredRollouts] | None):
+    """The forward step and data of the step's update: NTP, on-policy REFINE, or a PPO update on stored rollouts."""
+    if stored is not None:
+        return _ppo_update_forward_step(trainer), list(zip(batches, stored))
+    if is_refine_step(trainer.cfg, step):
+        return _refine_forward_step(trainer, _refine_generator(trainer, step)), batches
+    return _ntp_forward_step(trainer), batches
+
+
+def _optimizer_step(trainer: Trainer, forward_step, data: list, batches: list[dict], schedule: bool = True
+                    ) -> StepResult:
+    """Megatron's forward-backward schedule over the micro-batches `data`, then the optimizer (and with `schedule`
+    the scheduler) step, or a skipped step when the DP-averaged loss is NaN/Inf."""
+    model, optimizer = trainer.model, trainer.optimizer
     model.zero_grad_buffer()
     optimizer.zero_grad()
     tokens = batches[0]["tokens"]
-    forward_step, data = _ntp_forward_step(trainer), batches
-    if stored is not None:
-        forward_step, data = _ppo_update_forward_step(trainer), list(zip(batches, stored))
-    elif is_refine_step(cfg, step):
-        forward_step = _refine_forward_step(trainer, _refine_generator(trainer, step))
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(data), model=[model], num_microbatches=len(batches),
         seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=False,
@@ -335,22 +409,49 @@ def train_step(trainer: Trainer, batches: list[dict], step: int = 1, stored: lis
         optimizer.zero_grad()
         return StepResult(loss, None, skipped=True, refine=metrics)
     ok, grad_norm, _ = optimizer.step()
-    if ok:
+    if ok and schedule:
         trainer.scheduler.step(increment=1)
     return StepResult(loss, grad_norm, skipped=not ok, refine=metrics)
 
 
+def train_step(trainer: Trainer, batches: list[dict], step: int = 1, stored: list[StoredRollouts] | None = None
+               ) -> StepResult:
+    """One step on `batches` (micro-batches): NTP, on-policy REFINE, or with `stored` rollouts (one per
+    micro-batch, from `collect_rollout_round`) a PPO update of a rollout round. Stage refine-post: the update on
+    the prompts (`prompt_update`), then the SFT step on the answers; two optimizer steps, one scheduler step."""
+    if trainer.cfg.data.layout == "prompt_answer":
+        _count_tokens(batches, next(trainer.model.parameters()).device)
+    if trainer.cfg.stage != "refine-post":
+        return _optimizer_step(trainer, *_update(trainer, batches, step, stored), batches)
+    prompt = None
+    if trainer.cfg.prompt_update != "none":
+        prompt = _optimizer_step(trainer, *_update(trainer, batches, step, None), batches, schedule=False)
+    out = _optimizer_step(trainer, _ntp_forward_step(trainer, answers=True), batches, batches)
+    if prompt is not None:
+        out.refine, out.prompt_loss, out.prompt_grad_norm = prompt.refine, prompt.loss, prompt.grad_norm
+        out.skipped = out.skipped or prompt.skipped
+    return out
+
+
 def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     trainer = setup(cfg, runtime)
-    ckpt, log = cfg.checkpoint, cfg.logging
+    log = cfg.logging
     logger = MetricsLogger(cfg.train_steps, log.tensorboard_dir, log.wandb_project, cfg.to_dict())
-    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
-    result = TrainResult(trainer.module)
-    rates, in_a_row = [], 0
     if trainer.start_step and trainer.runtime.is_main:
-        print(f"resumed from {ckpt.load} at step {trainer.start_step}", flush=True)
+        print(f"resumed from {cfg.checkpoint.load} at step {trainer.start_step}", flush=True)
+    result = run_steps(trainer, range(trainer.start_step + 1, cfg.train_steps + 1), logger, TrainResult(trainer.module))
+    logger.close()
+    return result
+
+
+def run_steps(trainer: Trainer, steps: range, logger: MetricsLogger, result: TrainResult) -> TrainResult:
+    """Train `steps` (step numbers: they seed REFINE's draws and time the saves), logging each and saving where
+    checkpoint.save asks: the training loop of `train`, and of test-time training one batch of prompts at a time."""
+    cfg, ckpt, log = trainer.cfg, trainer.cfg.checkpoint, trainer.cfg.logging
+    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
+    in_a_row = 0
     rollout_round_left = []  # with refine.mini_batches > 1: the current round's (batches, stored rollouts) per step
-    for step in range(trainer.start_step + 1, cfg.train_steps + 1):
+    for step in steps:
         start = time.perf_counter()
         stored = None
         if is_refine_step(cfg, step) and cfg.refine.mini_batches > 1:
@@ -361,7 +462,7 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
             start = time.perf_counter()
         out = train_step(trainer, batches, step, stored)
         seconds = time.perf_counter() - start
-        rates.append(tokens_per_step / seconds)
+        result.step_tokens_per_s.append(tokens_per_step / seconds)
         result.losses.append(out.loss)
         result.skipped_steps += out.skipped
         in_a_row = in_a_row + 1 if out.skipped else 0
@@ -372,10 +473,15 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
                 f"{in_a_row} steps in a row up to step {step} had a NaN/Inf loss (max_skipped_steps "
                 f"{cfg.max_skipped_steps}): lower optimizer.lr or raise warmup, and resume from the last checkpoint"
             )
-        metrics = {"loss": out.loss, "lr": trainer.optimizer.param_groups[0]["lr"], "tokens_per_s": rates[-1],
-                   "skipped_steps": result.skipped_steps}
+        metrics = {"loss": out.loss, "lr": trainer.optimizer.param_groups[0]["lr"],
+                   "tokens_per_s": result.step_tokens_per_s[-1], "skipped_steps": result.skipped_steps}
         if out.grad_norm is not None:
             metrics["grad_norm"] = out.grad_norm
+        if out.prompt_loss is not None:
+            metrics["post/prompt_loss"] = out.prompt_loss
+            result.prompt_losses.append(out.prompt_loss)
+            if out.prompt_grad_norm is not None:
+                metrics["post/prompt_grad_norm"] = out.prompt_grad_norm
         if out.refine:
             r = out.refine
             r["rollout_tokens_per_s"] = r["rollout_tokens"] / max(r["time_rollout"], 1e-9)
@@ -394,10 +500,10 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
             if trainer.runtime.is_main:
                 print(f"exit_interval {cfg.exit_interval}: stopping after step {step}", flush=True)
             break
-    logger.close()
+    rates = result.step_tokens_per_s
     result.tokens_per_s = sorted(rates)[len(rates) // 2] if rates else 0.0
     return result
 
 
-__all__ = ["StepResult", "TrainResult", "Trainer", "TrainingDivergedError", "checkpoint_start", "is_refine_step", "setup",
-           "train", "train_step"]
+__all__ = ["StepResult", "TrainResult", "Trainer", "TrainingDivergedError", "checkpoint_start", "is_refine_step",
+           "prompt_tokenizer", "run_steps", "setup", "train", "train_step"]

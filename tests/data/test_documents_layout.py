@@ -233,7 +233,7 @@ def test_a_refine_step_runs_on_document_rows(corpus):
 
 
 @pytest.mark.parametrize("items, message", [
-    (["data.layout=rows"], r"data.layout must be one of \('packed', 'documents'\), got 'rows'"),
+    (["data.layout=rows"], r"data.layout must be one of \('packed', 'documents', 'prompt_answer'\), got 'rows'"),
     (["data.pad_short_documents=true"], "apply to data.layout=documents: set data.layout=documents"),
     (["data.layout=documents", "data.min_document_tokens=1"], r"must be >= 2 .* leave it unset for"),
     (["data.layout=documents", "data.min_document_tokens=100"], "set data.pad_short_documents=true to pad"),

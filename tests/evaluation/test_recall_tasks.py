@@ -50,3 +50,25 @@ def test_the_task_file_reads_back_as_the_same_examples(tmp_path):
     assert report["examples"] == {task: 3 for task in RECALL_TASKS} and not report["truncated"]
     assert [(e.task, e.prompt, e.answers, e.max_new_tokens, e.metric) for e in read] == \
         [(e.task, e.prompt, e.answers, e.max_new_tokens, e.metric) for e in examples]
+
+
+def test_every_question_is_answered_by_its_prompt_and_trains_as_prompt_answer_data(tmp_path):
+    from megatron_refine.data.prompt_answer import PromptAnswerDataset
+    from megatron_refine.evaluation.recall_tasks import QA_TABLE_PAIRS, QA_TASKS, qa_examples
+
+    examples = qa_examples(20, seed=3)
+    assert [ex.task for ex in examples[:3]] == list(QA_TASKS)  # interleaved: a test stream of every kind
+    for ex in examples:
+        (answer,) = ex.answers
+        *body, question = ex.prompt.rsplit("\n", 1)
+        if ex.task == "qa_table":
+            assert len(_table(ex.prompt)) == QA_TABLE_PAIRS and (question.removesuffix("?"), answer) in _table(ex.prompt)
+        elif ex.task == "qa_registry":
+            key = re.fullmatch(r"ask (\w+) = ", question).group(1)
+            assert f"key {key} = {answer}\n" in ex.prompt
+        else:
+            person = re.fullmatch(r"where does (\w+) live \? ", question).group(1)
+            assert f"{person} lives in {answer} ." in ex.prompt
+        assert score_example(ex, answer) == 1.0 and ex.max_new_tokens == len(answer)
+    data = PromptAnswerDataset.open(write_task_file(examples, tmp_path / "qa.jsonl"), ByteTokenizer(), 256, 8)
+    assert data.truncated_prompts == 0 and [len(a) for _, a in data.examples] == [len(e.answers[0]) + 1 for e in examples]

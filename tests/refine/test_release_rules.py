@@ -138,12 +138,11 @@ def _positions_on_padded_rows():
     initialize(seed=0, device="cpu")
     model = tiny_fast_weight_model("deltanet_tiny")
     ids = token_batch(2, T, seed=2)
-    padding = torch.zeros(2, T, dtype=torch.bool)
-    padding[0, 30:] = True  # row 0: a 31-token document, then padding labels; row 1: no padding
+    lengths = torch.tensor([30, T])  # row 0: a 31-token document (30 labels), then padding labels; row 1: no padding
     cfg = RefineConfig(n_chunks=4, k=3, margin=5, selection="uniform")
     kept, unrestricted = [], []
     for seed in range(20):
-        positions, _, valid = select(model, ids, cfg, torch.Generator().manual_seed(seed), padding=padding)
+        positions, _, valid = select(model, ids, cfg, torch.Generator().manual_seed(seed), lengths=lengths)
         kept.append(positions[0][valid[0]])
         assert valid[1].all()
         unrestricted.append(select(model, ids, cfg, torch.Generator().manual_seed(seed))[0][0])

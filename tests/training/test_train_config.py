@@ -60,7 +60,7 @@ def test_a_value_of_the_wrong_type_names_the_key_and_what_it_takes(item, message
     (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1: the checkpoint just written is always kept"),
     (["logging.log_interval=0"], "logging.log_interval must be >= 1, got 0"),
     (["device=tpu"], "device must be cuda or cpu .* got 'tpu'"),
-    (["stage=post"], r"stage must be one of \('pretrain', 'refine-mid'\), got 'post'"),
+    (["stage=post"], r"stage must be one of \('pretrain', 'refine-mid', 'refine-post', 'ttt'\), got 'post'"),
 ])
 def test_out_of_range_values_fail_at_load_time(items, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,180 @@
+"""Test-time training (`megatron-refine eval --ttt refine|ntp`): adapt to each batch of test prompts, then answer.
+
+The test examples are taken in file order, `--batch-size` at a time. For each batch the checkpoint's model is
+trained on the batch's prompts (no answers) through the training loop itself (`training.trainer.run_steps`, stage
+ttt): `--ttt refine` one REFINE rollout round over the batch, NTP x 1.0 + PG x 0.4 with the binary reward, in
+optimizer steps of `data.global_batch_size` prompts (the release: 8 prompts, 2 steps of 4); `--ttt ntp` the same
+steps with NTP only. Then the batch is answered greedily by the cached decoder and scored, exactly as plain `eval`
+would score that model: so a batch's result equals `train --stage ttt` on its prompts followed by `eval`. A final
+partial batch is answered too; its training steps cycle through its prompts to fill them, as the loader wraps.
+
+`--ttt-reset batch` (default, the clean evaluation) restores the weights, the optimizer state and the scheduler
+before every batch (`TrainingState`); `--ttt-reset never` carries them over the whole stream, as the release does.
+The model as loaded is scored first on every example, in the same dtype, for the no-TTT column beside TTT's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_refine.data.prompt_answer import PromptAnswerDataset, PromptAnswerLoader
+from megatron_refine.evaluation.examples import EvalExample
+
+TTT_UPDATES = ("refine", "ntp", "none")
+TTT_RESETS = ("batch", "never")
+
+
+def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers under Megatron's wrappers (one per chained optimizer): their params are the main weights."""
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _copy(value):
+    return value.detach().clone() if torch.is_tensor(value) else copy.deepcopy(value)
+
+
+@dataclass
+class TrainingState:
+    """A copy of everything a training step changes: the model's weights, each optimizer's main weights, moments,
+    step counts and group settings, and the scheduler's position. `restore` writes it back bitwise, in place."""
+
+    weights: list[torch.Tensor]
+    optimizers: list[tuple[list[dict], list[list[torch.Tensor]], dict]]
+    scheduler_steps: int
+
+    @classmethod
+    def capture(cls, trainer) -> "TrainingState":
+        optimizers = []
+        for opt in _torch_optimizers(trainer.optimizer):
+            groups = [{k: _copy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            main = [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]
+            state = {p: {k: _copy(v) for k, v in s.items()} for p, s in opt.state.items()}
+            optimizers.append((groups, main, state))
+        return cls([p.detach().clone() for p in trainer.module.parameters()], optimizers, trainer.scheduler.num_steps)
+
+    @torch.no_grad()
+    def restore(self, trainer) -> None:
+        for p, saved in zip(trainer.module.parameters(), self.weights):
+            p.copy_(saved)
+        for opt, (groups, main, state) in zip(_torch_optimizers(trainer.optimizer), self.optimizers):
+            for group, saved_group, saved_main in zip(opt.param_groups, groups, main):
+                group.update({k: _copy(v) for k, v in saved_group.items()})
+                for p, saved in zip(group["params"], saved_main):
+                    p.copy_(saved)
+            opt.state.clear()
+            for p, saved in state.items():
+                opt.state[p] = {k: _copy(v) for k, v in saved.items()}
+        trainer.scheduler.num_steps = self.scheduler_steps
+
+
+def ttt_config(args, examples: list[EvalExample], tokenizer):
+    """The stage-ttt training config of `--ttt`: the preset ttt-refine / ttt-ntp, the checkpoint's model, eval's
+    parallel layout, then `--set` overrides; rows long enough for the longest prompt and an answer budget, unless
+    `--set data.seq_length` says otherwise. One round (refine.mini_batches steps) per batch of --batch-size."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_refine.refine import min_sequence_length
+    from megatron_refine.training import load_config
+    from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration
+
+    iteration = latest_iteration(args.load)
+    if iteration is None:
+        raise FileNotFoundError(f"no checkpoint in {args.load} (no latest_checkpointed_iteration.txt): check --load")
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(args.load, iteration)))
+    model = (common.get("config") or {}).get("model")
+    if not model:
+        raise ValueError(f"{args.load} has no model config in its checkpoint: only megatron-refine checkpoints train")
+    fixed = [f"model.config={model['config']}", f"model.overrides={json.dumps(model.get('overrides', {}))}",
+             f"checkpoint.load={args.load}", "checkpoint.finetune=true",
+             f"parallel.tensor_model_parallel_size={args.tensor_model_parallel_size}",
+             f"parallel.sequence_parallel={str(args.sequence_parallel).lower()}",
+             *([f"device={args.device}"] if args.device else [])]
+    cfg = load_config(f"ttt-{args.ttt}", [*fixed, *args.ttt_overrides])
+    per_step = cfg.data.global_batch_size
+    if args.batch_size % per_step:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of data.global_batch_size ({per_step}, "
+                         "the prompts of one TTT optimizer step)")
+    steps = args.batch_size // per_step
+    batches = -(-len(examples) // args.batch_size)
+    cfg.train_steps = steps * batches
+    if not any(item.startswith("logging.log_interval=") for item in args.ttt_overrides):
+        cfg.logging.log_interval = steps  # a line a batch
+    if cfg.prompt_update == "refine":
+        cfg.refine.mini_batches = steps  # one rollout round over the batch
+    if not any(item.startswith("data.seq_length=") for item in args.ttt_overrides):
+        longest = max(len(tokenizer.encode(ex.prompt)) for ex in examples) + cfg.data.max_answer_tokens
+        shortest = min_sequence_length(cfg.refine.n_chunks, cfg.refine.margin)
+        cfg.data.seq_length = max(shortest, -(-longest // 64) * 64)
+    cfg.validate()
+    return cfg
+
+
+def batch_loader(cfg, examples: list[EvalExample], tokenizer) -> PromptAnswerLoader:
+    """This rank's loader over one batch's prompts, in their order, wrapping around (no answers: test time)."""
+    from megatron.core import parallel_state
+
+    data = cfg.data
+    dataset = PromptAnswerDataset.from_texts([ex.prompt for ex in examples], [None] * len(examples), tokenizer,
+                                             data.seq_length, data.max_answer_tokens, data.prompt_truncation)
+    return PromptAnswerLoader(dataset, data.seq_length, data.micro_batch_size,
+                              dp_rank=parallel_state.get_data_parallel_rank(),
+                              dp_size=parallel_state.get_data_parallel_world_size(), seed=data.seed, shuffle=False)
+
+
+@dataclass
+class TTTRun:
+    baseline: list[dict]  # every example's result from the model as loaded (no TTT), in the examples' order
+    results: list[dict]  # ... after TTT on its batch ("ttt_batch": the batch's index)
+    trainer: object  # the training state after the last batch
+
+
+def run_test_time_training(args, examples: list[EvalExample], tokenizer, runtime) -> TTTRun:
+    """The examples' results without TTT and with it (in the examples' order, on every rank)."""
+    from megatron_refine.evaluation.runner import evaluate
+    from megatron_refine.training.logger import MetricsLogger
+    from megatron_refine.training.trainer import TrainResult, run_steps, setup
+
+    cfg = ttt_config(args, examples, tokenizer)
+    batches = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+    trainer = setup(cfg, runtime, dataset=batch_loader(cfg, batches[0], tokenizer).dataset)
+    model = trainer.module
+    baseline = evaluate(model, tokenizer, examples, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                        progress=False)
+    start = TrainingState.capture(trainer)
+    logger, log = MetricsLogger(cfg.train_steps), TrainResult(model)
+    steps = cfg.train_steps // len(batches)
+    results = []
+    if runtime.is_main:
+        print(f"test-time training ({cfg.prompt_update}, reset {args.ttt_reset}): {len(batches)} batches of up to "
+              f"{args.batch_size} prompts, {steps} optimizer steps of {cfg.data.global_batch_size} each, rows of "
+              f"{cfg.data.seq_length} tokens", flush=True)
+    for i, batch in enumerate(batches):
+        if args.ttt_reset == "batch" and i:
+            start.restore(trainer)
+        trainer.loader = batch_loader(cfg, batch, tokenizer)
+        run_steps(trainer, range(i * steps + 1, (i + 1) * steps + 1), logger, log)
+        first = i * args.batch_size
+        for r in evaluate(model, tokenizer, batch, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                          progress=False):
+            results.append({**r, "index": first + r["index"], "ttt_batch": i})
+    logger.close()
+    return TTTRun(baseline, results, trainer)
+
+
+def write_ttt_results(out_dir: str | Path, baseline: list[dict], results: list[dict], config: dict) -> str:
+    """results.json / .csv of TTT in out_dir and of the model as loaded in out_dir/no-ttt; the side-by-side table."""
+    from megatron_refine.evaluation.runner import format_comparison, summarize, write_results
+
+    rows, base_rows = summarize(results), summarize(baseline)
+    write_results(out_dir, results, rows, config)
+    write_results(Path(out_dir) / "no-ttt", baseline, base_rows, {**config, "ttt": "none"})
+    return format_comparison({"no TTT": base_rows, f"TTT {config['ttt']} (reset {config['ttt_reset']})": rows})
+
+
+__all__ = ["TTTRun", "TTT_RESETS", "TTT_UPDATES", "TrainingState", "batch_loader", "run_test_time_training", "ttt_config",
+           "write_ttt_results"]
