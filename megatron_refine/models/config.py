@@ -157,6 +157,10 @@ class FastWeightConfig(TransformerConfig):
         return self.hidden_size // self.num_lact_heads
 
 
+# LaCT-760M's mixer settings (the authors' lact_swiglu config), which their 3B layout shares.
+_LACT = dict(mixer="lact", num_attention_heads=24, num_lact_heads=4, lact_chunk_size=2048, window_size=2048,
+             w0_w2_low_rank=32, use_momentum=True, use_muon=True, rope_theta=1e6)
+
 # Published models (architectures.md) and tiny CPU ones. Values are overrides of FastWeightConfig.
 PRESETS: dict[str, dict] = {
     # fla-hub/delta_net-1.3B-100B
@@ -165,11 +169,19 @@ PRESETS: dict[str, dict] = {
         ffn_hidden_size=fla_intermediate_size(2048),
     ),
     # LaCT-760M (lact_swiglu)
-    "lact_760m": dict(
-        mixer="lact", num_layers=24, hidden_size=1536, num_attention_heads=24, num_lact_heads=4,
-        ffn_hidden_size=fla_intermediate_size(1536), lact_chunk_size=2048, window_size=2048,
-        w0_w2_low_rank=32, use_momentum=True, use_muon=True, rope_theta=1e6,
+    "lact_760m": dict(**_LACT, num_layers=24, hidden_size=1536, ffn_hidden_size=fla_intermediate_size(1536)),
+    # Past 1.3B (recipes/, docs/scaling.md): our layouts in the 1.3B's proportions (head dim 128, fla's MLP width);
+    # no DeltaNet checkpoints of these sizes are published.
+    "deltanet_2p7b": dict(
+        mixer="deltanet", num_layers=32, hidden_size=2560, num_attention_heads=20,
+        ffn_hidden_size=fla_intermediate_size(2560),
     ),
+    "deltanet_7b": dict(
+        mixer="deltanet", num_layers=32, hidden_size=4096, num_attention_heads=32,
+        ffn_hidden_size=fla_intermediate_size(4096),
+    ),
+    # LaCT's 3B layout as the authors publish it (hidden 3072, 24 layers, 4 fast-weight heads), the rest as lact_760m
+    "lact_3b": dict(**_LACT, num_layers=24, hidden_size=3072, ffn_hidden_size=fla_intermediate_size(3072)),
     "deltanet_tiny": dict(
         mixer="deltanet", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
         delta_rule_chunk_size=16,

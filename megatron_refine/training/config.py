@@ -180,6 +180,12 @@ class TrainConfig:
             raise ValueError(f"prompt_update must be one of {PROMPT_UPDATES}, got {self.prompt_update!r}")
         if self.stage == "ttt" and self.prompt_update == "none":
             raise ValueError("stage ttt with prompt_update=none trains nothing: use prompt_update=refine or ntp")
+        if self.uses_refine and self.model.overrides.get("recompute_granularity"):
+            raise ValueError(
+                f"stage {self.stage} takes REFINE steps, which cannot use activation recomputation (model.overrides."
+                "recompute_granularity): each layer leaves its branch states beside its output, and a recomputed layer "
+                "would detach them, dropping the policy gradient through the prefix. Leave it unset and raise "
+                "parallel.tensor_model_parallel_size (with sequence_parallel) to fit memory")
         if self.stage == "refine-post" and self.refine.mini_batches > 1:
             raise ValueError(f"stage refine-post takes one on-policy prompt update a batch (refine.mini_batches=1, got "
                              f"{self.refine.mini_batches}); test-time training (stage ttt) takes mini-batches")

@@ -80,3 +80,15 @@ def test_a_yaml_file_is_checked_like_overrides(tmp_path):
 def test_the_defaults_and_the_named_configs_are_valid():
     for name in (None, "tiny-deltanet", "tiny-lact"):
         load_config(name)
+
+
+def test_refine_refuses_activation_recomputation():
+    """A recomputed layer would detach the branch states it leaves beside its output: REFINE's policy gradient
+    through the prefix would vanish silently (measured: the gradient norm of a REFINE step changed under it)."""
+    from megatron_refine.training import load_config
+
+    recompute = "model.overrides.recompute_granularity=full"
+    assert load_config("tiny-deltanet", [recompute]).model.overrides["recompute_granularity"] == "full"  # NTP: fine
+    for stage in (["stage=refine-mid"], ["stage=ttt", "data.layout=prompt_answer"]):
+        with pytest.raises(ValueError, match="cannot use activation recomputation"):
+            load_config("tiny-deltanet", [*stage, recompute])

@@ -1,0 +1,157 @@
+"""Per-GPU memory and step time of a training layout, from the model config alone (no GPU, no process group).
+
+Parameters are counted from the layer shapes (`parameter_count`, equal to `build_model` on the meta device: tested
+for every preset). Memory per GPU, Megatron's accounting with bf16 weights, fp32 gradient buffers
+(`grad_reduce_in_fp32`) and the distributed optimizer (fp32 main weights + Adam's two moments, 12 bytes a
+parameter, sharded over DP):
+
+    weights 2 P / (TP PP) + gradients 4 P / (TP PP) + optimizer 12 P / (TP PP DP)
+
+Activations are the tensors a layer's backward keeps per token (`layer_activation_bytes`), divided by TP under
+sequence parallelism: the SwiGLU MLP's as megatron-core keeps them (counted with saved-tensor hooks on a CPU);
+DeltaNet's NTP forward on fla's chunk kernel, counted from the tensors it saves (bf16 inputs of the norm,
+projections and convolution, q / k / v / beta, the chunk-start states, the output and its norm: an estimate, fla
+is not measurable on a CPU); LaCT's PyTorch chunked path, the same on every device, as measured on a CPU in fp32
+(an upper bound for bf16 training).
+With full recomputation (`recompute_granularity=full`, `recompute_method=uniform`, `recompute_num_layers=1`) a
+layer keeps only its input, plus one layer's full set while it is recomputed. The vocabulary-parallel logits and
+their fp32 softmax add 6 V / TP bytes a token on the last stage. These are estimates from shapes: allocator
+fragmentation, communication buffers and kernel workspaces (typically a few GB) come on top.
+
+REFINE's extra (mid-training, `n_chunks` positions a document): the forward that keeps branch states runs
+DeltaNet's PyTorch chunked path instead of fla's kernel, which keeps fp32 intermediates and every chunk-start
+state (measured on a CPU: about 112 h bytes a token a layer, plus the states; issue 18 would move it onto fla's
+kernel); the decoder holds n_chunks x n rollout states per layer. REFINE cannot use activation recomputation
+(`TrainConfig.validate` refuses it: a recomputed layer would detach the branch states it leaves beside its output).
+The step time is 6 P FLOPs a token (forward + backward; the fast-weight kernels and the logits add a
+few percent) at a given MFU of the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_refine.models.config import FastWeightConfig
+
+GIB = 1024**3
+H100_BF16_FLOPS = 989e12  # dense
+H100_MEMORY_GIB = 80
+# What a layout's estimate must stay under on an 80 GB GPU: a quarter less, for what the estimate leaves out
+# (allocator fragmentation, communication buffers, kernel workspaces) and its own error. No GPU has checked it yet.
+FIT_GIB = 60
+
+
+def parameter_count(config: FastWeightConfig, vocab_size: int) -> dict[str, int]:
+    """{'total', 'embedding', 'output_layer', 'per_layer', 'non_embedding'} of the model at TP=1, PP=1."""
+    c, h = config, config.hidden_size
+    norms_and_mlp = 2 * h + h * 2 * c.ffn_hidden_size + c.ffn_hidden_size * h  # SwiGLU fc1 fuses gate and up
+    if c.mixer == "deltanet":
+        heads, k, v = c.num_attention_heads, c.key_dim, c.value_dim
+        mixer = h * (2 * k + v + heads * c.use_beta + v * c.use_gate) + v * h
+        mixer += (2 * k + v) * c.conv_size * c.use_short_conv + (v // heads) * c.use_output_norm
+    else:
+        fw, dim = c.num_lact_heads, c.lact_head_dim
+        hidden = int(dim * c.inter_multi)
+        mixer = 3 * h * h + h * h + (h + 1) * 3 * fw + 4 * h + fw * dim * hidden + dim
+        mixer += (h + 1) * fw * (c.use_momentum + c.learnable_ttt_scale)
+        rank = c.w0_w2_low_rank
+        mixer += 2 * fw * (hidden * rank + rank * dim if rank > 0 else hidden * dim)
+    per_layer = mixer + norms_and_mlp
+    embedding = output = vocab_size * h
+    non_embedding = c.num_layers * per_layer + h
+    return {"total": non_embedding + embedding + output * (not c.tie_word_embeddings), "embedding": embedding,
+            "output_layer": output * (not c.tie_word_embeddings), "per_layer": per_layer, "non_embedding": non_embedding}
+
+
+def deltanet_state_values(config: FastWeightConfig) -> int:
+    """A DeltaNet layer's fast-weight state: H x dk x dv values."""
+    heads = config.num_attention_heads
+    return heads * (config.key_dim // heads) * (config.value_dim // heads)
+
+
+def layer_activation_bytes(config: FastWeightConfig, seq_length: int) -> float:
+    """Bytes a layer keeps for its backward per token (TP=1; see the module docstring)."""
+    c, h, ffn = config, config.hidden_size, config.ffn_hidden_size
+    # bf16: the norm's input, fc1's input, fc1's output (gate, up), SiLU's input, the product's two inputs, fc2's
+    # input (2h + 6 ffn values: what megatron-core's SwiGLU MLP keeps, counted with saved-tensor hooks on a CPU).
+    mlp = 2 * (2 * h + 6 * ffn)
+    if c.mixer == "deltanet":  # fla's chunk kernel (the NTP forward on CUDA): from the tensors it saves
+        heads, k, v = c.num_attention_heads, c.key_dim, c.value_dim
+        proj = 2 * k + v + heads
+        states = deltanet_state_values(c) / c.delta_rule_chunk_size  # chunk-start states
+        mixer = 2 * (2 * h + proj + (2 * k + v) * 2 + heads + states + 3 * v)  # norm, in_proj, conv, o, o_norm
+    else:  # the PyTorch chunked path (LaCT's only), fp32 fast-weight math, measured on a CPU (h 512-1024, T 1024-2048,
+        # chunks 128-512): about (60 + 300 dk / chunk) h bytes, the CPU's T x T masked attention taken out
+        mixer = h * (60 + 300 * c.lact_head_dim / c.lact_chunk_size)
+    return mixer + mlp
+
+
+def deltanet_reference_bytes(config: FastWeightConfig) -> float:
+    """Bytes DeltaNet's PyTorch chunked path (the REFINE forward that keeps branch states) keeps per token of a
+    layer's mixer: fp32, measured on a CPU with saved-tensor hooks (h 512-1024, T 1024): about 112 h, plus the
+    fp32 chunk-start states."""
+    return 112 * config.hidden_size + 4 * deltanet_state_values(config) / config.delta_rule_chunk_size
+
+
+@dataclass
+class Layout:
+    """How a run is laid out: sizes per GPU follow from these."""
+
+    gpus: int
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+    seq_length: int = 16384
+    global_batch_size: int = 32
+    recompute: bool = False
+    refine: bool = False
+    n_chunks: int = 8
+    rollouts: int = 1
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.gpus // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+
+def estimate(config: FastWeightConfig, vocab_size: int, layout: Layout, mfu: float = 0.4,
+             peak_flops: float = H100_BF16_FLOPS) -> dict[str, float]:
+    """Per-GPU memory (GiB) of each part, its total, tokens per step and the step time at `mfu`."""
+    tp, pp, dp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.data_parallel_size
+    counts = parameter_count(config, vocab_size)
+    # The fullest pipeline stage: its share of the layers and the embedding or the output layer.
+    layers = -(-config.num_layers // pp)
+    params = (layers * counts["per_layer"] + max(counts["embedding"], counts["output_layer"])
+              * (1 if pp > 1 else 2)) / tp
+    tokens = layout.micro_batch_size * layout.seq_length
+    split = tp if layout.sequence_parallel else 1
+    per_layer = layer_activation_bytes(config, layout.seq_length) * tokens / split
+    kept = layers * 2 * config.hidden_size * tokens / split + per_layer if layout.recompute else layers * per_layer
+    logits = 6 * vocab_size / tp * tokens  # bf16 logits, fp32 softmax
+    out = {
+        "parameters": counts["total"],
+        "weights": 2 * params / GIB,
+        "gradients": 4 * params / GIB,
+        "optimizer": 12 * params / dp / GIB,
+        "activations": (kept + logits) / GIB,
+        "refine": 0.0,
+    }
+    if layout.refine:
+        if config.mixer == "deltanet":
+            state = deltanet_state_values(config)
+            # the branch forward runs the PyTorch path instead of fla's kernel: what it keeps beyond fla's
+            fla = layer_activation_bytes(config, layout.seq_length) - 2 * (2 * config.hidden_size + 6 * config.ffn_hidden_size)
+            branch = layers * tokens * (deltanet_reference_bytes(config) - fla) / tp
+        else:  # LaCT runs the same PyTorch path either way: the activations above hold it
+            state = 3 * config.num_lact_heads * config.lact_head_dim * int(config.lact_head_dim * config.inter_multi)
+            branch = 0.0
+        decode = layers * layout.micro_batch_size * layout.n_chunks * layout.rollouts * state * 4 / tp
+        out["refine"] = (branch + decode) / GIB
+    out["total"] = sum(out[k] for k in ("weights", "gradients", "optimizer", "activations", "refine"))
+    out["tokens_per_step"] = layout.global_batch_size * layout.seq_length
+    out["step_seconds"] = 6 * counts["total"] * out["tokens_per_step"] / (mfu * peak_flops * layout.gpus)
+    return out
+
+
+__all__ = ["FIT_GIB", "GIB", "H100_BF16_FLOPS", "H100_MEMORY_GIB", "Layout", "deltanet_reference_bytes",
+           "estimate", "layer_activation_bytes", "parameter_count"]

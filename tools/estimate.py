@@ -1,0 +1,14 @@
+"""Per-GPU memory and step time of a recipe (recipes/) or a training config, from shapes alone (no GPU).
+
+    python tools/estimate.py midtrain_deltanet_7b                 # a recipe: its layout and nodes
+    python tools/estimate.py --config refine-mid-deltanet-1p3b --gpus 8 --set parallel.tensor_model_parallel_size=2
+    python tools/estimate.py --all                                # every recipe (the table in docs/scaling.md)
+    python tools/estimate.py --largest                            # the largest DeltaNet fitting REFINE at 16K tokens
+"""
+
+import sys
+
+from recipes.estimate import main
+
+if __name__ == "__main__":
+    sys.exit(main())
