@@ -58,15 +58,18 @@ def chunk_delta_rule_torch(
     else:
         S = initial_state.to(acc)[layout.order]  # sequences in layout order
     outputs, new_values, chunk_starts = [], [], []
-    for j, (m, first) in enumerate(zip(layout.active, layout.offsets)):
-        rows, S_run = slice(first, first + m), S[:m]  # the m sequences still running
+    # Chunk j's pairs are rows offsets[j] .. + active[j]: one split (whose backward is one concatenation) instead of
+    # a slice per chunk, whose backward would zero-fill the whole tensor for every chunk.
+    per_chunk = (x.split(layout.active) for x in (q, k, u, w, qk))
+    for j, (m, q_j, k_j, u_j, w_j, qk_j) in enumerate(zip(layout.active, *per_chunk)):
+        S_run = S[:m]  # the m sequences still running
         if states_at is not None:  # every chunk's, in pair order: which chunks the positions need is data
             chunk_starts.append(S_run)
-        U = u[rows] - w[rows] @ S_run  # [m, H, C, V]
-        outputs.append(q[rows] @ S_run + qk[rows] @ U)
+        U = u_j - w_j @ S_run  # [m, H, C, V]
+        outputs.append(q_j @ S_run + qk_j @ U)
         new_values.append(U)
         if j < len(layout.active) - 1 or output_final_state:
-            S_run = S_run + k[rows].transpose(-1, -2) @ U
+            S_run = S_run + k_j.transpose(-1, -2) @ U
             S = S_run if m == N else torch.cat([S_run, S[m:]])
     o = layout.scatter(torch.cat(outputs).transpose(1, 2), total).to(out_dtype)
 
