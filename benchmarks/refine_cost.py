@@ -21,6 +21,10 @@ timings are bracketed by a CUDA synchronize on CUDA.
 
 from __future__ import annotations
 
+from megatron_refine.warnings import filter_library_warnings
+
+filter_library_warnings()  # before the libraries below are imported
+
 import argparse
 import statistics
 import time

@@ -16,6 +16,10 @@ mean over seeds of each method, and the paired difference REFINE - NTP with its 
 
 from __future__ import annotations
 
+from megatron_refine.warnings import filter_library_warnings
+
+filter_library_warnings()  # before the libraries below are imported
+
 import argparse
 import csv
 import statistics

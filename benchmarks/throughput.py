@@ -22,6 +22,10 @@ The peak is the dense bf16 figure of the GPU, found from its name (H100 / H200 S
 
 from __future__ import annotations
 
+from megatron_refine.warnings import filter_library_warnings
+
+filter_library_warnings()  # before the libraries below are imported
+
 import argparse
 import statistics
 import sys

@@ -8,17 +8,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
-import warnings
 from pathlib import Path
-
-# Expected on CPU machines (and without TE / apex): said once per process at import, noise in every rank.
-QUIET_WARNINGS = (
-    "Transformer Engine and Apex are not installed",
-    "Apex is not installed",
-    "Triton is not supported on current platform",
-    "full scope is deprecated",
-)
-
 
 # Errors a user causes and their message explains (a bad config, data, checkpoint or parallel layout, a run that
 # diverged; the project's own, such as DataError, subclass ValueError): one line on stderr and exit code 2. Any
@@ -238,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast-weight language models (DeltaNet, LaCT) trained with REFINE on megatron-core.",
     )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' known-harmless warnings too (or MEGATRON_REFINE_SHOW_WARNINGS=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data (the README's main job)")
@@ -347,19 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     for command in sub.choices.values():  # `--debug` after the subcommand too; SUPPRESS keeps one given before
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show the libraries' known-harmless warnings too")
     return parser
 
 
-def _quiet_expected_warnings() -> None:
-    for message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
-    # Local ranks start from a fresh interpreter (the launcher's forkserver), which reads PYTHONWARNINGS.
-    filters = [f"ignore:{m}" for m in QUIET_WARNINGS]
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *filters]))
-
-
 def main(argv: list[str] | None = None) -> None:
-    _quiet_expected_warnings()
+    from megatron_refine.warnings import SHOW_ENV, filter_library_warnings
+
+    if "--verbose" in (sys.argv[1:] if argv is None else argv):  # before parsing: building the parser imports
+        os.environ[SHOW_ENV] = "1"  # libraries; the ranks this process starts inherit it
+    filter_library_warnings()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -232,7 +232,7 @@ def _check_hf_export(cfg: DemoConfig, out: Path, prompts: list[list[int]], refer
 
     path, cuda = out / "hf" / "refine-mid", cfg.device == "cuda"
     initialize(1, 1, 1, 0, device="cpu")
-    export_to_hf(out / "checkpoints" / "refine-mid", path, dtype="bf16" if cuda else "fp32")  # as trained
+    export_to_hf(out / "checkpoints" / "refine-mid", path, dtype="bf16" if cuda else "fp32", progress=False)
     destroy()  # the CPU runtime's torch.cuda patches would break fla's kernels
     if not cuda:
         from megatron_refine.conversion.fla_cpu import use_pytorch_references
@@ -256,6 +256,43 @@ def _check_hf_export(cfg: DemoConfig, out: Path, prompts: list[list[int]], refer
         samples.append(got)
     return {"path": str(path), "agree": agree, "prompts": len(prompts),
             "sample": (tokenizer.decode(prompts[0]).rsplit("\n", 1)[-1], tokenizer.decode(samples[0]))}
+
+
+def _plot_runs(runs: dict, cfg: DemoConfig, path: Path) -> None:
+    """loss.png: the NTP pretraining and both continuations; the continuations zoomed (a moving average, distinct
+    line styles: on the full scale REFINE's curve hides under NTP's); REFINE's mean reward per REFINE step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(y, w=9):
+        return [sum(y[max(0, i - w + 1): i + 1]) / len(y[max(0, i - w + 1): i + 1]) for i in range(len(y))]
+
+    fig, (full, zoom, reward) = plt.subplots(1, 3, figsize=(15, 3.8), dpi=110)
+    styles = {"ntp": ("NTP pretraining", "-", "tab:gray"), "ntp-continued": ("+ NTP", "-", "tab:blue"),
+              "refine-mid": ("+ REFINE", "--", "tab:orange")}
+    for name, (label, style, color) in styles.items():
+        if name not in runs:
+            continue
+        losses = runs[name]["losses"]
+        first = 1 if name == "ntp" else cfg.steps + 1
+        steps = list(range(first, first + len(losses)))
+        full.plot(steps, losses, style, lw=1, color=color, label=label)
+        if name != "ntp":
+            zoom.plot(steps, smooth(losses), style, lw=1.6, color=color, label=f"{label} (moving average of 9)")
+    history = runs.get("refine-mid", {}).get("refine", [])
+    reward.plot([cfg.steps + h["step"] for h in history], [h["reward_mean"] for h in history], "--", color="tab:orange")
+    full.set(xlabel="step", ylabel="NTP loss (nats/token)", title="pretraining and continuations")
+    zoom.set(xlabel="step", ylabel="NTP loss (nats/token)", title="the continuations, zoomed")
+    reward.set(xlabel="step", ylabel="mean cosine reward", title="REFINE rollout reward")
+    for ax in (full, zoom, reward):
+        ax.grid(alpha=0.3)
+    full.legend()
+    zoom.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _plot(curves: dict[str, tuple[list, list]], ylabel: str, title: str, path: Path) -> None:
@@ -308,9 +345,7 @@ def run(cfg: DemoConfig) -> dict:
     result["hf_export"] = export = spawn(_check_hf_export, 1, cfg, out, result["export_prompts"],
                                          result["export_reference"], timeout=600)[0]
     runs = result["runs"]
-    steps = lambda losses, first=1: list(range(first, first + len(losses)))  # noqa: E731
-    _plot({name: (steps(r["losses"], 1 if name == "ntp" else cfg.steps + 1), r["losses"]) for name, r in runs.items()},
-          "NTP loss (nats/token)", "megatron-refine demo: DeltaNet on the built-in corpus", out / "loss.png")
+    _plot_runs(runs, cfg, out / "loss.png")
     rewards = runs["refine-mid"]["refine"]
     _plot({"REFINE reward (cosine)": ([cfg.steps + h["step"] for h in rewards], [h["reward_mean"] for h in rewards])},
           "mean reward", "REFINE mid-training: rollout reward", out / "reward.png")

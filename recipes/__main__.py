@@ -7,6 +7,10 @@ script (slurm). Without it, local runs torchrun here and waits; slurm submits th
 
 from __future__ import annotations
 
+from megatron_refine.warnings import filter_library_warnings
+
+filter_library_warnings()  # before the libraries below are imported
+
 import argparse
 import sys
 import tempfile

@@ -8,7 +8,11 @@
 
 import sys
 
-from recipes.estimate import main
+from megatron_refine.warnings import filter_library_warnings
+
+filter_library_warnings()  # before the libraries recipes.estimate imports
+
+from recipes.estimate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -361,9 +361,10 @@ def _write_tokenizer(save: Path, tok) -> list[str]:
 
 
 def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = None, tokenizer: str | None = None,
-                 dtype: str = "fp32", max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+                 dtype: str = "fp32", max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True) -> list[str]:
     """A Megatron checkpoint (any TP / PP / DP layout) -> a Hugging Face folder. Returns the files written.
-    Needs a single-process runtime (`megatron_refine.runtime.initialize(device="cpu")`)."""
+    Needs a single-process runtime (`megatron_refine.runtime.initialize(device="cpu")`). `progress`: a per-layer
+    progress bar."""
     from megatron.core import dist_checkpointing
 
     if dtype not in DTYPES:
@@ -390,7 +391,7 @@ def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = 
     save = Path(save)
     save.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(save, max_shard_bytes, plan)
-    for group in _hf_tensors(cfg, vocab, _group_loader(model.sharded_state_dict(), path), out_dtype):
+    for group in _hf_tensors(cfg, vocab, _group_loader(model.sharded_state_dict(), path), out_dtype, progress):
         writer.add(group)
         del group  # or the loop variable holds this group while the next one is read
     files = writer.close()

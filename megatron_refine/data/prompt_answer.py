@@ -141,15 +141,18 @@ class PromptAnswerLoader:
     seed: int = 0
     shuffle: bool = True
     state: PromptAnswerLoaderState = field(default_factory=PromptAnswerLoaderState)
+    _order: tuple[int, list[int]] = field(default=(-1, []), init=False, repr=False)  # (epoch, its permutation)
     layout = "prompt_answer"
 
     def _example(self, g: int) -> tuple[list[int], list[int]]:
         n = len(self.dataset.examples)
         epoch, i = divmod(g, n)
         if self.shuffle:
-            order = list(range(n))
-            random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            i = order[i]
+            if self._order[0] != epoch:  # one permutation an epoch, drawn when the epoch is first reached
+                order = list(range(n))
+                random.Random(self.seed * 100_003 + epoch).shuffle(order)
+                self._order = (epoch, order)
+            i = self._order[1][i]
         return self.dataset.examples[i]
 
     def next_batch(self) -> dict[str, torch.Tensor]:

@@ -102,7 +102,9 @@ def _run_rank(fn, rank, nprocs, port, threads, args, kwargs, results) -> None:
                                                 "touches the GPU at import"}))
         return
     from megatron_refine.runtime import distributed
+    from megatron_refine.warnings import filter_library_warnings
 
+    filter_library_warnings()  # a forkserver started before the caller's filters does not have them
     torch.set_num_threads(threads)
     try:
         # Plain pickle bytes: torch's queue reducers would hand tensors over as shared-memory file

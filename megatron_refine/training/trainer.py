@@ -189,6 +189,8 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswe
     model_config.finalize_model_grads_func = finalize_model_grads
     model_config.grad_scale_func = optimizer.scale_loss
     trainer = Trainer(cfg, rt, model, optimizer, scheduler, loader, data.global_batch_size // (data.micro_batch_size * dp))
+    if rt.is_main:
+        print(startup_summary(trainer, model_config, dataset, bf16, start), flush=True)
 
     ckpt = cfg.checkpoint
     if start == "finetune":
@@ -202,6 +204,43 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswe
     if cfg.uses_refine and cfg.refine.kl_coef > 0:
         trainer.reference = frozen_copy(module)
     return trainer
+
+
+def startup_summary(trainer: Trainer, model_config, dataset, bf16: bool, start: str | None) -> str:
+    """The block rank 0 prints once a run is set up: model, layout, data, step, stage, checkpoints."""
+    from megatron_refine.training.estimate import parameter_count
+
+    cfg, rt, par, data = trainer.cfg, trainer.runtime, trainer.cfg.parallel, trainer.cfg.data
+    c = model_config
+    params = parameter_count(c, trainer.module.vocab_size)["total"]  # the padded vocabulary, as built
+    if data.layout == "prompt_answer":
+        content = f"{len(dataset.examples):,d} prompts"
+    else:
+        meta = dataset.metadata
+        content = f"{meta['num_documents']:,d} documents, {meta['num_tokens']:,d} tokens"
+    rows = [
+        ("model", f"{c.mixer} {cfg.model.config}, {c.num_layers} layers, hidden {c.hidden_size}, "
+                  f"{c.num_attention_heads} heads: {params:,d} parameters"),
+        ("layout", f"TP {par.tensor_model_parallel_size}, PP {par.pipeline_model_parallel_size}, "
+                   f"DP {rt.layout.data_parallel_size}, SP {'on' if par.sequence_parallel else 'off'}; "
+                   f"{torch.distributed.get_backend()} on {rt.device.type}, {'bf16' if bf16 else 'fp32'}"),
+        ("data", f"{data.path or dataset.path} ({data.layout}): {content}"),
+        ("step", f"{data.global_batch_size} x {data.seq_length} = {data.global_batch_size * data.seq_length:,d} tokens "
+                 f"(micro-batch {data.micro_batch_size}, {trainer.num_microbatches} a rank), {cfg.train_steps} steps"),
+    ]
+    stage = cfg.stage if cfg.stage in ("pretrain", "refine-mid") else f"{cfg.stage}, prompt_update {cfg.prompt_update}"
+    if cfg.uses_refine:
+        r = cfg.refine
+        stage += (f"; REFINE every {r.every if cfg.stage == 'refine-mid' else 1}: n_chunks {r.n_chunks}, k {r.k}, "
+                  f"n {r.n}, {r.selection} selection, {r.reward} reward, loss {r.sft_coef} NTP + {r.ppo_coef} PG"
+                  + (f", {r.mini_batches} steps a rollout round" if r.mini_batches > 1 else ""))
+    rows.append(("stage", stage))
+    ckpt = cfg.checkpoint
+    loads = {"finetune": f"weights of {ckpt.load}", "resume": f"resume {ckpt.load}"}.get(start, "none")
+    rows.append(("checkpoints", f"load {loads}; save {ckpt.save or 'none'}"
+                 + (f" every {ckpt.save_interval} steps" if ckpt.save and ckpt.save_interval else "")))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join([f"megatron-refine train ({cfg.stage}):"] + [f"  {n:<{width}}  {v}" for n, v in rows])
 
 
 def checkpoint_start(ckpt: CheckpointArgs, is_main: bool = True) -> str | None:
