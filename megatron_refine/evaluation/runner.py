@@ -163,13 +163,11 @@ def write_results(out_dir: str | Path, results: list[dict], rows: list[dict], co
         writer.writerows(rows)
 
 
-def load_model(load: str | Path, tokenizer: str | None = None, sequence_parallel: bool = False):
-    """The newest checkpoint of `load` on the current parallel layout (any saved layout), and its tokenizer:
-    `tokenizer` ("byte" or a tokenizer.json), else the one its training data recorded."""
+def checkpoint_model(load: str | Path) -> tuple[dict, dict]:
+    """The newest checkpoint of `load`: its common state and the model section of its training config."""
     from megatron.core import dist_checkpointing
 
-    from megatron_refine.models import build_model, get_config
-    from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration, load_checkpoint
+    from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration
 
     iteration = latest_iteration(load)
     if iteration is None:
@@ -178,6 +176,16 @@ def load_model(load: str | Path, tokenizer: str | None = None, sequence_parallel
     model_args = (common.get("config") or {}).get("model")
     if not model_args:
         raise ValueError(f"{load} has no model config in its checkpoint: only megatron-refine checkpoints evaluate")
+    return common, model_args
+
+
+def load_model(load: str | Path, tokenizer: str | None = None, sequence_parallel: bool = False):
+    """The newest checkpoint of `load` on the current parallel layout (any saved layout), and its tokenizer:
+    `tokenizer` ("byte" or a tokenizer.json), else the one its training data recorded."""
+    from megatron_refine.models import build_model, get_config
+    from megatron_refine.training.checkpointing import load_checkpoint
+
+    common, model_args = checkpoint_model(load)
     cuda = torch.distributed.get_backend() == "nccl"
     config = get_config(model_args["config"], **{
         **model_args.get("overrides", {}), "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
@@ -191,10 +199,9 @@ def load_model(load: str | Path, tokenizer: str | None = None, sequence_parallel
 
 def checkpoint_tokenizer(load: str | Path, tokenizer: str | None = None):
     """`tokenizer` ("byte" or a tokenizer.json) when given, else the one the checkpoint was trained with."""
-    from megatron_refine.data.tokenizers import load_tokenizer
-    from megatron_refine.training.checkpointing import saved_tokenizer
+    from megatron_refine.training.checkpointing import tokenizer_or_saved
 
-    found = load_tokenizer(tokenizer) if tokenizer else saved_tokenizer(load)
+    found = tokenizer_or_saved(tokenizer, load)
     if found is None:
         raise ValueError(f"{load} does not record its training data's tokenizer: pass --tokenizer (byte, or a "
                          "tokenizer.json)")

@@ -25,10 +25,6 @@ import torch
 from megatron_refine.data.prompt_answer import PromptAnswerDataset, PromptAnswerLoader
 from megatron_refine.evaluation.examples import EvalExample
 
-TTT_UPDATES = ("refine", "ntp", "none")
-TTT_RESETS = ("batch", "never")
-
-
 def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     """The torch optimizers under Megatron's wrappers (one per chained optimizer): their params are the main weights."""
     return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
@@ -76,19 +72,11 @@ def ttt_config(args, examples: list[EvalExample], tokenizer):
     """The stage-ttt training config of `--ttt`: the preset ttt-refine / ttt-ntp, the checkpoint's model, eval's
     parallel layout, then `--set` overrides; rows long enough for the longest prompt and an answer budget, unless
     `--set data.seq_length` says otherwise. One round (refine.mini_batches steps) per batch of --batch-size."""
-    from megatron.core import dist_checkpointing
-
+    from megatron_refine.evaluation.runner import checkpoint_model
     from megatron_refine.refine import min_sequence_length
     from megatron_refine.training import load_config
-    from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration
 
-    iteration = latest_iteration(args.load)
-    if iteration is None:
-        raise FileNotFoundError(f"no checkpoint in {args.load} (no latest_checkpointed_iteration.txt): check --load")
-    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(args.load, iteration)))
-    model = (common.get("config") or {}).get("model")
-    if not model:
-        raise ValueError(f"{args.load} has no model config in its checkpoint: only megatron-refine checkpoints train")
+    _, model = checkpoint_model(args.load)
     fixed = [f"model.config={model['config']}", f"model.overrides={json.dumps(model.get('overrides', {}))}",
              f"checkpoint.load={args.load}", "checkpoint.finetune=true",
              f"parallel.tensor_model_parallel_size={args.tensor_model_parallel_size}",
@@ -176,5 +164,5 @@ def write_ttt_results(out_dir: str | Path, baseline: list[dict], results: list[d
     return format_comparison({"no TTT": base_rows, f"TTT {config['ttt']} (reset {config['ttt_reset']})": rows})
 
 
-__all__ = ["TTTRun", "TTT_RESETS", "TTT_UPDATES", "TrainingState", "batch_loader", "run_test_time_training", "ttt_config",
+__all__ = ["TTTRun", "TrainingState", "batch_loader", "run_test_time_training", "ttt_config",
            "write_ttt_results"]

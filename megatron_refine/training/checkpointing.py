@@ -224,6 +224,16 @@ def saved_tokenizer(root: str | Path):
     return None
 
 
+def tokenizer_or_saved(spec: str | None, root: str | Path | None):
+    """`spec` ("byte" or a tokenizer.json) when given, else the tokenizer checkpoint folder `root` was trained with;
+    None when neither says."""
+    from megatron_refine.data.tokenizers import load_tokenizer
+
+    if spec:
+        return load_tokenizer(spec)
+    return saved_tokenizer(root) if root else None
+
+
 def _distributed_optimizers(optimizer) -> list:
     from megatron.core.optimizer import DistributedOptimizer
 

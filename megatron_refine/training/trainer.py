@@ -61,7 +61,6 @@ class TrainResult:
     skipped_steps: int = 0
     checkpoint: str | None = None
     refine_history: list[dict] = field(default_factory=list)  # metrics of each REFINE step
-    prompt_losses: list[float] = field(default_factory=list)  # refine-post: the prompt update's NTP loss per step
     step_tokens_per_s: list[float] = field(default_factory=list)
 
 
@@ -84,12 +83,9 @@ class Trainer:
 
 def prompt_tokenizer(cfg: TrainConfig):
     """The tokenizer of prompt / answer text: data.tokenizer, else the one the loaded checkpoint was trained with."""
-    from megatron_refine.data.tokenizers import load_tokenizer
-    from megatron_refine.training.checkpointing import saved_tokenizer
+    from megatron_refine.training.checkpointing import tokenizer_or_saved
 
-    found = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    if found is None and cfg.checkpoint.load:
-        found = saved_tokenizer(cfg.checkpoint.load)
+    found = tokenizer_or_saved(cfg.data.tokenizer, cfg.checkpoint.load)
     if found is None:
         raise ValueError("data.layout=prompt_answer tokenizes text: set data.tokenizer (byte, or a tokenizer.json), "
                          "or load a checkpoint that records its tokenizer")
@@ -518,7 +514,6 @@ def run_steps(trainer: Trainer, steps: range, logger: MetricsLogger, result: Tra
             metrics["grad_norm"] = out.grad_norm
         if out.prompt_loss is not None:
             metrics["post/prompt_loss"] = out.prompt_loss
-            result.prompt_losses.append(out.prompt_loss)
             if out.prompt_grad_norm is not None:
                 metrics["post/prompt_grad_norm"] = out.prompt_grad_norm
         if out.refine:
