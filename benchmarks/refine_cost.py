@@ -6,9 +6,11 @@
 
 For each sequence length, on the same batch (forward + backward, no optimizer step):
 - NTP step: the plain next-token loss;
-- REFINE step (ours): no-grad entropy pass, ONE forward keeping the branch states, k - 1 no-grad decode
-  steps to sample the rollouts, one training forward over the k rollout tokens from the branch states to
-  score them (and check parity with the decoder), GRPO + NTP loss, one backward;
+- REFINE step (ours): ONE forward over the documents, whose detached logits choose the positions and whose
+  chunk states give the states after them, k - 1 no-grad decode steps to sample the rollouts, one training
+  forward over the k rollout tokens from the branch states to score them (and check parity with the
+  decoder), GRPO + NTP loss, one backward; its split (forward / select / rollout / score / backward, the
+  step's own `time_*` metrics plus the timed backward) is printed per length;
 - re-encode baseline (the released method's cost model): the same selection and NTP loss, then for every
   selected position a no-grad prefill of its prefix to sample the rollout and a separate forward + backward
   over prefix + rollout for the policy loss: n_chunks extra full passes per document.
@@ -34,24 +36,33 @@ import torch
 from megatron_refine.runtime import spawn
 
 
-def _time(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of `fn` over `repeats` runs after one warm-up."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fns: dict, repeats: int, device: torch.device) -> dict[str, tuple[float, dict[str, float]]]:
+    """Median seconds of each function over `repeats` rounds after a warm-up round, and the median of each phase
+    it reports. The functions take turns within a round, so a slow spell of the machine hits them alike."""
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times, phases = {name: [] for name in fns}, {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            phases[name].append(fn() or {})
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]),
+                   {phase: statistics.median(p[phase] for p in phases[name]) for phase in phases[name][0]})
+            for name in fns}
 
 
 def _bench(args) -> tuple[str, list[tuple]]:
     from megatron_refine.models import build_model, get_config, packed_seq_params
     from megatron_refine.models.generation import sample_tokens
-    from megatron_refine.refine import RefineConfig, refine_loss, select
+    from megatron_refine.refine import STEP_PHASES, RefineConfig, refine_loss, select
     from megatron_refine.refine.grpo import grpo_advantages
     from megatron_refine.refine.vocab import vocab_parallel_log_probs
     from megatron_refine.runtime import initialize
@@ -79,25 +90,32 @@ def _bench(args) -> tuple[str, list[tuple]]:
             model(tokens, None, None, labels=labels, packed_seq_params=params).mean().backward()
             model.zero_grad(set_to_none=True)
 
-        def refine(params=None):
-            loss, _ = refine_loss(model, tokens, labels, cfg, torch.Generator(device).manual_seed(1),
-                                  packed_seq_params=params)
+        def refine(params=None) -> dict[str, float]:
+            loss, metrics = refine_loss(model, tokens, labels, cfg, torch.Generator(device).manual_seed(1),
+                                        packed_seq_params=params)
+            _sync(device)
+            start = time.perf_counter()
             loss.backward()
+            _sync(device)
+            backward = time.perf_counter() - start
             model.zero_grad(set_to_none=True)
+            return {**{phase: metrics[f"time_{phase}"].item() for phase in STEP_PHASES}, "backward": backward}
 
         def reencode():
-            positions, _, _ = select(model, tokens, cfg, torch.Generator(device).manual_seed(1))
+            with torch.no_grad():  # the release's selection pass
+                positions, _, _ = select(model(tokens, None, None), cfg, torch.Generator(device).manual_seed(1))
             loss = model(tokens, None, None, labels=labels).mean()  # the NTP part
             rollouts, prefixes = [], []
             with torch.no_grad():  # sample each rollout after prefilling its own prefix
                 for b in range(args.batch):
                     for p in positions[b].tolist():
                         prefix = tokens[b : b + 1, : p + 1]
-                        out = model.forward_with_branch_states(prefix, torch.tensor([[p]], device=device))
+                        out = model.forward_with_branch_states(prefix)
+                        cache = out.states_after(torch.tensor([[p]], device=device))
                         logits, rollout = out.logits[:, -1], []
                         for _ in range(cfg.k):
                             rollout.append(sample_tokens(logits, generator=sampler))
-                            logits, _ = model.step(rollout[-1], out.cache)
+                            logits, _ = model.step(rollout[-1], cache)
                         rollouts.append(torch.cat(rollout))
                         prefixes.append(prefix[0])
             # Scoring is not what differs.
@@ -110,9 +128,10 @@ def _bench(args) -> tuple[str, list[tuple]]:
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-        t_ntp, t_refine, t_reencode = (_time(f, args.repeats, device) for f in (ntp, refine, reencode))
-        t_ntp_packed, t_refine_packed = (_time(lambda f=f: f(packed), args.repeats, device) for f in (ntp, refine))
-        rows.append((T, t_ntp, t_refine, t_reencode, t_ntp_packed, t_refine_packed))
+        timed = _time({"ntp": ntp, "refine": refine, "ntp_packed": lambda: ntp(packed),
+                       "refine_packed": lambda: refine(packed), "reencode": reencode}, args.repeats, device)
+        rows.append((T, *(timed[name][0] for name in ("ntp", "refine", "reencode", "ntp_packed", "refine_packed")),
+                     timed["refine"][1], timed["refine_packed"][1]))
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if cuda else ""
     return f"device {device}{gpu}, dtype {str(config.params_dtype).removeprefix('torch.')}", rows
 
@@ -136,9 +155,16 @@ def main() -> None:
           f"batch {args.batch}, n_chunks 8, k 5, threads {torch.get_num_threads()}")
     print(f"{'T':>6} {'NTP (ms)':>10} {'REFINE (ms)':>12} {'re-encode (ms)':>15} {'refine/ntp':>11} "
           f"{'re-encode/refine':>17} | {'packed NTP':>11} {'packed REFINE':>14} {'refine/ntp':>11}")
-    for T, ntp, refine, reencode, ntp_p, refine_p in rows:
+    for T, ntp, refine, reencode, ntp_p, refine_p, _, _ in rows:
         print(f"{T:>6} {ntp * 1e3:>10.1f} {refine * 1e3:>12.1f} {reencode * 1e3:>15.1f} {refine / ntp:>11.2f} "
               f"{reencode / refine:>17.2f} | {ntp_p * 1e3:>11.1f} {refine_p * 1e3:>14.1f} {refine_p / ntp_p:>11.2f}")
+    phases = list(rows[0][6])
+    cuda_note = "; on CUDA only the backward is synchronized, the rest is launch time" if args.device == "cuda" else ""
+    print(f"REFINE step split (ms, median per phase{cuda_note}):")
+    print(f"{'T':>6} {'':>8} " + " ".join(f"{name:>9}" for name in phases))
+    for T, *_, split, split_packed in rows:
+        for label, parts in (("", split), ("packed", split_packed)):
+            print(f"{T:>6} {label:>8} " + " ".join(f"{parts[name] * 1e3:>9.1f}" for name in phases))
     print(f"refine/ntp step time ratio: {rows[-1][5] / rows[-1][4]:.2f}")
 
 

@@ -2,7 +2,8 @@
 
 - `delta_rule`, `delta_rule_step`, `recurrent_delta_rule`: DeltaNet (fla's Triton kernel on CUDA, PyTorch elsewhere).
 - `lact_swiglu`, `lact_swiglu_step`, `LaCTState`: LaCT's large-chunk fast-weight SwiGLU.
-Both take `states_at=[B, P]` positions and return, differentiably, the states after those tokens, and
+Both can return `states_after` (`output_states_after=True`): a function of positions [B, P], chosen after the
+forward, giving differentiably the states after those tokens from the forward's own chunk states; both take
 `cu_seqlens` for packed sequences (fla's varlen convention, `varlen.py`), each restarting from its own state.
 - `set_debug_checks`: the value checks (NaN / Inf, `cu_seqlens` contents, position ranges) read tensors on the
   host, so by default they run on CPU tensors only: on CUDA the ops never stall the stream inside the layer loop.

@@ -1,7 +1,7 @@
 """Input checks shared by the fast-weight ops: errors a caller can cause get a message naming the fix.
 
 Metadata checks (type, rank, dtype, shapes) are free and always run. Value checks (NaN / Inf, `cu_seqlens`
-contents, `states_at` ranges) read tensor values on the host; on CUDA that stalls the stream, once per layer
+contents, the ranges of positions read by `states_after`) read tensor values on the host; on CUDA that stalls the stream, once per layer
 and decoding step, so by default they run on CPU tensors only (where a read costs no device sync). On CUDA the
 packed document starts are validated once per forward where the model builds them (`models/packing.py`).
 `set_debug_checks(True)` (or `MEGATRON_REFINE_DEBUG_CHECKS=1`) runs them on every device, `False` (`=0`) nowhere.
@@ -67,16 +67,16 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 
 def check_positions(positions: torch.Tensor, batch: int, length: int) -> None:
     """`positions [B, P]`: token indices in [0, T) whose post-token state is requested (range: a value check)."""
-    check_rank("states_at", positions, 2, "[B, P]")
+    check_rank("positions", positions, 2, "[B, P]")
     if positions.shape[0] != batch:
-        raise ValueError(f"states_at has batch {positions.shape[0]}, the inputs have batch {batch}")
+        raise ValueError(f"positions have batch {positions.shape[0]}, the inputs have batch {batch}")
     if positions.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"states_at must hold integer positions, got {positions.dtype}")
+        raise TypeError(f"positions must be integers, got {positions.dtype}")
     if positions.numel() and value_checks_on(positions):
         low, high = (int(x) for x in torch.aminmax(positions))
         if low < 0 or high >= length:
             raise ValueError(
-                f"states_at positions must lie in [0, {length}) (the sequence length), got [{low}, {high}]"
+                f"positions must lie in [0, {length}) (the sequence length), got [{low}, {high}]"
             )
 
 

@@ -4,11 +4,12 @@ Layout `[B, T, H, D]` (fla's); fast-weight state `[B, H, K, V]`; q and k L2-norm
 scale defaults to K^-0.5. Packed sequences as in fla: `[1, total, ...]` with `cu_seqlens [N + 1]`, states
 `[N, H, K, V]` (see `kernels/varlen.py`). On CUDA with fla installed and a bf16/fp16 input, `delta_rule`
 runs fla's Triton `chunk_delta_rule` (varlen included); everywhere else (and with `use_reference=True`, or
-when `states_at` is asked for) it runs the PyTorch chunked algorithm in `chunk.py`, accumulating in fp32.
+when `output_states_after` is asked for) it runs the PyTorch chunked algorithm in `chunk.py`, accumulating
+in fp32.
 
 No op here reads a tensor on the host on CUDA (no stream sync per layer or decoding step), except a packed
 layout's lengths, once per `cu_seqlens` tensor. The value checks (finite beta, `cu_seqlens` contents,
-`states_at` range) run on CPU tensors only unless `set_debug_checks(True)` (see `kernels/utils.py`).
+the range of positions given to `states_after`) run on CPU tensors only unless `set_debug_checks(True)` (see `kernels/utils.py`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
-    states_at: torch.Tensor | None = None,
+    output_states_after: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     use_reference: bool = False,
 ):
@@ -80,14 +81,15 @@ def delta_rule(
         initial_state: [N, H, K, V] state before the first token of each sequence (N = B, or the packed count).
         output_final_state: also return the state after the last token of each sequence (fp32).
         chunk_size: chunk length of the PyTorch path (fla's kernel uses its own).
-        states_at: [B, P] positions; also return the states after those tokens, [B, P, H, K, V], computed
-            from the chunk-start states plus the writes inside one chunk and differentiable w.r.t. all inputs.
-            With cu_seqlens, indices into the packed time axis.
+        output_states_after: also return `states_after`, a function of positions [B, P] (chosen after the
+            forward, e.g. from its outputs) -> the states after those tokens [B, P, H, K, V], read from this
+            forward's chunk-start states plus the writes inside one chunk, differentiable w.r.t. all inputs.
+            With cu_seqlens, positions index the packed time axis.
         cu_seqlens: [N + 1] packed sequence starts (inputs [1, total, ...]): the state restarts at each.
         use_reference: force the PyTorch path even where fla's kernel could run.
 
     Returns:
-        (o [B, T, H, V], final_state [N, H, K, V] or None), plus the position states when `states_at` is given.
+        (o [B, T, H, V], final_state [N, H, K, V] or None), plus `states_after` when `output_states_after`.
     """
     B, T = q.shape[:2]
     if cu_seqlens is not None:
@@ -96,24 +98,29 @@ def delta_rule(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if states_at is not None:
-        check_positions(states_at, B, T)
-    elif not use_reference and fla_available(q):
+    if not (output_states_after or use_reference) and fla_available(q):
         return _fla_chunk_delta_rule()(
             q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
         )
-    if cu_seqlens is None:
-        layout = ChunkLayout.for_batch(B, T, chunk_size, q.device)
+    if cu_seqlens is None:  # short rows (REFINE's k rollout tokens) get one chunk of their length, not a padded one
+        layout = ChunkLayout.for_batch(B, T, min(chunk_size, T), q.device)
     else:
         layout = packed_layout(cu_seqlens, chunk_size)
-    flat_positions = None if states_at is None else (states_at + torch.arange(B, device=q.device)[:, None] * T).flatten()
-    o, final_state, states = chunk_delta_rule_torch(
+    o, final_state, flat_states_after = chunk_delta_rule_torch(
         q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), beta.flatten(0, 1), scale, layout,
-        initial_state, output_final_state, flat_positions,
+        initial_state, output_final_state, output_states_after,
     )
     o = o.view(B, T, *o.shape[1:])
-    return (o, final_state) if states_at is None else (o, final_state, states.view(B, -1, *states.shape[1:]))
+    if not output_states_after:
+        return o, final_state
+
+    def states_after(positions: torch.Tensor) -> torch.Tensor:  # [B, P] -> [B, P, H, K, V]
+        check_positions(positions, B, T)
+        states = flat_states_after((positions + torch.arange(B, device=positions.device)[:, None] * T).flatten())
+        return states.view(B, -1, *states.shape[1:])
+
+    return o, final_state, states_after
 
 
 def delta_rule_step(

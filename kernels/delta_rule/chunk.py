@@ -6,14 +6,18 @@ unrolls to U = (I + L)^{-1} (diag(beta) V - diag(beta) K S) with L = strictly_lo
 the rows of U are the "new values" each token writes. With T = (I + L)^{-1} (one triangular solve),
 w = T diag(beta) K and u = T diag(beta) V, so per chunk only three small matmuls depend on S:
     U = u - w S,    O = (scale Q) S + tril(scale Q K^T) U,    S' = S + K^T U.
-The state after any token r of the chunk is S + K[:r+1]^T U[:r+1]: that is how `states_at` reads the
-state after arbitrary positions from the chunk-start states, without re-running any prefix.
+The state after any token r of the chunk is S + K[:r+1]^T U[:r+1]: that is how `states_after` reads the
+state after arbitrary positions, chosen after the forward, from the chunk-start states and new values the
+forward made (the tensors autograd saves for its backward anyway), without re-running any prefix.
 
 Sequences are packed (`ChunkLayout`): each one's chunks start at its own first token and its recurrence
 starts from its own initial state, so a packed batch computes exactly what separate runs would.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 
@@ -30,10 +34,11 @@ def chunk_delta_rule_torch(
     layout: ChunkLayout,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    states_at: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Packed q, k [total, H, K], v [total, H, V], beta [total, H] cut into chunks by `layout`, states_at [P]
-    -> (o [total, H, V], final [N, H, K, V], states [P, H, K, V]). Reads no tensor on the host.
+    output_states_after: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """Packed q, k [total, H, K], v [total, H, V], beta [total, H] cut into chunks by `layout`
+    -> (o [total, H, V], final [N, H, K, V], states_after: token indices [P] -> states [P, H, K, V]).
+    Reads no tensor on the host.
 
     Accumulates in fp32 (fp64 inputs stay fp64); o is returned in v's dtype, the states in fp32.
     """
@@ -56,38 +61,46 @@ def chunk_delta_rule_torch(
     if initial_state is None:
         S = q.new_zeros(N, H, K, V)
     else:
-        S = initial_state.to(acc)[layout.order]  # sequences in layout order
+        S = initial_state.to(acc)
+        if layout.uniform_length is None:  # a batch's layout order is the batch order
+            S = S[layout.order]
     outputs, new_values, chunk_starts = [], [], []
     # Chunk j's pairs are rows offsets[j] .. + active[j]: one split (whose backward is one concatenation) instead of
     # a slice per chunk, whose backward would zero-fill the whole tensor for every chunk.
     per_chunk = (x.split(layout.active) for x in (q, k, u, w, qk))
     for j, (m, q_j, k_j, u_j, w_j, qk_j) in enumerate(zip(layout.active, *per_chunk)):
         S_run = S[:m]  # the m sequences still running
-        if states_at is not None:  # every chunk's, in pair order: which chunks the positions need is data
+        if output_states_after:  # every chunk's, in pair order: which chunks the positions need is data
             chunk_starts.append(S_run)
         U = u_j - w_j @ S_run  # [m, H, C, V]
         outputs.append(q_j @ S_run + qk_j @ U)
-        new_values.append(U)
+        if output_states_after:
+            new_values.append(U)
         if j < len(layout.active) - 1 or output_final_state:
             S_run = S_run + k_j.transpose(-1, -2) @ U
             S = S_run if m == N else torch.cat([S_run, S[m:]])
     o = layout.scatter(torch.cat(outputs).transpose(1, 2), total).to(out_dtype)
 
-    states = None
-    if states_at is not None:
-        states = _states_after(layout, states_at, torch.cat(chunk_starts), k, torch.cat(new_values))
-    return o, (S[layout.rank] if output_final_state else None), states
+    final = None
+    if output_final_state:
+        final = S if layout.uniform_length is not None else S[layout.rank]
+    states_after = functools.partial(_states_after, layout, chunk_starts, k, new_values) if output_states_after else None
+    return o, final, states_after
 
 
 def _states_after(
     layout: ChunkLayout,
-    positions: torch.Tensor,  # [P] token indices
-    chunk_starts: torch.Tensor,  # [pairs, H, K, V] the state each (sequence, chunk) pair starts from
+    chunk_starts: list[torch.Tensor],  # per chunk j [active[j], H, K, V]: the state each (sequence, chunk) pair starts from
     k: torch.Tensor,  # [pairs, H, C, K]
-    new_values: torch.Tensor,  # [pairs, H, C, V]
+    new_values: list[torch.Tensor],  # per chunk j [active[j], H, C, V]
+    positions: torch.Tensor,  # [P] token indices
 ) -> torch.Tensor:
-    """State after each position: its chunk's start state plus the writes of the chunk's tokens up to it."""
+    """State after each position [P, H, K, V]: its chunk's start state plus the writes of the chunk's tokens up to
+    it. The forward keeps the chunk lists (autograd holds them for its backward anyway); concatenating them here
+    is transient, and what stays in the graph is P states."""
     _, _, offset, pair = layout.locate(positions)
     slots = torch.arange(layout.chunk_size, device=positions.device)
     upto = (slots <= offset[:, None])[:, None, :, None]  # [P, 1, C, 1]
-    return chunk_starts[pair] + (k[pair] * upto).transpose(-1, -2) @ new_values[pair]
+    # index_select: its backward (index_add_) costs a third of advanced indexing's (index_put_) on CPU
+    pick = lambda x: x.index_select(0, pair)  # noqa: E731
+    return pick(torch.cat(chunk_starts)) + (pick(k) * upto).transpose(-1, -2) @ pick(torch.cat(new_values))

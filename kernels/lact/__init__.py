@@ -8,10 +8,11 @@ as in fla: `[1, total, ...]` with `cu_seqlens [N + 1]` (see `kernels/varlen.py`)
 from a `LaCTState` (`initial_state`). The PyTorch path (fp32) runs everywhere; there is no fused kernel yet.
 
 On CUDA neither `lact_swiglu` nor a decode loop of `lact_swiglu_step` reads a tensor on the host (no stream
-sync per layer or step), except: a packed layout's lengths, once per `cu_seqlens` tensor; `states_at` (which
+sync per layer or step), except: a packed layout's lengths, once per `cu_seqlens` tensor; `states_after` (which
 chunks it needs is data); a continuation from a state (its partial chunks set the length); and the first step
-from a state made elsewhere (see `chunk.py`). The value checks (finite rates, `cu_seqlens` contents,
-`states_at` range) run on CPU tensors only unless `set_debug_checks(True)` (see `kernels/utils.py`).
+from a state made elsewhere (see `chunk.py`). The value checks (finite rates, `cu_seqlens` contents, the
+range of positions given to `states_after`) run on CPU tensors only unless `set_debug_checks(True)` (see
+`kernels/utils.py`).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def lact_swiglu(
     weight_norm: bool = True,
     ns_coefficients: Sequence[tuple[float, float, float]] = LACT_NS_COEFFICIENTS,
     output_final_state: bool = False,
-    states_at: torch.Tensor | None = None,
+    output_states_after: bool = False,
     initial_state: LaCTState | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ):
@@ -106,15 +107,17 @@ def lact_swiglu(
         use_muon: orthogonalise each update with Newton-Schulz-5 (`ns_coefficients`).
         weight_norm: rescale each weight row to its initial L2 norm after every update.
         output_final_state: also return the `LaCTState` after the last token of each sequence.
-        states_at: [B, P] positions; also return the states after those tokens as one `LaCTState` of
-            B * P rows ordered (b, p), differentiable w.r.t. every input. With cu_seqlens, packed indices.
+        output_states_after: also return `states_after`, a function of positions [B, P] (chosen after the
+            forward) -> the states after those tokens as one `LaCTState` of B * P rows ordered (b, p), read
+            from this forward's per-chunk weights, differentiable w.r.t. every input. With cu_seqlens,
+            positions index the packed time axis.
         initial_state: continue N sequences from a `LaCTState` of N rows (its weights, momentum, weight-norm
-            targets and partial chunk), e.g. from `states_at` or a decoding cache.
+            targets and partial chunk), e.g. from `states_after` or a decoding cache.
         cu_seqlens: [N + 1] packed sequence starts (inputs [1, total, ...]): every sequence starts from its
             own initial weights and its chunks start at its first token.
 
     Returns:
-        (o [B, T, H, D], final LaCTState (N rows) or None), plus the position states when `states_at` is given.
+        (o [B, T, H, D], final LaCTState (N rows) or None), plus `states_after` when `output_states_after`.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_rank(name, x, 4, "[B, T, H, D]")
@@ -129,13 +132,10 @@ def lact_swiglu(
         check_cu_seqlens(cu_seqlens, B, T)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if states_at is not None:
-        check_positions(states_at, B, T)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     flat = lambda x: None if x is None else x.flatten(0, 1)  # noqa: E731
     q, k, v, momentum = flat(q), flat(k), flat(v), flat(momentum)
     lr = flat(torch.stack([lr0, lr1, lr2], dim=-1))  # [total, H, 3]
-    positions = None if states_at is None else (states_at + torch.arange(B, device=q.device)[:, None] * T).flatten()
 
     if initial_state is None:
         if w0 is None or w1 is None or w2 is None:
@@ -157,19 +157,29 @@ def lact_swiglu(
             layout = ChunkLayout.for_batch(B, T, chunk_size, q.device)
         else:
             layout = packed_layout(cu_seqlens, chunk_size)
-        o, final, states = lact_swiglu_torch(
-            q, k, v, lr, momentum, layout, weights, norms, dw, use_muon, ns_coefficients, output_final_state, positions,
+        o, final, flat_states_after = lact_swiglu_torch(
+            q, k, v, lr, momentum, layout, weights, norms, dw, use_muon, ns_coefficients, output_final_state,
+            output_states_after,
         )
     else:
         packed = cu_seqlens if cu_seqlens is not None else batch_cu_seqlens(B, T, q.device)
-        o, final, states = _continue(
-            initial_state, q, k, v, lr, momentum, packed, use_muon, ns_coefficients, output_final_state, positions,
+        o, final, flat_states_after = _continue(
+            initial_state, q, k, v, lr, momentum, packed, use_muon, ns_coefficients, output_final_state,
+            output_states_after,
         )
     o = o.view(B, T, H, D)
-    return (o, final) if states_at is None else (o, final, states)
+    if not output_states_after:
+        return o, final
+
+    def states_after(positions: torch.Tensor) -> LaCTState:  # [B, P] -> B * P rows
+        check_positions(positions, B, T)
+        return flat_states_after((positions + torch.arange(B, device=positions.device)[:, None] * T).flatten())
+
+    return o, final, states_after
 
 
-def _continue(state: LaCTState, q, k, v, lr, momentum, cu_seqlens, use_muon, ns_coefficients, output_final_state, positions):
+def _continue(state: LaCTState, q, k, v, lr, momentum, cu_seqlens, use_muon, ns_coefficients, output_final_state,
+              output_states_after):
     """Run packed sequences on from a state: each sequence's partial chunk is put back in front of its new
     tokens, so chunks complete where they would have, and the chunked path runs unchanged."""
     N, C = state.length.shape[0], state.chunk_size
@@ -202,11 +212,12 @@ def _continue(state: LaCTState, q, k, v, lr, momentum, cu_seqlens, use_muon, ns_
         return positions + virtual_cu[s] + ell[s] - cu_seqlens[s]
 
     layout = ChunkLayout.build(virtual_cu, C)  # a new tensor per call: nothing to cache
-    o, final, states = lact_swiglu_torch(
+    o, final, virtual_states_after = lact_swiglu_torch(
         qv, kv, vv, lrv, mv, layout, (state.w0, state.w1, state.w2), state.norms, state.dw,
-        use_muon, ns_coefficients, output_final_state, None if positions is None else to_virtual(positions),
+        use_muon, ns_coefficients, output_final_state, output_states_after,
     )
-    return o[to_virtual(torch.arange(q.shape[0], device=q.device))], final, states
+    states_after = (lambda positions: virtual_states_after(to_virtual(positions))) if output_states_after else None
+    return o[to_virtual(torch.arange(q.shape[0], device=q.device))], final, states_after
 
 
 def lact_swiglu_step(

@@ -10,13 +10,13 @@ state after token p is (weights after the chunks completed by p, the partial chu
 All math in fp32 (fp64 inputs stay fp64); internally heads fold into the batch: [M = N * H, ...].
 Host reads: whether a chunk's update fires is decided from the layout's host lengths (and, in the decode step,
 from the lengths the previous step left on `state.length`), so neither the chunked forward nor a decode loop
-reads the device; only `states_at` (which chunks the positions need is data) and a state from elsewhere do.
+reads the device; only `states_after` (which chunks the positions need is data) and a state from elsewhere do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,9 +146,9 @@ def lact_swiglu_torch(
     use_muon: bool,
     ns_coefficients: Sequence[tuple[float, float, float]],
     output_final_state: bool,
-    states_at: torch.Tensor | None,  # [P] token indices
-) -> tuple[torch.Tensor, LaCTState | None, LaCTState | None]:
-    """-> (o [total, H, D], final LaCTState of N rows, LaCTState of P rows after `states_at`)."""
+    output_states_after: bool,
+) -> tuple[torch.Tensor, LaCTState | None, Callable[[torch.Tensor], LaCTState] | None]:
+    """-> (o [total, H, D], final LaCTState of N rows, states_after: token indices [P] -> LaCTState of P rows)."""
     total, H, D = q.shape
     C, order, lengths = layout.chunk_size, layout.order, layout.lengths
     acc = compute_dtype(q)
@@ -157,23 +157,12 @@ def lact_swiglu_torch(
     in_order = lambda ws: None if ws is None else tuple(_fold_weights(x.to(acc)[order]) for x in ws)  # noqa: E731
     w, norms, dw = in_order(weights), in_order(norms), in_order(dw)
 
-    # Snapshots of (weights, dw) after c completed chunks, for the states asked for.
-    wanted = {n // C for n in lengths} if output_final_state else set()
-    if states_at is not None:
-        within = states_at - layout.cu_seqlens[layout.sequence_of(states_at)]
-        wanted |= set(((within + 1) // C).tolist())  # one host read: which snapshots the positions need is data
-    snapshots = {0: (w, dw)} if 0 in wanted else {}
-
-    outputs = []
-    for j, (m, first) in enumerate(zip(layout.active, layout.offsets)):
-        rows = slice(first * H, (first + m) * H)  # this chunk of the m sequences still running, heads folded
-        w_run = tuple(x[: m * H] for x in w)
-        outputs.append(swiglu_apply(*w_run, qf[rows]))
-        end = (j + 1) * C  # chunk j is complete, so its update fires, in the sequences this long
-        if not any(n >= end and (n > end or j + 1 in wanted) for n in lengths[:m]):  # no fired update is used
-            continue
+    def update(j: int, w: Weights, dw: Weights | None) -> tuple[Weights, Weights | None]:
+        """(weights, dw) after chunk j's update, in the sequences that complete chunk j."""
+        m, end = layout.active[j], (j + 1) * C
+        rows = slice(layout.offsets[j] * H, (layout.offsets[j] + m) * H)
         new_w, new_dw = swiglu_update(
-            w_run, kf[rows], vf[rows], lrf[rows], None if mf is None else mf[rows],
+            tuple(x[: m * H] for x in w), kf[rows], vf[rows], lrf[rows], None if mf is None else mf[rows],
             None if dw is None else tuple(x[: m * H] for x in dw), None if norms is None else tuple(x[: m * H] for x in norms),
             use_muon, ns_coefficients,
         )
@@ -185,19 +174,31 @@ def lact_swiglu_torch(
             new = new if fired is None else torch.where(fired, new, old[: m * H])
             return new if m * H == old.shape[0] else torch.cat([new, old[m * H :]])
 
-        w = tuple(merge(a, b) for a, b in zip(w, new_w))
-        if dw is not None:
-            dw = tuple(merge(a, b) for a, b in zip(dw, new_dw))
-        if j + 1 in wanted:
-            snapshots[j + 1] = (w, dw)
+        return tuple(merge(a, b) for a, b in zip(w, new_w)), (None if dw is None else tuple(merge(a, b) for a, b in zip(dw, new_dw)))
+
+    # (weights, dw) after c completed chunks: each one the next chunk reads (so autograd keeps it anyway), in
+    # layout order [N*H, ...]. The last chunk's update is read by no chunk: it is made only if a state needs it.
+    snapshots = {0: (w, dw)}
+    outputs = []
+    for j, m in enumerate(layout.active):
+        outputs.append(swiglu_apply(*(x[: m * H] for x in w), qf[layout.offsets[j] * H : (layout.offsets[j] + m) * H]))
+        if j + 1 < len(layout.active):
+            w, dw = snapshots[j + 1] = update(j, w, dw)
     o = torch.cat(outputs).view(-1, H, C, D).transpose(1, 2)  # [pairs, C, H, D]
     o = layout.scatter(o, total).to(v.dtype)
 
-    def states(positions: torch.Tensor) -> LaCTState:
-        return _states_after(layout, positions, snapshots, norms, k, v, lr, momentum, acc)
+    def read(positions: torch.Tensor, needed: set[int]) -> LaCTState:  # needed: the snapshots the positions read
+        last = len(layout.active)
+        if last in needed and last not in snapshots:  # a sequence of last * C tokens, asked for after its end
+            snapshots[last] = update(last - 1, w, dw)
+        return _states_after(layout, positions, {n: snapshots[n] for n in sorted(needed)}, norms, k, v, lr, momentum, acc)
 
-    final = states(layout.cu_seqlens[1:] - 1) if output_final_state else None
-    return o, final, (states(states_at) if states_at is not None else None)
+    def states_after(positions: torch.Tensor) -> LaCTState:
+        within = positions - layout.cu_seqlens[layout.sequence_of(positions)]
+        return read(positions, set(((within + 1) // C).tolist()))  # one host read: which snapshots is data
+
+    final = read(layout.cu_seqlens[1:] - 1, {n // C for n in lengths}) if output_final_state else None
+    return o, final, (states_after if output_states_after else None)
 
 
 def _states_after(
@@ -313,7 +314,7 @@ def _with_host_lengths(length: torch.Tensor, values: list[int]) -> torch.Tensor:
 
 def _host_lengths(length: torch.Tensor) -> list[int]:
     """`state.length` on the host: left by `LaCTState.initial` or the previous step on the tensor they made, else
-    read once (a state from `states_at` or an indexed cache: a new tensor, so its values are only on the device)."""
+    read once (a state from `states_after` or an indexed cache: a new tensor, so its values are only on the device)."""
     known = getattr(length, "_host_lengths", None)
     if known is None or known[0] != version_of(length):
         _with_host_lengths(length, length.tolist())  # data-dependent: which rows complete a chunk this step

@@ -37,8 +37,8 @@ def generate_packed(model: FastWeightGPTModel, prompts: list[list[int]], max_new
     pad = (-len(flat)) % tp if sp else 0  # the sequence split over TP: padding as a document of its own
     tokens = torch.tensor([flat + [0] * pad], device=device)
     cu_seqlens = torch.cat([ends.new_zeros(1), ends] + ([ends[-1:] + pad] if pad else []))
-    out = model.forward_with_branch_states(tokens, (ends - 1)[None], packed_seq_params(cu_seqlens))
-    logits, cache = out.logits[0, ends - 1], out.cache  # [N, V/t]
+    out = model.forward_with_branch_states(tokens, packed_seq_params(cu_seqlens))
+    logits, cache = out.logits[0, ends - 1], out.states_after((ends - 1)[None])  # [N, V/t], N rows
     budgets = torch.tensor(max_new_tokens + [1] * (len(rows) - len(prompts)))
     outputs, done = [[] for _ in rows], torch.zeros(len(rows), dtype=torch.bool)
     for i in range(int(budgets.max())):

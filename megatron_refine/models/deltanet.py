@@ -10,6 +10,7 @@ Under sequence parallelism the input is [s/t, b, h]: in_proj gathers the sequenc
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -109,9 +110,8 @@ class DeltaNetMixer(MegatronModule):
         if isinstance(request, (DecodeRequest, ContinueRequest)):
             cache = request.cache.layers.get(self.layer_number)
 
-        conv_tail = None
+        conv_tail, conv_inputs = None, (qkv if cfg.use_short_conv else None)
         if cfg.use_short_conv:
-            qkv_in = qkv
             qkv, conv_tail = causal_conv1d(packed(qkv), self.conv1d.weight[:, 0], cache.conv if cache else None, cu_seqlens)
             qkv = qkv.view(B, T, -1)
         q, k, v = qkv.split(self.local_sizes[:3], dim=-1)
@@ -143,14 +143,11 @@ class DeltaNetMixer(MegatronModule):
             kw = dict(chunk_size=cfg.delta_rule_chunk_size, cu_seqlens=cu_seqlens)
             if isinstance(request, ContinueRequest):
                 kw["initial_state"] = cache.state if cache else None
-            if isinstance(request, BranchRequest):
-                kw["states_at"] = packing.flat(request.positions) if packing else request.positions
-            o, _, *states = delta_rule(packed(q), packed(k), packed(v), packed(beta), **kw)
+            branching = isinstance(request, BranchRequest)
+            o, _, *states_after = delta_rule(packed(q), packed(k), packed(v), packed(beta), output_states_after=branching, **kw)
             o = o.view(B, T, *o.shape[2:])
-            if isinstance(request, BranchRequest):
-                starts = packing.document_starts(request.positions) if packing else None
-                tails = gather_window(qkv_in, request.positions, cfg.conv_size - 1, starts)[0] if cfg.use_short_conv else None
-                request.states[self.layer_number] = DeltaNetCache(states[0].flatten(0, 1), tails)
+            if branching:
+                request.readers[self.layer_number] = functools.partial(self._cache_after, states_after[0], conv_inputs, packing)
 
         if cfg.use_output_norm:
             gate = extra[-1].reshape(B, T, self.num_heads, self.head_v_dim) if cfg.use_gate else None
@@ -158,6 +155,13 @@ class DeltaNetMixer(MegatronModule):
         o = o.reshape(B, T, -1)
         o = o if decoding else o.transpose(0, 1)
         return self.out_proj(o.contiguous())
+
+    def _cache_after(self, states_after, conv_inputs: torch.Tensor | None, packing: Packing | None,
+                     positions: torch.Tensor) -> DeltaNetCache:
+        """This layer's decoding cache after positions [B, P] (B * P rows), read from its training forward."""
+        starts = packing.document_starts(positions) if packing else None
+        tails = None if conv_inputs is None else gather_window(conv_inputs, positions, self.config.conv_size - 1, starts)[0]
+        return DeltaNetCache(states_after(packing.flat(positions) if packing else positions).flatten(0, 1), tails)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         state = mixer_sharded_state_dict(self, prefix, sharded_offsets, metadata, {}, {"conv1d": {"weight": 0}})

@@ -64,8 +64,8 @@ def generate(
     if pad:
         prompts = torch.cat([prompts, prompts[-1:].expand(pad, T)])
     last = torch.full((prompts.shape[0], 1), T - 1, device=prompts.device)
-    out = model.forward_with_branch_states(prompts, last)
-    logits, cache = out.logits[:, -1], out.cache
+    out = model.forward_with_branch_states(prompts)
+    logits, cache = out.logits[:, -1], out.states_after(last)
     tokens = []
     for i in range(max_new_tokens):
         full = sampling_logits(logits, model.tokenizer_vocab_size)

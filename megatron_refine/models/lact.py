@@ -13,6 +13,7 @@ Parallel layout (TP size t): the attention heads and the fast-weight heads are b
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -215,15 +216,11 @@ class LaCTMixer(MegatronModule):
                 kw["initial_state"] = cache.fast
             else:
                 args += self.initial_weights()
-            if isinstance(request, BranchRequest):
-                kw["states_at"] = packing.flat(request.positions) if packing else request.positions
-            fo, _, *fast = lact_swiglu(*args, **kw)
+            branching = isinstance(request, BranchRequest)
+            fo, _, *states_after = lact_swiglu(*args, output_states_after=branching, **kw)
             fo = fo.view(B, T, *fo.shape[2:])
-            if isinstance(request, BranchRequest):
-                starts = packing.document_starts(request.positions) if packing else None
-                k_window, valid = gather_window(ka, request.positions, cfg.window_size - 1, starts)
-                v_window, _ = gather_window(va, request.positions, cfg.window_size - 1, starts)
-                request.states[self.layer_number] = LaCTCache(fast[0], k_window, v_window, valid)
+            if branching:
+                request.readers[self.layer_number] = functools.partial(self._cache_after, states_after[0], ka, va, packing)
 
         fo = self.ttt_norm(fo)
         if cfg.learnable_ttt_scale:
@@ -232,6 +229,15 @@ class LaCTMixer(MegatronModule):
         o = (o_swa.reshape(B, T, -1) + fo.reshape(B, T, -1)).to(hidden_states.dtype)
         o = o if decoding else o.transpose(0, 1)
         return self.out_proj(o.contiguous())
+
+    def _cache_after(self, states_after, ka: torch.Tensor, va: torch.Tensor, packing: Packing | None,
+                     positions: torch.Tensor) -> LaCTCache:
+        """This layer's decoding cache after positions [B, P] (B * P rows), read from its training forward: the
+        fast weights and the attention window's keys and values (after RoPE) [B, T, heads, hd]."""
+        starts = packing.document_starts(positions) if packing else None
+        k_window, valid = gather_window(ka, positions, self.config.window_size - 1, starts)
+        v_window, _ = gather_window(va, positions, self.config.window_size - 1, starts)
+        return LaCTCache(states_after(packing.flat(positions) if packing else positions), k_window, v_window, valid)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         # qk_scale, qk_offset, w1 (and full-rank w0, w2) are sharded along dim 0, as are low-rank factors.

@@ -4,8 +4,9 @@ branch states.
 The training forward is GPTModel's own (pipeline stages, sequence parallelism, Megatron schedules); packed
 documents come in as megatron-core's `packed_seq_params` (see `packing.py`). Three more entry points, for a
 whole model on one pipeline stage:
-- `forward_with_branch_states(input_ids, positions)`: the same forward, also returning every layer's
-  decoding state after the chosen positions, differentiably (REFINE branches its rollouts from these);
+- `forward_with_branch_states(input_ids)`: the same forward, whose output can then give every layer's
+  decoding state after any positions, chosen from its logits, differentiably (REFINE branches its rollouts
+  from these): `out.states_after(positions)`;
 - `step(input_ids, cache)`: one token for each of N rows, from an `InferenceCache` (the decoder);
 - `forward_from_cache(input_ids, cache)`: the training forward over L new tokens per row, each row starting
   from the cache (REFINE scores its rollouts with it; it must agree with the decoder).
@@ -20,6 +21,7 @@ import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from megatron.core import parallel_state
@@ -38,7 +40,15 @@ from megatron_refine.models.specs import get_block_spec
 class BranchOutput:
     logits: torch.Tensor  # [B, T, V/t], vocab-parallel
     hidden: torch.Tensor  # [B, T, h], last layer after the final norm
-    cache: InferenceCache  # B * P rows, ordered (b, p), positioned after each chosen token
+    readers: dict[int, Callable[[torch.Tensor], Any]]  # layer number -> positions [B, P] -> its cache rows
+    packing: Packing | None
+
+    def states_after(self, positions: torch.Tensor) -> InferenceCache:
+        """The decoding state after each of positions [B, P] (with packed documents: the state of the position's
+        own document): a cache of B * P rows, ordered (b, p), differentiable w.r.t. the forward's inputs."""
+        within = positions if self.packing is None else positions - self.packing.document_starts(positions)
+        layers = {number: read(positions) for number, read in self.readers.items()}
+        return InferenceCache(positions=(within + 1).flatten(), layers=layers)
 
 
 class FastWeightGPTModel(GPTModel):
@@ -100,16 +110,15 @@ class FastWeightGPTModel(GPTModel):
         return logits, hidden
 
     def forward_with_branch_states(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, packed_seq_params: PackedSeqParams | None = None
+        self, input_ids: torch.Tensor, packed_seq_params: PackedSeqParams | None = None
     ) -> BranchOutput:
-        """input_ids [B, T]; positions [B, P] -> logits, hidden states, and the decoding state after each position
-        (with packed documents: the state of the position's own document)."""
-        with self._request(BranchRequest(positions)) as request:
+        """input_ids [B, T] -> logits and hidden states, from which `states_after(positions)` then reads every
+        layer's decoding state after any positions: no prefix is run again. What the readers hold is what
+        autograd saves for the backward anyway (the chunk states), so under grad they cost no extra memory."""
+        with self._request(BranchRequest()) as request:
             logits, hidden = self._whole_model_forward(input_ids, packed_seq_params)
         packing = Packing.from_params(packed_seq_params, *input_ids.shape)
-        within = positions if packing is None else positions - packing.document_starts(positions)
-        cache = InferenceCache(positions=(within + 1).flatten(), layers=request.states)
-        return BranchOutput(logits.transpose(0, 1), hidden.transpose(0, 1), cache)
+        return BranchOutput(logits.transpose(0, 1), hidden.transpose(0, 1), request.readers, packing)
 
     def forward_from_cache(self, input_ids: torch.Tensor, cache: InferenceCache) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids [N, L] following the cache's N rows -> (vocab-parallel logits [N, L, V/t], hidden [N, L, h]).

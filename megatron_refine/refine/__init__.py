@@ -12,6 +12,7 @@ from megatron_refine.refine.selection import (
     smooth_entropy,
 )
 from megatron_refine.refine.step import (
+    STEP_PHASES,
     Rollouts,
     StoredRollouts,
     branch_starts,
@@ -31,6 +32,7 @@ from megatron_refine.refine.vocab import vocab_parallel_entropy, vocab_parallel_
 
 __all__ = [
     "MODES",
+    "STEP_PHASES",
     "REWARDS",
     "RefineConfig",
     "Rollouts",

@@ -3,7 +3,8 @@
 The gradient path is the point of the method: the rollout tokens' log-probs are computed from the decoding
 states that ONE forward over the documents leaves after each selected position (kept in the graph), so the
 policy loss backpropagates through the prefix's fast-weight writes. The same forward's logits give the NTP
-loss and the first rollout token. The decoder samples the other k - 1 tokens without a graph; the training
+loss, the entropies that choose the positions (so no separate selection pass runs: the states after the
+chosen positions are read afterwards from the forward's chunk states) and the first rollout token. The decoder samples the other k - 1 tokens without a graph; the training
 forward then scores all k from the branch states (`forward_from_cache`, the chunked kernels), and the two
 paths' log-probs are compared every step (`logprob_diff_*`): a drift between them would bias GRPO silently.
 No prefix is ever re-encoded. With packed documents every rollout starts and ends inside one document.
@@ -22,6 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_refine.models.generation import same_on_tp_ranks, sample_tokens, sampling_logits
+from megatron_refine.models.model import BranchOutput
 from megatron_refine.models.packing import Packing
 from megatron_refine.refine.config import RefineConfig
 from megatron_refine.refine.grpo import grpo_advantages, k3_kl, ppo_clipped_loss
@@ -37,20 +39,21 @@ class Rollouts:
     log_probs: torch.Tensor  # [R, k], the training forward's, differentiable through the branch states
     sampler_log_probs: torch.Tensor  # [R, k], the decoder's, as it sampled them (no graph)
     hidden: torch.Tensor  # [R, k, h], after each rollout token (last layer, final norm), detached
+    seconds: dict[str, float]  # host time: "branch" (reading the states), "decode", "score"
 
 
-def select(model, tokens: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
+def select(logits: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
            packed_seq_params: PackedSeqParams | None = None, lengths: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """No-grad forward -> next-token entropy [B, T] -> positions [B, n_chunks], their entropies, and which of
-    them are valid [B, n_chunks] (with packed documents or short rows a chunk may hold no position whose rollout
-    fits). lengths [B]: each row's real labels (a padded document, a post-training prompt; the rest is padding
-    or an answer): the chunks split that part only, and every rollout and its truth (and `margin` tokens more)
-    stay in it."""
+    """The forward's logits [B, T, V/t] (detached) -> next-token entropy [B, T] -> positions [B, n_chunks], their
+    entropies, and which of them are valid [B, n_chunks] (with packed documents or short rows a chunk may hold no
+    position whose rollout fits). lengths [B]: each row's real labels (a padded document, a post-training prompt;
+    the rest is padding or an answer): the chunks split that part only, and every rollout and its truth (and
+    `margin` tokens more) stay in it."""
     with torch.no_grad():
-        entropy = vocab_parallel_entropy(model(tokens, None, None, packed_seq_params=packed_seq_params))  # [B, T]
+        entropy = vocab_parallel_entropy(logits.detach())  # [B, T]
     eligible = None
-    packing = Packing.from_params(packed_seq_params, *tokens.shape)
+    packing = Packing.from_params(packed_seq_params, *entropy.shape)
     if packing is not None:
         eligible = eligible_positions(packing.position_ids, packing.sequence_ids, cfg.margin)
     positions = select_positions(entropy, n_chunks=cfg.n_chunks, k=cfg.k, margin=cfg.margin, mode=cfg.selection,
@@ -61,21 +64,25 @@ def select(model, tokens: torch.Tensor, cfg: RefineConfig, generator: torch.Gene
     return positions, entropy.gather(1, positions), valid
 
 
-def branch_starts(out, positions: torch.Tensor, n: int):
+def branch_starts(out: BranchOutput, positions: torch.Tensor, n: int):
     """Where every rollout starts: the logits at each position (predicting its first token) and the decoding
     state after it, each repeated for the n rollouts of a position -> (logits [R, V/t], cache of R rows)."""
     b = torch.arange(positions.shape[0], device=positions.device)[:, None]
     logits = out.logits[b, positions].flatten(0, 1).repeat_interleave(n, dim=0)
-    return logits, (out.cache.repeat_interleave(n) if n > 1 else out.cache)
+    cache = out.states_after(positions)
+    return logits, (cache.repeat_interleave(n) if n > 1 else cache)
 
 
-def roll_out(model, out, positions: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
+def roll_out(model, out: BranchOutput, positions: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
              eos_id: int | None = None) -> Rollouts:
     """k tokens from every branch state (n samples each): sampled by the decoder, scored by the training forward.
-    eos_id: never sampled (every rollout has k tokens, as the release's min_new_tokens = k); None bans nothing."""
+    eos_id: never sampled (every rollout has k tokens, as the release's min_new_tokens = k); None bans nothing.
+    Rollouts.seconds: host time of reading the branch states, of the decoding and of the scoring forward."""
+    t0 = time.perf_counter()
     first_logits, cache = branch_starts(out, positions, cfg.n)  # in the graph
     if cfg.detach_prefix:  # the ablation: no policy gradient into the prefix's forward and fast-weight writes
         first_logits, cache = first_logits.detach(), cache.detach()
+    t1 = time.perf_counter()
     tokens, sampler_log_probs = [], []
     with torch.no_grad():
         logits, decoding = first_logits.detach(), cache.detach()
@@ -87,8 +94,10 @@ def roll_out(model, out, positions: torch.Tensor, cfg: RefineConfig, generator: 
             if j < cfg.k - 1:
                 logits, _ = model.step(token, decoding)
     tokens = torch.stack(tokens, 1)  # [R, k]
+    t2 = time.perf_counter()
     log_probs, hidden = rollout_log_probs(model, first_logits, cache, tokens)
-    return Rollouts(positions, tokens, log_probs, torch.stack(sampler_log_probs, 1), hidden.detach())
+    seconds = {"branch": t1 - t0, "decode": t2 - t1, "score": time.perf_counter() - t2}
+    return Rollouts(positions, tokens, log_probs, torch.stack(sampler_log_probs, 1), hidden.detach(), seconds)
 
 
 def rollout_log_probs(model, first_logits: torch.Tensor, cache, tokens: torch.Tensor):
@@ -105,7 +114,7 @@ def reference_log_probs(ref_model, tokens: torch.Tensor, positions: torch.Tensor
                         n: int, packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
     """The frozen reference's log-probs of the same rollout tokens, by the same branched training forward."""
     with torch.no_grad():
-        out = ref_model.forward_with_branch_states(tokens, positions, packed_seq_params)
+        out = ref_model.forward_with_branch_states(tokens, packed_seq_params)
         return rollout_log_probs(ref_model, *branch_starts(out, positions, n), rollout_tokens)[0]
 
 
@@ -225,12 +234,12 @@ def refine_loss(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineCo
     ntp_tokens: the NTP loss as a token mean over the whole step (`mean_loss`), not this micro-batch's mean.
     """
     t0 = time.perf_counter()
-    positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params, lengths)
-    t1 = time.perf_counter()
-    out = model.forward_with_branch_states(tokens, positions, packed_seq_params)
+    out = model.forward_with_branch_states(tokens, packed_seq_params)
     ntp = ntp_loss(out.logits, labels, loss_mask, ntp_tokens)
-    rollouts = roll_out(model, out, positions, cfg, generator, eos_id)
+    t1 = time.perf_counter()
+    positions, selected_entropy, valid = select(out.logits, cfg, generator, packed_seq_params, lengths)
     t2 = time.perf_counter()
+    rollouts = roll_out(model, out, positions, cfg, generator, eos_id)
     rewards, mask, advantages = group_advantages(cfg, positions, valid, labels, out.hidden.detach(),
                                                  rollouts.tokens, rollouts.hidden)
     pg, stats = policy_loss(cfg, rollouts.log_probs, rollouts.log_probs.detach(), advantages, mask)
@@ -245,17 +254,27 @@ def refine_loss(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: RefineCo
     return loss, {name: v.detach().float().to(tokens.device) for name, v in metrics.items()}
 
 
-def _rollout_metrics(rewards, mask, selected_entropy, valid, rollouts: Rollouts, select_s: float,
-                     rollout_s: float) -> dict[str, torch.Tensor]:
+# The phases of a step (or a rollout round) timed on the host, as metrics `time_<phase>`: the forward over the
+# documents (with the NTP loss), choosing the positions and reading the states after them, the k - 1 decode
+# steps, the scoring forward over the rollout tokens (log-probs). Rewards and the loss follow in microseconds.
+STEP_PHASES = ("forward", "select", "rollout", "score")
+
+
+def _rollout_metrics(rewards, mask, selected_entropy, valid, rollouts: Rollouts, forward_s: float,
+                     select_s: float) -> dict[str, torch.Tensor]:
+    """Rewards, selection, log-prob parity, and the host time of each phase (`STEP_PHASES`)."""
     counted = rewards[mask]
     zero = torch.zeros((), device=rewards.device)
+    seconds = {"forward": forward_s, "select": select_s + rollouts.seconds["branch"],
+               "rollout": rollouts.seconds["decode"], "score": rollouts.seconds["score"]}
     return {
         "reward_mean": counted.mean() if counted.numel() else zero,
         "reward_std": counted.std() if counted.numel() > 1 else zero,
         "selected_entropy": selected_entropy[valid].mean() if valid.any() else zero,
-        "time_select": torch.tensor(select_s), "time_rollout": torch.tensor(rollout_s),
+        **{f"time_{phase}": torch.tensor(seconds[phase]) for phase in STEP_PHASES},
         **logprob_parity(rollouts, mask),
     }
+
 
 
 @dataclass
@@ -278,11 +297,11 @@ def rollout_round(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: Refine
     half of a step, stored for the `mini_batches` PPO updates that follow (`ppo_update_loss`)."""
     with torch.no_grad():
         t0 = time.perf_counter()
-        positions, selected_entropy, valid = select(model, tokens, cfg, generator, packed_seq_params, lengths)
+        out = model.forward_with_branch_states(tokens, packed_seq_params)
         t1 = time.perf_counter()
-        out = model.forward_with_branch_states(tokens, positions, packed_seq_params)
-        rollouts = roll_out(model, out, positions, cfg, generator, eos_id)
+        positions, selected_entropy, valid = select(out.logits, cfg, generator, packed_seq_params, lengths)
         t2 = time.perf_counter()
+        rollouts = roll_out(model, out, positions, cfg, generator, eos_id)
         rewards, mask, advantages = group_advantages(cfg, positions, valid, labels, out.hidden, rollouts.tokens,
                                                      rollouts.hidden)
     metrics = _rollout_metrics(rewards, mask, selected_entropy, valid, rollouts, t1 - t0, t2 - t1)
@@ -297,7 +316,7 @@ def ppo_update_loss(model, tokens: torch.Tensor, labels: torch.Tensor, stored: S
     """One PPO update over a stored rollout round's micro-batch: a fresh forward over the documents gives the NTP
     loss and the branch states after the stored positions, from which the current policy's log-probs of the
     stored rollout tokens are recomputed; the ratio to the round's log-probs is clipped as in the release."""
-    out = model.forward_with_branch_states(tokens, stored.positions, packed_seq_params)
+    out = model.forward_with_branch_states(tokens, packed_seq_params)
     ntp = ntp_loss(out.logits, labels, loss_mask, ntp_tokens)
     first_logits, cache = branch_starts(out, stored.positions, cfg.n)
     if cfg.detach_prefix:

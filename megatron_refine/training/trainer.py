@@ -32,7 +32,8 @@ from megatron_refine.data import DocumentLoader, PackedLoader, ShardedDataset
 from megatron_refine.data.prompt_answer import PromptAnswerDataset, PromptAnswerLoader
 from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config, packed_seq_params
 from megatron_refine.refine import (
-    StoredRollouts, check_logprob_parity, mean_loss, min_sequence_length, ppo_update_loss, refine_loss, rollout_round)
+    STEP_PHASES, StoredRollouts, check_logprob_parity, mean_loss, min_sequence_length, ppo_update_loss, refine_loss,
+    rollout_round)
 from megatron_refine.runtime import Runtime, initialize, set_deterministic
 from megatron_refine.training.checkpointing import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_refine.training.config import CheckpointArgs, TrainConfig
@@ -377,7 +378,7 @@ def collect_rollout_round(trainer: Trainer, step: int) -> list[tuple[list[dict],
                                               eos_id=trainer.loader.dataset.eos_id,
                                               lengths=_branch_lengths(cfg, b, device))
                                for b in batches]))
-    for name in ("time_select", "time_rollout"):
+    for name in (f"time_{phase}" for phase in STEP_PHASES):
         total = sum(s.metrics[name] for _, stored in steps for s in stored)
         for i, (_, stored) in enumerate(steps):
             for s in stored:
@@ -519,7 +520,8 @@ def run_steps(trainer: Trainer, steps: range, logger: MetricsLogger, result: Tra
         if out.refine:
             r = out.refine
             r["rollout_tokens_per_s"] = r["rollout_tokens"] / max(r["time_rollout"], 1e-9)
-            r["time_update"] = seconds - r["time_select"] - r["time_rollout"]
+            # The rest of the step: the forwards over the documents, the backward and the optimizer.
+            r["time_update"] = seconds - sum(r[f"time_{phase}"] for phase in STEP_PHASES if phase != "forward")
             metrics.update({f"refine/{name}": value for name, value in r.items()})
             result.refine_history.append({"step": step, **r})
             if trainer.runtime.is_main:

@@ -56,10 +56,11 @@ def test_step_looped_over_time_equals_chunked():
     torch.testing.assert_close(S_rec, S, atol=2e-5, rtol=1e-5)
 
 
-def test_states_at_equal_final_state_of_truncated_runs():
+def test_states_after_equal_final_state_of_truncated_runs():
     q, k, v, beta, h0 = make_inputs(T=45)
     positions = torch.tensor([[0, 15, 16, 44], [3, 31, 32, 20]])
-    _, _, states = delta_rule(q, k, v, beta, initial_state=h0, chunk_size=16, states_at=positions)
+    _, _, states_after = delta_rule(q, k, v, beta, initial_state=h0, chunk_size=16, output_states_after=True)
+    states = states_after(positions)
     assert states.shape == (2, 4, 3, 16, 8)
     for b in range(2):
         for i, p in enumerate(positions[b].tolist()):
@@ -70,11 +71,12 @@ def test_states_at_equal_final_state_of_truncated_runs():
             torch.testing.assert_close(states[b, i], S[0], atol=2e-5, rtol=1e-5)
 
 
-def test_states_at_gradients_equal_truncated_runs():
+def test_states_after_gradients_equal_truncated_runs():
     """A loss on a branch state backpropagates into the shared forward exactly as into a truncated run."""
     q, k, v, beta, h0 = make_inputs(B=1, T=30, requires_grad=True)
     p = 21
-    _, _, states = delta_rule(q, k, v, beta, initial_state=h0, chunk_size=8, states_at=torch.tensor([[p]]))
+    _, _, states_after = delta_rule(q, k, v, beta, initial_state=h0, chunk_size=8, output_states_after=True)
+    states = states_after(torch.tensor([[p]]))
     grads = torch.autograd.grad(states.square().sum(), [q, k, v, beta, h0], allow_unused=True)
     _, S = delta_rule(
         q[:, : p + 1], k[:, : p + 1], v[:, : p + 1], beta[:, : p + 1], initial_state=h0,
@@ -91,10 +93,10 @@ def test_gradcheck_float64():
     positions = torch.tensor([[2, 5]])
 
     def fn(q, k, v, beta, h0):
-        o, S, states = delta_rule(
-            q, k, v, beta, initial_state=h0, output_final_state=True, chunk_size=3, states_at=positions
+        o, S, states_after = delta_rule(
+            q, k, v, beta, initial_state=h0, output_final_state=True, chunk_size=3, output_states_after=True
         )
-        return o, S, states
+        return o, S, states_after(positions)
 
     assert torch.autograd.gradcheck(fn, (q, k, v, beta, h0))
 
@@ -128,9 +130,9 @@ def test_bad_input_raises_a_clear_error(mutate, message):
 def test_bad_positions_raise():
     q, k, v, beta, _ = make_inputs(T=5)
     with pytest.raises(ValueError, match=r"must lie in \[0, 5\)"):
-        delta_rule(q, k, v, beta, states_at=torch.tensor([[5], [0]]))
+        delta_rule(q, k, v, beta, output_states_after=True)[2](torch.tensor([[5], [0]]))
     with pytest.raises(ValueError, match="batch"):
-        delta_rule(q, k, v, beta, states_at=torch.tensor([[1]]))
+        delta_rule(q, k, v, beta, output_states_after=True)[2](torch.tensor([[1]]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernel needs CUDA")

@@ -116,7 +116,8 @@ def test_plain_batch_ops_and_decode_steps_read_nothing(checks):
     per_token, momentum, w = lact_inputs(2, 40)
     with HostReads() as seen:
         delta_rule(q, k, v, beta, use_reference=True, chunk_size=16, output_final_state=True)
-        delta_rule(q, k, v, beta, use_reference=True, chunk_size=16, states_at=torch.tensor([[3, 39], [0, 16]]))
+        delta_rule(q, k, v, beta, use_reference=True, chunk_size=16, output_states_after=True)[2](
+            torch.tensor([[3, 39], [0, 16]]))
         S = torch.zeros(2, H, K, K)
         for t in range(3):
             _, S = delta_rule_step(q[:, t], k[:, t], v[:, t], beta[:, t], S)
@@ -170,11 +171,12 @@ def test_packed_layout_scatter_inverts_gather_and_batch_layout_matches_build(len
         assert (a.tolist() if isinstance(a, torch.Tensor) else a) == (b.tolist() if isinstance(b, torch.Tensor) else b)
 
 
-def test_lact_states_at_and_decoding_from_them_read_once(checks):
+def test_lact_states_after_and_decoding_from_them_read_once(checks):
     checks(False)
     per_token, momentum, w = lact_inputs(1, 20)
     with HostReads() as seen:  # which chunks' weights the positions need is data
-        _, _, state = lact_swiglu(*per_token, *w, chunk_size=4, momentum=momentum, states_at=torch.tensor([[5, 9]]))
+        _, _, states_after = lact_swiglu(*per_token, *w, chunk_size=4, momentum=momentum, output_states_after=True)
+        state = states_after(torch.tensor([[5, 9]]))
     assert seen.calls == collections.Counter(tolist=1)
     with HostReads() as seen:  # the states' partial-chunk lengths: read at the first step only
         for t in range(10, 17):  # both rows complete a chunk on the way
@@ -213,7 +215,7 @@ def test_the_switch_turns_the_value_checks_on_and_off(checks):
         with pytest.raises(ValueError, match="strictly increasing"):
             delta_rule(q, k, v, beta, cu_seqlens=torch.tensor([0, 3, 3, 10]))
         with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
-            delta_rule(q, k, v, beta, states_at=torch.tensor([[10]]))
+            delta_rule(q, k, v, beta, output_states_after=True)[2](torch.tensor([[10]]))
         per_token, momentum, w = lact_inputs(1, 6)
         per_token[4] = per_token[4].clone().fill_(float("inf"))
         with pytest.raises(ValueError, match="lr1 contains NaN or Inf"):

@@ -143,10 +143,11 @@ def assert_states_close(a: LaCTState, b: LaCTState):
             torch.testing.assert_close(xi, yi, msg=lambda m: f"{name}: {m}")
 
 
-def test_states_at_equal_truncated_runs_and_decoding_continues_from_them():
+def test_states_after_equal_truncated_runs_and_decoding_continues_from_them():
     x = make_inputs(T=14)
     positions = torch.tensor([[2, 3, 9], [7, 12, 0]])
-    o, _, states = run_op(x, 4, True, True, True, states_at=positions)
+    o, _, states_after = run_op(x, 4, True, True, True, output_states_after=True)
+    states = states_after(positions)
     for b, i in itertools.product(range(B), range(positions.shape[1])):
         p = positions[b, i].item()
         row = b * positions.shape[1] + i
@@ -169,11 +170,11 @@ def test_states_at_equal_truncated_runs_and_decoding_continues_from_them():
             torch.testing.assert_close(o_t[0], o[b, t])
 
 
-def test_states_at_are_differentiable():
+def test_states_after_are_differentiable():
     x = make_inputs(T=9)
     for t in x.values():
         t.requires_grad_()
-    _, _, states = run_op(x, 4, True, False, True, states_at=torch.tensor([[5], [8]]))
+    states = run_op(x, 4, True, False, True, output_states_after=True)[2](torch.tensor([[5], [8]]))
     loss = states.w0.square().sum() + states.k.sum() + states.dw[1].sum()
     grads = torch.autograd.grad(loss, [x["k"], x["v"], x["lr0"], x["w0"], x["momentum"]])
     assert all(g.abs().max() > 0 for g in grads)

@@ -43,8 +43,9 @@ def test_delta_rule_packed_equals_separate_runs():
     inputs = [x.requires_grad_() for x in delta_inputs(total)]
     h0 = torch.randn(len(LENGTHS), H, K, K, dtype=torch.float64, requires_grad=True)
     at = torch.tensor([[0, 4, 5, 20, 39, 40, 41, 72, 89]])
-    o, final, states = delta_rule(*inputs, initial_state=h0, output_final_state=True, chunk_size=C,
-                                  states_at=at, cu_seqlens=cu(LENGTHS))
+    o, final, states_after = delta_rule(*inputs, initial_state=h0, output_final_state=True, chunk_size=C,
+                                        output_states_after=True, cu_seqlens=cu(LENGTHS))
+    states = states_after(at)
     (o.square().sum() + final.sum() + states.sum()).backward()
     packed_grads = [x.grad.clone() for x in (*inputs, h0)]
     for x in (*inputs, h0):
@@ -59,7 +60,9 @@ def test_delta_rule_packed_equals_separate_runs():
         mine = [(i, p - starts[n]) for i, p in enumerate(at[0].tolist()) if starts[n] <= p < starts[n] + LENGTHS[n]]
         if mine:
             rel = torch.tensor([[r for _, r in mine]])
-            _, _, s_n = delta_rule(*(p[None] for p in pieces), initial_state=h0[n : n + 1], chunk_size=C, states_at=rel)
+            _, _, s_n = delta_rule(*(p[None] for p in pieces), initial_state=h0[n : n + 1], chunk_size=C,
+                                   output_states_after=True)
+            s_n = s_n(rel)
             torch.testing.assert_close(s_n[0], states[0, [i for i, _ in mine]])
             loss = loss + s_n.sum()
         loss = loss + o_n.square().sum() + f_n.sum()
@@ -70,7 +73,8 @@ def test_delta_rule_packed_equals_separate_runs():
 
 def test_delta_rule_continues_from_a_state():
     q, k, v, beta = delta_inputs(40)
-    o, _, states = delta_rule(q, k, v, beta, chunk_size=C, states_at=torch.tensor([[22]]))
+    o, _, states_after = delta_rule(q, k, v, beta, chunk_size=C, output_states_after=True)
+    states = states_after(torch.tensor([[22]]))
     rest, _ = delta_rule(q[:, 23:], k[:, 23:], v[:, 23:], beta[:, 23:], initial_state=states[0], chunk_size=C)
     torch.testing.assert_close(rest, o[:, 23:])
 
@@ -99,7 +103,8 @@ def test_lact_packed_equals_separate_runs():
     for name in ("q", "k", "v", "w0", "w1"):
         x[name].requires_grad_()
     at = torch.tensor([[2, 3, 10, 19, 27, 28, 51]])
-    o, final, states = run_lact(x, output_final_state=True, states_at=at, cu_seqlens=cu(lengths))
+    o, final, states_after = run_lact(x, output_final_state=True, output_states_after=True, cu_seqlens=cu(lengths))
+    states = states_after(at)
     (o.square().sum() + final.w0.sum() + states.w1.sum() + states.k.sum()).backward()
     packed_grads = [x[n].grad.clone() for n in ("q", "k", "v", "w0", "w1")]
     for n in ("q", "k", "v", "w0", "w1"):
@@ -114,7 +119,7 @@ def test_lact_packed_equals_separate_runs():
             torch.testing.assert_close(getattr(f_n, field)[0], getattr(final, field)[n])
         mine = [(i, p - s) for i, p in enumerate(at[0].tolist()) if s <= p < s + L]
         if mine:
-            _, _, s_n = run_lact(x, slice(s, s + L), states_at=torch.tensor([[r for _, r in mine]]))
+            s_n = run_lact(x, slice(s, s + L), output_states_after=True)[2](torch.tensor([[r for _, r in mine]]))
             for field in ("w1", "k", "length", "dw"):
                 mine_packed = getattr(states, field)
                 got = getattr(s_n, field)
@@ -131,7 +136,8 @@ def test_lact_packed_equals_separate_runs():
 @pytest.mark.parametrize("split_at", [4, 7, 12])  # inside a chunk, at a chunk's last token, past a chunk
 def test_lact_continues_from_a_state(split_at):
     x = lact_inputs(30)
-    o, final, states = run_lact(x, output_final_state=True, states_at=torch.tensor([[split_at]]))
+    o, final, states_after = run_lact(x, output_final_state=True, output_states_after=True)
+    states = states_after(torch.tensor([[split_at]]))
     rest = slice(split_at + 1, None)
     per_token = [x[n][:, rest] for n in ("q", "k", "v", "lr0", "lr1", "lr2")]
     o_rest, final_rest = lact_swiglu(*per_token, None, None, None, chunk_size=8, momentum=x["momentum"][:, rest],

@@ -39,13 +39,13 @@ def _branch_states_continue_like_the_prefix(name):
     positions = torch.tensor([[3, 15, 16, 30], [0, 11, 12, 31]])
     k = 5
     with torch.no_grad():
-        out = model.forward_with_branch_states(ids, positions)
+        out = model.forward_with_branch_states(ids)
         torch.testing.assert_close(out.logits, model(ids, None, None))
         assert out.hidden.shape == (2, T, model.config.hidden_size)
         # Continue every branch with the true next k tokens: the full forward's logits at those positions.
         rows = [(b, p) for b in range(2) for p in positions[b].tolist()]
         continuation = torch.stack([ids[b, p + 1 : p + 1 + k] for b, p in rows])  # [B*P, k]
-        decoded = _decode(model, continuation, out.cache)
+        decoded = _decode(model, continuation, out.states_after(positions))
         expected = torch.stack([out.logits[b, p + 1 : p + 1 + k] for b, p in rows])
         torch.testing.assert_close(decoded, expected, atol=2e-5, rtol=1e-4)
         # And equal to decoding after feeding tokens[:p+1] from an empty cache.
@@ -72,8 +72,8 @@ def _branch_gradients_equal_prefix_rerun(name):
     params = [q for q in model.parameters()]
 
     # Branch: one forward over the whole document, then k cached steps from the state after p.
-    out = model.forward_with_branch_states(ids, torch.tensor([[p]]))
-    logits = _decode(model, rollout, out.cache)  # predictions after each rollout token
+    cache = model.forward_with_branch_states(ids).states_after(torch.tensor([[p]]))
+    logits = _decode(model, rollout, cache)  # predictions after each rollout token
     branch_grads = torch.autograd.grad((logits * weights).sum(), params, allow_unused=True)
 
     # Explicit: re-run the prefix with the rollout appended.

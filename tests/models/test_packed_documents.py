@@ -78,16 +78,16 @@ def _branches_of_packed_documents(name):
     positions = torch.tensor([[2, 9, 30], [3, 20, 35]])  # in documents 0, 1, 2 of row 0 and document 3
     continuation = token_batch(6, k, seed=7)
     with torch.no_grad():
-        out = model.forward_with_branch_states(ids, positions, packed_seq_params(CU_SEQLENS))
-        assert out.cache.positions.tolist() == [3, 5, 3, 4, 21, 36]  # next position inside the document
-        decoded = _decode(model, continuation, out.cache)
+        cache = model.forward_with_branch_states(ids, packed_seq_params(CU_SEQLENS)).states_after(positions)
+        assert cache.positions.tolist() == [3, 5, 3, 4, 21, 36]  # next position inside the document
+        decoded = _decode(model, continuation, cache)
         # The same branches taken from each document run alone.
         doc_of = {(0, 2): 0, (0, 9): 1, (0, 30): 2, (1, 3): 3, (1, 20): 3, (1, 35): 3}
         rows = [(b, p) for b in range(2) for p in positions[b].tolist()]
         alone_positions = torch.tensor([p - DOCUMENTS[doc_of[(b, p)]][1] for b, p in rows])
         alone_rows = torch.tensor([doc_of[(b, p)] for b, p in rows])
-        out_alone = model.forward_with_branch_states(_alone(ids)[alone_rows], alone_positions[:, None])
-        torch.testing.assert_close(_decode(model, continuation, out_alone.cache), decoded)
+        alone = model.forward_with_branch_states(_alone(ids)[alone_rows]).states_after(alone_positions[:, None])
+        torch.testing.assert_close(_decode(model, continuation, alone), decoded)
 
 
 @pytest.mark.parametrize("name", MIXERS)
@@ -102,9 +102,9 @@ def _continuation_equals_decoder(name, tp):
     positions = torch.tensor([[7, 15, 26], [0, 14, 33]])  # inside LaCT chunks, at a chunk's last token
     rollout = token_batch(6, 5, seed=9)
     with torch.no_grad():
-        out = model.forward_with_branch_states(ids, positions)
-        logits, hidden = model.forward_from_cache(rollout, out.cache)
-        decoded = [model.step(rollout[:, j], out.cache) for j in range(5)]
+        cache = model.forward_with_branch_states(ids).states_after(positions)
+        logits, hidden = model.forward_from_cache(rollout, cache)
+        decoded = [model.step(rollout[:, j], cache) for j in range(5)]
     torch.testing.assert_close(logits, torch.stack([d[0] for d in decoded], 1), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(hidden, torch.stack([d[1] for d in decoded], 1), atol=2e-5, rtol=1e-4)
     assert logits.shape[:2] == (6, 5) and logits.shape[2] * tp == model.vocab_size

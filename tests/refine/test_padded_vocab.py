@@ -36,7 +36,7 @@ def _real_vocab_parity(tp, vocab):
     # The padding would have counted: the output layer's own logits (forward without the model's hook, all
     # 128 columns) give a larger loss.
     with torch.no_grad():
-        hidden = model.forward_with_branch_states(tokens, torch.zeros(2, 1, dtype=torch.long)).hidden
+        hidden = model.forward_with_branch_states(tokens).hidden
         padded = gather_from_tensor_model_parallel_region(model.output_layer.forward(hidden)[0])  # [B, T, 128]
     assert F.cross_entropy(padded.flatten(0, 1), labels.flatten()) > ntp.mean() + 0.1
 
@@ -51,14 +51,14 @@ def _real_vocab_parity(tp, vocab):
 
     # Selection entropy: REFINE's `select` against the entropy of the real-vocabulary softmax.
     cfg = RefineConfig(n_chunks=2, margin=6, k=3, n=2)
-    positions, selected, _ = select(model, tokens, cfg, torch.Generator().manual_seed(2))
+    out = model.forward_with_branch_states(tokens)
+    positions, selected, _ = select(out.logits, cfg, torch.Generator().manual_seed(2))
     log_p = F.log_softmax(real(logits.detach()), -1)
     entropy = -(log_p.exp() * log_p).sum(-1)  # [B, T]
     torch.testing.assert_close(selected, entropy.gather(1, positions).float(), atol=1e-5, rtol=1e-6)  # fp32, as above
 
     # Rollout log-probs, the decoder's (old) and the training forward's (new), against re-running each
     # prefix + rollout and taking log_softmax over the real ids.
-    out = model.forward_with_branch_states(tokens, positions)
     rollouts = roll_out(model, out, positions, cfg, torch.Generator().manual_seed(3))
     assert rollouts.tokens.max() < vocab
     rows = [(b, p) for b in range(2) for p in positions[b].tolist() for _ in range(cfg.n)]

@@ -41,7 +41,7 @@ def _round_then_updates(name):
                 p -= 2.0 * g / g.norm().clamp(min=1e-12)
     _, metrics = ppo_update_loss(model, tokens, labels, stored, cfg)
     with torch.no_grad():
-        out = model.forward_with_branch_states(tokens, stored.positions)
+        out = model.forward_with_branch_states(tokens)
         new, _ = rollout_log_probs(model, *branch_starts(out, stored.positions, cfg.n), stored.tokens)
     _, clipped = ppo_clipped_loss(new, stored.old_log_probs, stored.advantages)
     mask = stored.mask

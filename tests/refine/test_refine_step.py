@@ -1,10 +1,12 @@
-"""The REFINE gradient path: rollouts branched from one forward equal explicit prefix re-runs; parallel
-layouts of a REFINE step agree."""
+"""The REFINE gradient path: rollouts branched from one forward equal explicit prefix re-runs; choosing the
+positions from that forward's own logits equals a separate selection pass; parallel layouts of a REFINE step
+agree."""
 
 import pytest
 import torch
 from megatron_modules import assert_gradients_close, tiny_fast_weight_model, token_batch
 
+from megatron_refine.models.packing import packed_seq_params
 from megatron_refine.refine import RefineConfig, refine_loss, roll_out
 from megatron_refine.refine.vocab import vocab_parallel_log_probs
 from megatron_refine.runtime import initialize, spawn
@@ -18,7 +20,7 @@ def _branched_equals_rerun(name):
     ids = token_batch(2, T, seed=3)
     positions = torch.tensor([[7, 30, 41], [12, 19, 50]])
     cfg = RefineConfig(k=4, n=2)
-    out = model.forward_with_branch_states(ids, positions)
+    out = model.forward_with_branch_states(ids)
     rollouts = roll_out(model, out, positions, cfg, torch.Generator().manual_seed(0))
     weights = torch.randn(rollouts.log_probs.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     params = list(model.parameters())
@@ -40,6 +42,54 @@ def _branched_equals_rerun(name):
 @pytest.mark.parametrize("name", ["deltanet_tiny", "lact_tiny"])
 def test_rollout_log_probs_and_gradients_equal_an_explicit_rerun_of_each_prefix(name):
     spawn(_branched_equals_rerun, 1, name)
+
+
+def _one_forward_equals_two_passes(name, packed, tp):
+    import megatron_refine.refine.step as step
+
+    initialize(tp=tp, seed=3, device="cpu")
+    model = tiny_fast_weight_model(name, sequence_parallel=tp > 1, params_dtype=torch.float64)
+    params = list(model.parameters())
+    ids = token_batch(2, T + 1, seed=4)
+    tokens, labels = ids[:, :-1], ids[:, 1:]
+    packing = packed_seq_params(torch.tensor([0, 20, 64, 100, 128])) if packed else None
+    cfg = RefineConfig(n_chunks=3, margin=6, k=3, n=2)
+    real_select = step.select
+
+    def run(separate_pass: bool):
+        chosen = []
+
+        def select(logits, *args, **kwargs):
+            if separate_pass:  # the step as it was: a no-grad forward of its own chooses the positions
+                with torch.no_grad():
+                    logits = model(tokens, None, None, packed_seq_params=packing)
+            chosen.append(real_select(logits, *args, **kwargs))
+            return chosen[-1]
+
+        step.select = select
+        try:
+            loss, metrics = refine_loss(model, tokens, labels, cfg, torch.Generator().manual_seed(0),
+                                        packed_seq_params=packing)
+        finally:
+            step.select = real_select
+        return loss, metrics, chosen[0], torch.autograd.grad(loss, params, allow_unused=True)
+
+    (loss, metrics, chosen, grads), (ref_loss, ref_metrics, ref_chosen, ref_grads) = run(False), run(True)
+    for mine, theirs in zip(chosen, ref_chosen):  # positions, their entropies, validity
+        assert torch.equal(mine, theirs)
+    assert loss.item() == ref_loss.item()
+    for key in ("reward_mean", "reward_std", "selected_entropy", "rollout_tokens", "logprob_diff_max"):
+        assert metrics[key].item() == ref_metrics[key].item(), key
+    assert_gradients_close(model, grads, ref_grads, rel=1e-13)
+
+
+@pytest.mark.parametrize("name", ["deltanet_tiny", "lact_tiny"])
+@pytest.mark.parametrize("packed, tp", [(False, 1), (True, 2)], ids=["unpacked", "packed-tp2-sp"])
+def test_positions_chosen_from_the_training_forward_equal_a_separate_selection_pass(name, packed, tp):
+    """One forward per step: its detached logits choose the positions, and the states after them are read from
+    its chunk states afterwards. Positions, rewards, loss and gradients equal those of a separate no-grad
+    selection forward (the step before issue 18), packed or not, under TP=2 + sequence parallelism."""
+    spawn(_one_forward_equals_two_passes, tp, name, packed, tp)
 
 
 def _refine_grads(tp, root):

@@ -35,7 +35,7 @@ def _rollout_tokens(tp):
     _boost_eos_and_padding(model)
     ids = token_batch(2, T, seed=1)
     positions = torch.tensor([[10, 30, 50], [20, 25, 40]])
-    out = model.forward_with_branch_states(ids, positions)
+    out = model.forward_with_branch_states(ids)
     drawn = {}
     for temperature in (1.0, 0.0):  # sampled, and greedy (the trainer's REFINE tests)
         cfg = RefineConfig(k=4, n=2, temperature=temperature)
@@ -89,7 +89,7 @@ def _detached_prefix_gradients():
 
     def pg_grads(detach_prefix):
         cfg = RefineConfig(k=4, n=2, detach_prefix=detach_prefix)
-        out = model.forward_with_branch_states(ids, positions)
+        out = model.forward_with_branch_states(ids)
         rollouts = roll_out(model, out, positions, cfg, torch.Generator().manual_seed(0))
         weights = torch.randn(rollouts.log_probs.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         grads = torch.autograd.grad((rollouts.log_probs * weights).sum(), params, allow_unused=True)
@@ -98,7 +98,7 @@ def _detached_prefix_gradients():
     rollouts, weights, detached = pg_grads(True)
     # Explicitly: the prefix forward without a graph, the rollouts scored from its branch states.
     with torch.no_grad():
-        first_logits, cache = branch_starts(model.forward_with_branch_states(ids, positions), positions, 2)
+        first_logits, cache = branch_starts(model.forward_with_branch_states(ids), positions, 2)
     logits, _ = model.forward_from_cache(rollouts.tokens, cache)
     log_probs = torch.cat([vocab_parallel_log_probs(first_logits, rollouts.tokens[:, 0])[:, None],
                            vocab_parallel_log_probs(logits[:, :-1], rollouts.tokens[:, 1:])], dim=1)
@@ -141,11 +141,13 @@ def _positions_on_padded_rows():
     lengths = torch.tensor([30, T])  # row 0: a 31-token document (30 labels), then padding labels; row 1: no padding
     cfg = RefineConfig(n_chunks=4, k=3, margin=5, selection="uniform")
     kept, unrestricted = [], []
+    with torch.no_grad():
+        logits = model(ids, None, None)
     for seed in range(20):
-        positions, _, valid = select(model, ids, cfg, torch.Generator().manual_seed(seed), lengths=lengths)
+        positions, _, valid = select(logits, cfg, torch.Generator().manual_seed(seed), lengths=lengths)
         kept.append(positions[0][valid[0]])
         assert valid[1].all()
-        unrestricted.append(select(model, ids, cfg, torch.Generator().manual_seed(seed))[0][0])
+        unrestricted.append(select(logits, cfg, torch.Generator().manual_seed(seed))[0][0])
     return torch.cat(kept), torch.cat(unrestricted)
 
 

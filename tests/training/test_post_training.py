@@ -60,8 +60,9 @@ def _masked_tokens_do_not_matter(load, data):
                        ("answer", lambda: _ntp_forward_step(trainer, answers=True))):
         out[name] = loss_and_grads(step(), batch), loss_and_grads(step(), changed[name])
     masks = _update_masks(trainer.cfg, batch, torch.device("cpu"))
-    positions, _, valid = select(trainer.module, batch["tokens"], trainer.cfg.refine, torch.Generator().manual_seed(0),
-                                 lengths=masks["lengths"])
+    with torch.no_grad():
+        logits = trainer.module(batch["tokens"], None, None)
+    positions, _, valid = select(logits, trainer.cfg.refine, torch.Generator().manual_seed(0), lengths=masks["lengths"])
     return out, positions, valid, masks["lengths"]
 
 

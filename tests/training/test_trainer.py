@@ -252,7 +252,9 @@ def test_config_yaml_and_set_overrides(tmp_path):
 def _deterministic_refine_run(corpus):
     cfg = _config(corpus, "train_steps=3", "deterministic=true", *REFINE[:-2], "refine.n_chunks=2")
     result = train(cfg)
-    timing = ("time_select", "time_rollout", "time_update", "rollout_tokens_per_s")
+    from megatron_refine.refine import STEP_PHASES
+
+    timing = {f"time_{phase}" for phase in STEP_PHASES} | {"time_update", "rollout_tokens_per_s"}
     return result.losses, [{k: v for k, v in r.items() if k not in timing} for r in result.refine_history]
 
 
