@@ -1,9 +1,10 @@
 """Input checks shared by the fast-weight ops: errors a caller can cause get a message naming the fix.
 
 Metadata checks (type, rank, dtype, shapes) are free and always run. Value checks (NaN / Inf, `cu_seqlens`
-contents, the ranges of positions read by `states_after`) read tensor values on the host; on CUDA that stalls the stream, once per layer
-and decoding step, so by default they run on CPU tensors only (where a read costs no device sync). On CUDA the
-packed document starts are validated once per forward where the model builds them (`models/packing.py`).
+contents, the ranges of positions read by `states_after`) read tensor values on the host; on CUDA that stalls
+the stream, once per layer and decoding step, so by default they run on CPU tensors only (where a read costs no
+device sync). On CUDA the packed document starts are validated once per forward where the model builds them
+(`models/packing.py`).
 `set_debug_checks(True)` (or `MEGATRON_REFINE_DEBUG_CHECKS=1`) runs them on every device, `False` (`=0`) nowhere.
 """
 

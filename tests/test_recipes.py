@@ -136,7 +136,7 @@ def _measured_activations():
 
 def test_the_activation_coefficients_match_what_the_layers_keep():
     """The estimator's measured constants, measured again: the MLP's 2h + 6 ffn values and DeltaNet's PyTorch
-    chunked path (REFINE's branch forward) at about 112 h bytes plus its chunk-start states, fp32 here."""
+    chunked path (REFINE's branch forward) at about 88 h bytes plus its chunk-start states, fp32 here."""
     from megatron_refine.runtime import spawn
     from megatron_refine.training.estimate import deltanet_reference_bytes
 

@@ -8,8 +8,9 @@ when `output_states_after` is asked for) it runs the PyTorch chunked algorithm i
 in fp32.
 
 No op here reads a tensor on the host on CUDA (no stream sync per layer or decoding step), except a packed
-layout's lengths, once per `cu_seqlens` tensor. The value checks (finite beta, `cu_seqlens` contents,
-the range of positions given to `states_after`) run on CPU tensors only unless `set_debug_checks(True)` (see `kernels/utils.py`).
+layout's lengths, once per `cu_seqlens` tensor. The value checks (finite beta, `cu_seqlens` contents, the
+range of positions given to `states_after`) run on CPU tensors only unless `set_debug_checks(True)` (see
+`kernels/utils.py`).
 """
 
 from __future__ import annotations

@@ -163,8 +163,8 @@ def lact_swiglu_torch(
         rows = slice(layout.offsets[j] * H, (layout.offsets[j] + m) * H)
         new_w, new_dw = swiglu_update(
             tuple(x[: m * H] for x in w), kf[rows], vf[rows], lrf[rows], None if mf is None else mf[rows],
-            None if dw is None else tuple(x[: m * H] for x in dw), None if norms is None else tuple(x[: m * H] for x in norms),
-            use_muon, ns_coefficients,
+            None if dw is None else tuple(x[: m * H] for x in dw),
+            None if norms is None else tuple(x[: m * H] for x in norms), use_muon, ns_coefficients,
         )
         fired = None  # every running sequence's update fired
         if not all(n >= end for n in lengths[:m]):
@@ -174,7 +174,8 @@ def lact_swiglu_torch(
             new = new if fired is None else torch.where(fired, new, old[: m * H])
             return new if m * H == old.shape[0] else torch.cat([new, old[m * H :]])
 
-        return tuple(merge(a, b) for a, b in zip(w, new_w)), (None if dw is None else tuple(merge(a, b) for a, b in zip(dw, new_dw)))
+        merged_dw = None if dw is None else tuple(merge(a, b) for a, b in zip(dw, new_dw))
+        return tuple(merge(a, b) for a, b in zip(w, new_w)), merged_dw
 
     # (weights, dw) after c completed chunks: each one the next chunk reads (so autograd keeps it anyway), in
     # layout order [N*H, ...]. The last chunk's update is read by no chunk: it is made only if a state needs it.
@@ -191,7 +192,8 @@ def lact_swiglu_torch(
         last = len(layout.active)
         if last in needed and last not in snapshots:  # a sequence of last * C tokens, asked for after its end
             snapshots[last] = update(last - 1, w, dw)
-        return _states_after(layout, positions, {n: snapshots[n] for n in sorted(needed)}, norms, k, v, lr, momentum, acc)
+        picked = {n: snapshots[n] for n in sorted(needed)}
+        return _states_after(layout, positions, picked, norms, k, v, lr, momentum, acc)
 
     def states_after(positions: torch.Tensor) -> LaCTState:
         within = positions - layout.cu_seqlens[layout.sequence_of(positions)]

@@ -144,10 +144,12 @@ class DeltaNetMixer(MegatronModule):
             if isinstance(request, ContinueRequest):
                 kw["initial_state"] = cache.state if cache else None
             branching = isinstance(request, BranchRequest)
-            o, _, *states_after = delta_rule(packed(q), packed(k), packed(v), packed(beta), output_states_after=branching, **kw)
+            o, _, *states_after = delta_rule(packed(q), packed(k), packed(v), packed(beta),
+                                             output_states_after=branching, **kw)
             o = o.view(B, T, *o.shape[2:])
             if branching:
-                request.readers[self.layer_number] = functools.partial(self._cache_after, states_after[0], conv_inputs, packing)
+                request.readers[self.layer_number] = functools.partial(
+                    self._cache_after, states_after[0], conv_inputs, packing)
 
         if cfg.use_output_norm:
             gate = extra[-1].reshape(B, T, self.num_heads, self.head_v_dim) if cfg.use_gate else None

@@ -33,7 +33,9 @@ def sampling_logits(logits: torch.Tensor, vocab_size: int, banned: int | None = 
     full = gather_from_tensor_model_parallel_region(logits)[:, :vocab_size]
     if banned is None:
         return full
-    return full.index_fill(-1, torch.tensor([banned], device=full.device), -torch.inf)
+    full = full.clone()
+    full[:, banned] = -torch.inf  # a fill by a Python index: no index tensor copied to the device (a sync on CUDA)
+    return full
 
 
 def same_on_tp_ranks(tokens: torch.Tensor) -> torch.Tensor:

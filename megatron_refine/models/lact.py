@@ -220,7 +220,8 @@ class LaCTMixer(MegatronModule):
             fo, _, *states_after = lact_swiglu(*args, output_states_after=branching, **kw)
             fo = fo.view(B, T, *fo.shape[2:])
             if branching:
-                request.readers[self.layer_number] = functools.partial(self._cache_after, states_after[0], ka, va, packing)
+                request.readers[self.layer_number] = functools.partial(
+                    self._cache_after, states_after[0], ka, va, packing)
 
         fo = self.ttt_norm(fo)
         if cfg.learnable_ttt_scale:

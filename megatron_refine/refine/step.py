@@ -4,9 +4,10 @@ The gradient path is the point of the method: the rollout tokens' log-probs are 
 states that ONE forward over the documents leaves after each selected position (kept in the graph), so the
 policy loss backpropagates through the prefix's fast-weight writes. The same forward's logits give the NTP
 loss, the entropies that choose the positions (so no separate selection pass runs: the states after the
-chosen positions are read afterwards from the forward's chunk states) and the first rollout token. The decoder samples the other k - 1 tokens without a graph; the training
-forward then scores all k from the branch states (`forward_from_cache`, the chunked kernels), and the two
-paths' log-probs are compared every step (`logprob_diff_*`): a drift between them would bias GRPO silently.
+chosen positions are read afterwards from the forward's chunk states) and the first rollout token. The
+decoder samples the other k - 1 tokens without a graph; the training forward then scores all k from the
+branch states (`forward_from_cache`, the chunked kernels), and the two paths' log-probs are compared every
+step (`logprob_diff_*`): a drift between them would bias GRPO silently.
 No prefix is ever re-encoded. With packed documents every rollout starts and ends inside one document.
 All softmaxes are over the tokenizer's vocabulary (the model masks Megatron's padding), and as in the release
 a rollout never samples EOS (min_new_tokens = k); its log-probs are still the model's, EOS included.
@@ -274,7 +275,6 @@ def _rollout_metrics(rewards, mask, selected_entropy, valid, rollouts: Rollouts,
         **{f"time_{phase}": torch.tensor(seconds[phase]) for phase in STEP_PHASES},
         **logprob_parity(rollouts, mask),
     }
-
 
 
 @dataclass

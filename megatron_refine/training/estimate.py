@@ -20,8 +20,8 @@ fragmentation, communication buffers and kernel workspaces (typically a few GB) 
 
 REFINE's extra (mid-training, `n_chunks` positions a document): the forward that keeps branch states runs
 DeltaNet's PyTorch chunked path instead of fla's kernel, which keeps fp32 intermediates and every chunk-start
-state (measured on a CPU: about 112 h bytes a token a layer, plus the states; issue 18 would move it onto fla's
-kernel); the decoder holds n_chunks x n rollout states per layer. REFINE cannot use activation recomputation
+state (measured on a CPU: about 88 h bytes a token a layer, plus the states; fla's kernel for it is issue 18's
+part 2); the decoder holds n_chunks x n rollout states per layer. REFINE cannot use activation recomputation
 (`TrainConfig.validate` refuses it: a recomputed layer would detach the branch states it leaves beside its output).
 The step time is 6 P FLOPs a token (forward + backward; the fast-weight kernels and the logits add a
 few percent) at a given MFU of the GPU's dense bf16 peak.
@@ -88,9 +88,10 @@ def layer_activation_bytes(config: FastWeightConfig, seq_length: int) -> float:
 
 def deltanet_reference_bytes(config: FastWeightConfig) -> float:
     """Bytes DeltaNet's PyTorch chunked path (the REFINE forward that keeps branch states) keeps per token of a
-    layer's mixer: fp32, measured on a CPU with saved-tensor hooks (h 512-1024, T 1024): about 112 h, plus the
-    fp32 chunk-start states."""
-    return 112 * config.hidden_size + 4 * deltanet_state_values(config) / config.delta_rule_chunk_size
+    layer's mixer: fp32, measured on a CPU with saved-tensor hooks (h 512-1024, T 1024): about 88 h, plus the
+    fp32 chunk-start states (the hand-written backward of `kernels/delta_rule/chunk.py` keeps less than autograd
+    did: 112 h before)."""
+    return 88 * config.hidden_size + 4 * deltanet_state_values(config) / config.delta_rule_chunk_size
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from host_reads import HostReads
 
 from megatron_refine.kernels import (
     LaCTState,
@@ -25,41 +25,6 @@ from megatron_refine.kernels import utils
 from megatron_refine.kernels.utils import check_positions
 from megatron_refine.kernels.varlen import ChunkLayout, batch_cu_seqlens, check_cu_seqlens, packed_layout
 from megatron_refine.models.packing import Packing, packed_seq_params
-
-_T = torch.Tensor
-# Python-level reads of values (all go through __torch_function__ in torch >= 2.x, checked below) ...
-_READS = {_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__index__, _T.__float__}
-# ... and ops whose output shape depends on values: they read on the host inside C++, where the mode can't see.
-_DATA_SHAPED = {torch.nonzero, _T.nonzero, torch.unique, _T.unique, torch.unique_consecutive, torch.masked_select,
-                _T.masked_select}
-
-
-class HostReads(TorchFunctionMode):
-    """Records every host read of a tensor's values (what syncs the stream on CUDA) made under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _READS or func in _DATA_SHAPED:
-            self.calls[func.__name__] += 1
-        elif func is _T.__getitem__ and any(_is_mask(i) for i in _indices(args[1])):
-            self.calls["boolean mask index"] += 1
-        elif func in (torch.repeat_interleave, _T.repeat_interleave) and len(args) > 1 and \
-                isinstance(args[1], torch.Tensor) and kwargs.get("output_size") is None:
-            self.calls["repeat_interleave without output_size"] += 1
-        return func(*args, **kwargs)
-
-
-def _indices(index) -> tuple:
-    return index if isinstance(index, tuple) else (index,)
-
-
-def _is_mask(index) -> bool:
-    return isinstance(index, torch.Tensor) and index.dtype == torch.bool
-
 
 @pytest.fixture
 def checks():

@@ -44,6 +44,40 @@ def test_rollout_log_probs_and_gradients_equal_an_explicit_rerun_of_each_prefix(
     spawn(_branched_equals_rerun, 1, name)
 
 
+def _rollouts_read_nothing_on_the_host(device):
+    from host_reads import HostReads
+
+    from megatron_refine.kernels import set_debug_checks
+
+    initialize(seed=2, device=device)
+    model = tiny_fast_weight_model("deltanet_tiny").to(device)
+    set_debug_checks(False)  # the value checks' default on CUDA
+    ids = token_batch(2, T, seed=5).to(device)
+    positions = torch.tensor([[7, 30, 41], [12, 19, 50]], device=device)
+    out = model.forward_with_branch_states(ids)
+    cfg = RefineConfig(k=4, n=2)
+    roll = lambda: roll_out(model, out, positions, cfg, torch.Generator(device).manual_seed(0), eos_id=3)  # noqa: E731
+    with HostReads() as seen:
+        roll()
+    assert not seen.calls, seen.calls
+    if device == "cuda":  # the real thing: any stream synchronisation raises
+        roll()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            roll()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_rollouts_branch_decode_and_score_without_reading_the_device(device):
+    """DeltaNet: reading the branch states, the k - 1 decode steps of every rollout and the scoring forward make
+    no host read (on CUDA: no stream synchronisation), so the GPU never waits for the host inside the loop."""
+    spawn(_rollouts_read_nothing_on_the_host, 1, device)
+
+
 def _one_forward_equals_two_passes(name, packed, tp):
     import megatron_refine.refine.step as step
 
