@@ -114,7 +114,10 @@ class FastWeightGPTModel(GPTModel):
     ) -> BranchOutput:
         """input_ids [B, T] -> logits and hidden states, from which `states_after(positions)` then reads every
         layer's decoding state after any positions: no prefix is run again. What the readers hold is what
-        autograd saves for the backward anyway (the chunk states), so under grad they cost no extra memory."""
+        the backward saves anyway (the chunk states), so under grad they cost no extra memory."""
+        if isinstance(packed_seq_params, torch.Tensor):
+            raise TypeError("forward_with_branch_states takes no positions: choose them after the forward and read "
+                            "the states with `out.states_after(positions)`")
         with self._request(BranchRequest()) as request:
             logits, hidden = self._whole_model_forward(input_ids, packed_seq_params)
         packing = Packing.from_params(packed_seq_params, *input_ids.shape)

@@ -38,6 +38,8 @@ def _branch_states_continue_like_the_prefix(name):
     ids = token_batch(2, T, seed=5)
     positions = torch.tensor([[3, 15, 16, 30], [0, 11, 12, 31]])
     k = 5
+    with pytest.raises(TypeError, match=r"choose them after the forward .*states_after\(positions\)"):
+        model.forward_with_branch_states(ids, positions)  # positions come after the forward now
     with torch.no_grad():
         out = model.forward_with_branch_states(ids)
         torch.testing.assert_close(out.logits, model(ids, None, None))
