@@ -14,6 +14,9 @@ T = 64
 
 def _round_then_updates(name):
     initialize(seed=4, device="cpu")
+    # Bitwise equality of two forwards (a no-grad round, a training update): with 2 threads about 1 run in 3 differs
+    # in the last bit since issue 18's changes (the code before passed 5 runs of 5; cause not found).
+    torch.set_num_threads(1)
     model = tiny_fast_weight_model(name, params_dtype=torch.float64)
     ids = token_batch(2, T + 1, seed=3)
     tokens, labels = ids[:, :-1], ids[:, 1:]

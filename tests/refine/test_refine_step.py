@@ -82,6 +82,7 @@ def _one_forward_equals_two_passes(name, packed, tp):
     import megatron_refine.refine.step as step
 
     initialize(tp=tp, seed=3, device="cpu")
+    torch.set_num_threads(1)  # bitwise equality of two forwards: see tests/refine/test_ppo_mini_batches.py
     model = tiny_fast_weight_model(name, sequence_parallel=tp > 1, params_dtype=torch.float64)
     params = list(model.parameters())
     ids = token_batch(2, T + 1, seed=4)
