@@ -83,9 +83,8 @@ class _ChunkDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, S0, scale: float, layout: ChunkLayout, output_final_state: bool):
         # q, k [pairs, H, C, K]; v [pairs, H, C, V]; beta [pairs, H, C, 1]; S0 [N, H, K, V] in layout order
-        K, C = k.shape[-1], k.shape[-2]
-        causal = torch.ones(C, C, dtype=q.dtype, device=q.device).tril()  # a mask multiply: tril is slow on CPU
-        strict = causal - torch.eye(C, dtype=q.dtype, device=q.device)
+        C = k.shape[-2]
+        causal, strict = _triangles(k)
         q, k_beta, v_beta = q * scale, k * beta, v * beta
         L = (k_beta @ k.transpose(-1, -2)) * strict  # strictly lower diag(beta) K K^T
         # T = (I + L)^{-1}, as X (I + L) = I: the right-sided solve is the faster one on row-major batches
@@ -114,9 +113,8 @@ class _ChunkDeltaRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_o, d_S, d_starts, d_U):
         q, k, v, beta, k_beta, v_beta, T, w, P, starts, U = ctx.saved_tensors
-        layout, C = ctx.layout, k.shape[-2]
-        causal = torch.ones(C, C, dtype=q.dtype, device=q.device).tril()
-        strict = causal - torch.eye(C, dtype=q.dtype, device=q.device)
+        layout = ctx.layout
+        causal, strict = _triangles(k)
         # d_o arrives transposed: one copy here, not one per matmul
         d_o = torch.zeros_like(U) if d_o is None else d_o.contiguous()
         dU = P.transpose(-1, -2) @ d_o  # [pairs, H, C, V], completed in the loop
@@ -155,6 +153,14 @@ class _ChunkDeltaRule(torch.autograd.Function):
         dv = G * beta
         d_beta = (d_k_beta * k).sum(-1, keepdim=True) + (G * v).sum(-1, keepdim=True)
         return dq * ctx.scale, dk, dv, d_beta, dS, None, None, None
+
+
+def _triangles(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal (diagonal included) and strictly lower 0/1 masks [C, C] of k's chunks [.., C, K], to multiply by:
+    on CPU `tril` is a slow elementwise loop."""
+    C = k.shape[-2]
+    causal = torch.ones(C, C, dtype=k.dtype, device=k.device).tril()
+    return causal, causal - torch.eye(C, dtype=k.dtype, device=k.device)
 
 
 def _states_after(
