@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` (set up, run the main job) and `make test` (set up, run the suite).
 # Both create .venv on first use. With no torch in it, torch $(TORCH_VERSION) is installed first (the CPU
-# build on a CPU machine); on a CUDA cluster install your CUDA torch into .venv beforehand and it is kept.
+# build on a CPU machine with Python 3.11); on a CUDA cluster install your CUDA torch into .venv beforehand and
+# it is kept. Python 3.12 (megatron-core 0.19.x): `make test PYTHON=python3.12 VENV=.venv-py312`.
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -8,6 +8,7 @@ A light module: importing it imports no library, so the filters are in place bef
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -33,7 +34,37 @@ LIBRARY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     ("", DeprecationWarning, r"leptonai(\.|$)"),
     ("", DeprecationWarning, r"fastapi(\.|$)"),
     ("", DeprecationWarning, r"pydantic(\.|$)"),
+    # megatron-core 0.19 at import
+    ("MimoModelConfig is experimental", UserWarning, ""),
 )
+
+# (logger, message prefix): library log records of the same kind, under the same switch.
+LIBRARY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
+    # torch's CUDA build on a machine without a GPU but with a CUDA toolkit, when megatron-core 0.19 imports
+    # torch.utils.cpp_extension (tensor_parallel/random.py)
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
+    # megatron-core 0.19 on every GPTModel built: it points to HybridModel, which 0.16.1 lacks (the migration
+    # belongs with hybrid attention / fast-weight models); GPTModel keeps working there
+    ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
+)
+
+
+class _DropLibraryRecords(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _filter_library_log_records(drop: bool) -> None:
+    for name, prefix in LIBRARY_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, _DropLibraryRecords)]:
+            logger.removeFilter(f)
+        if drop:
+            logger.addFilter(_DropLibraryRecords(prefix))
 
 
 def showing_all() -> bool:
@@ -52,7 +83,9 @@ def filter_library_warnings() -> None:
         warnings.filters[:] = [f for f in warnings.filters
                                if not (f[0] == "ignore" and f[1] is not None and f[1].pattern in ours)]
         os.environ["PYTHONWARNINGS"] = ",".join(e for e in current if e not in entries)
+        _filter_library_log_records(drop=False)
         return
+    _filter_library_log_records(drop=True)
     for message, category, module in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message), category=category, module=module)
     os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys(current + entries))
@@ -63,4 +96,4 @@ def filterwarnings_lines() -> list[str]:
     return [f"ignore:{re.escape(m)}:{c.__name__}:{mod}" for m, c, mod in LIBRARY_WARNINGS]
 
 
-__all__ = ["LIBRARY_WARNINGS", "SHOW_ENV", "filter_library_warnings", "filterwarnings_lines", "showing_all"]
+__all__ = ["LIBRARY_LOG_RECORDS", "LIBRARY_WARNINGS", "SHOW_ENV", "filter_library_warnings", "filterwarnings_lines", "showing_all"]

@@ -7,7 +7,7 @@
 #   export PYTHONPATH=/tmp/site   # in the same shell, before running anything (install prints it)
 #
 # .whl/ is kept out of git through .git/info/exclude (download adds the line), so a copy of the tracked tree
-# leaves it behind: carry it explicitly. It holds only what the image lacks: megatron-core (the CI's version),
+# leaves it behind: carry it explicitly. It holds only what the image lacks: megatron-core (CI's Python 3.12 leg's),
 # flash-linear-attention + fla-core, webdataset + braceexpand.
 # The project itself is installed from the working tree at install time, so it is never a stale copy.
 #
@@ -23,7 +23,7 @@ WHEEL_DIR=.whl
 SITE=${SITE:-/tmp/site}
 PYTHON=${PYTHON:-python3}
 PACKAGES=(
-    megatron-core==0.16.1
+    megatron-core==0.19.2
     flash-linear-attention==0.6.0
     fla-core==0.6.0
     webdataset==1.0.2

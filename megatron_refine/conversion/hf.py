@@ -45,7 +45,7 @@ def _checkpoint_folder(load: str | Path, iteration: int | None) -> Path:
     from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration
 
     load = Path(load)
-    if (load / "common.pt").is_file() and iteration is None:
+    if (load / "metadata.json").is_file() and iteration is None:
         return load  # an iter_NNNNNNN folder itself
     if not load.is_dir():
         raise FileNotFoundError(f"checkpoint folder {load} not found: check --load")
@@ -552,8 +552,9 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
 
 
 def _save_streamed(sharded: dict, common: dict, groups, folder: Path) -> None:
-    """What `dist_checkpointing.save({"model": sharded, **common}, folder)` writes (torch_dist: common.pt,
-    metadata.json, the DCP `.metadata` and its `.distcp` data), with the (meta) model's `sharded` state dict's
+    """What `dist_checkpointing.save({"model": sharded, **common}, folder)` writes (torch_dist: metadata.json,
+    the DCP `.metadata` and its `.distcp` data, the common state in common.pt, and on megatron-core 0.19 inside
+    the DCP files too: as save_checkpoint leaves it on every release), with the (meta) model's `sharded` state dict's
     weights given group by group: `groups` yields {state dict key: whole TP=1 tensor} dicts, each held only while
     its tensors are written. The plan and the index are megatron-core's and torch's, made once from the meta
     shapes (every ShardedTensor, the fused projections' factory pieces, the ShardedObjects); each group's chunks are
@@ -563,8 +564,7 @@ def _save_streamed(sharded: dict, common: dict, groups, folder: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
-    from megatron.core.dist_checkpointing.serialization import (
-        get_default_save_common_strategy, get_default_save_sharded_strategy)
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
     from megatron.core.dist_checkpointing.strategies.torch import (
@@ -572,10 +572,14 @@ def _save_streamed(sharded: dict, common: dict, groups, folder: Path) -> None:
     from torch.distributed.checkpoint.filesystem import _write_item
     from torch.distributed.checkpoint.planner import WriteItemType
 
+    from megatron_refine.megatron_compat import COMMON_STATE_FILE, COMMON_STATE_KEY, common_state_object
+
     strategy = get_default_save_sharded_strategy()
     # dist_checkpointing.save's own preprocessing (factories applied, sharding validated) on the meta tensors
     meta_part, common_state = save_preprocess({"model": dict(sharded), **common})
-    get_default_save_common_strategy().save_common(common_state, folder)
+    torch.save(common_state, folder / COMMON_STATE_FILE)  # what our saves write on every release
+    if (embedded := common_state_object(common_state)) is not None:
+        meta_part[COMMON_STATE_KEY] = embedded
     meta_part, _, _ = _replace_state_dict_keys_with_sharded_keys(meta_part, strategy.keep_only_main_replica)
     planner = MCoreSavePlanner(dedup_replicated_tensors=not strategy.keep_only_main_replica, flatten_state_dict=False)
     writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=False, thread_count=1)

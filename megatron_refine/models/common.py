@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.ssm.gated_delta_net import _split_tensor_factory  # names the pieces of a fused weight
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
@@ -15,6 +14,7 @@ from megatron.core.transformer.utils import (
 
 from megatron_refine.kernels.utils import compute_dtype
 from megatron_refine.kernels.varlen import prepare_position_ids
+from megatron_refine.megatron_compat import split_tensor_factory
 
 
 def param_device(config: TransformerConfig) -> torch.device | None:
@@ -73,7 +73,7 @@ def causal_conv1d(
 def split_fused(sharded_state_dict: dict, key: str, pieces: list[tuple[str, int]], tp: int) -> None:
     """Replace a fused column-parallel tensor by named pieces (each sharded over TP on its own), so a
     checkpoint reshards across TP sizes. `pieces` are (name, global size along dim 0)."""
-    sharded_state_dict[key] = _split_tensor_factory(
+    sharded_state_dict[key] = split_tensor_factory(
         sharded_state_dict[key], [size // tp for _, size in pieces], [name for name, _ in pieces], 0
     )
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_refine.megatron_compat import mlp_submodule
 from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.deltanet import DeltaNetMixer, DeltaNetSubmodules
 from megatron_refine.models.lact import LaCTMixer, LaCTSubmodules
@@ -53,7 +54,7 @@ def _layer_spec(mixer: ModuleSpec, column, row, norm) -> ModuleSpec:
             self_attention=mixer,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp=mlp_submodule(MLPSubmodules(linear_fc1=column, linear_fc2=row)),
             mlp_bda=get_bias_dropout_add,
         ),
     )

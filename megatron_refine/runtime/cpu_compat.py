@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from packaging.version import Version
 from torch.overrides import TorchFunctionMode
+
+from megatron_refine.megatron_compat import MEGATRON_CORE_VERSION
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,19 @@ class Patch:
     target: str  # "module:attr.path" that is replaced
     reason: str
     make: Callable[[Any], Any]  # original -> replacement
+    since: str | None = None  # the first megatron-core release that has the target (None: every supported one)
+
+    @property
+    def applies(self) -> bool:
+        return self.since is None or MEGATRON_CORE_VERSION >= Version(self.since)
 
 
 def _cpu_current_device() -> torch.device:
     return torch.device("cpu")
+
+
+def _cpu_current_stream(device=None) -> torch.cpu.Stream:
+    return torch.cpu.current_stream()
 
 
 def _noop(*args, **kwargs) -> None:
@@ -141,6 +153,12 @@ PATCHES: tuple[Patch, ...] = (
         lambda orig: _noop,
     ),
     Patch(
+        "torch.cuda:current_stream",
+        "megatron-core 0.19's _ParamAndGradBucketGroup.start_grad_sync waits on CUDA-graph events through "
+        "torch.cuda.current_stream() before every gradient reduction; the CPU stream's waits are no-ops.",
+        lambda orig: _cpu_current_stream,
+    ),
+    Patch(
         f"{_RANDOM}:_get_cuda_rng_state",
         "activation recompute (CheckpointFunction) and get_all_rng_states read the CUDA generator; "
         "on CPU the tracked state is the CPU generator's.",
@@ -167,6 +185,13 @@ PATCHES: tuple[Patch, ...] = (
         f"{_OPTIMIZER}:FP32Optimizer.__init__",
         "allocates its loss scale with device='cuda' (a literal the current_device patch cannot reach).",
         _with_cuda_literals_on_cpu,
+    ),
+    Patch(
+        f"{_OPTIMIZER}:MegatronOptimizer.has_grad_norm_group",
+        "megatron-core 0.19 all-reduces a flag allocated with device='cuda' the first time each optimizer step "
+        "asks whether any rank holds a separate gradient-norm group.",
+        _with_cuda_literals_on_cpu,
+        since="0.19",
     ),
     Patch(
         f"{_OPTIMIZER}:MixedPrecisionOptimizer.__init__",
@@ -260,11 +285,16 @@ def is_applied() -> bool:
     return bool(_originals)
 
 
+def active_patches() -> tuple[Patch, ...]:
+    """The patches whose targets exist in the installed megatron-core."""
+    return tuple(p for p in (*PATCHES, *LOCAL_KERNELS) if p.applies)
+
+
 def apply() -> None:
     """Apply every patch (idempotent). For a process whose Megatron tensors all live on the CPU."""
     if is_applied():
         return
-    for patch in (*PATCHES, *LOCAL_KERNELS):
+    for patch in active_patches():
         owner, attr = _resolve(patch.target)
         original = getattr(owner, attr)
         _originals[patch.target] = original

@@ -22,6 +22,7 @@ from typing import Any, Callable
 # Imported once in the forkserver, so every rank starts with them loaded (megatron_refine.models alone pulls
 # in megatron-core's GPT stack, fla and triton: several seconds per fresh interpreter).
 PRELOAD_CPU = (
+    "megatron_refine.forkserver_filters",
     "torch",
     "megatron_refine.runtime",
     "megatron.core.distributed",
@@ -36,7 +37,7 @@ PRELOAD_CPU = (
 # (fla/utils/hardware.py asks torch.cuda for the device name), and megatron-core imports fla
 # (megatron/core/ssm/gated_delta_net.py) and Transformer Engine, which probes the GPU too; so only torch,
 # whose CUDA initialisation is lazy, is preloaded there, and each rank imports the rest itself.
-PRELOAD_CUDA = ("torch",)
+PRELOAD_CUDA = ("megatron_refine.forkserver_filters", "torch")
 
 
 # How long to wait for rank 0's report after another rank failed: ranks that fail on the same bad input do
@@ -96,7 +97,10 @@ def _run_rank(fn, rank, nprocs, port, threads, args, kwargs, results) -> None:
     )
     import torch
 
-    if torch.cuda._is_in_bad_fork():
+    # A CUDA build of torch on a host without a GPU: fla's import-time probe (torch.cuda.get_device_name) fails,
+    # but it registers the fork handler first, so every forked rank is marked "bad fork". Harmless there:
+    # with no GPU the rank runs on the CPU and never initialises CUDA.
+    if torch.cuda._is_in_bad_fork() and torch.cuda.is_available():
         results.put((rank, False, {"traceback": "CUDA was initialised in the launcher's forkserver before this rank "
                                                 "was forked: a module in PRELOAD_CUDA (megatron_refine/runtime/launch.py) "
                                                 "touches the GPU at import"}))

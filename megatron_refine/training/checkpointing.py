@@ -33,6 +33,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_refine.megatron_compat import COMMON_STATE_FILE, COMMON_STATE_KEY, write_common_state_file
 from megatron_refine.runtime import current_device
 
 MARKER = "latest_checkpointed_iteration.txt"
@@ -80,13 +81,16 @@ def verify_files(path: Path) -> None:
     naming the file (the torch_dist format: `.metadata` maps each tensor to a byte range of a `.distcp` file)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    for name in ("common.pt", "metadata.json", ".metadata"):
+    for name in ("metadata.json", ".metadata"):
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name} is missing")
     try:
         index = FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 - any failure to parse the index means it is unreadable
         raise CheckpointError(f"{path / '.metadata'} is unreadable ({type(e).__name__})") from None
+    if not (path / COMMON_STATE_FILE).is_file() and not any(
+            key.startswith(COMMON_STATE_KEY) for key in index.state_dict_metadata):
+        raise CheckpointError(f"{path / COMMON_STATE_FILE} is missing")
     needed: dict[str, int] = {}
     for info in (index.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -195,6 +199,7 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
     dist_checkpointing.save(state, str(tmp))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
+        write_common_state_file(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         marker_tmp = root / (MARKER + ".tmp")
@@ -372,8 +377,9 @@ def load_checkpoint(root: str | Path, model, optimizer=None, scheduler=None, loa
 def _load_one(path: Path, model, optimizer, scheduler, loader, dataset, allow_tokenizer_change: bool) -> None:
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
-    except Exception as e:  # noqa: BLE001 - an unreadable common.pt
-        raise CheckpointError(f"{path / 'common.pt'} is unreadable ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - unreadable common state
+        where = path / COMMON_STATE_FILE if (path / COMMON_STATE_FILE).is_file() else f"{path}'s common state"
+        raise CheckpointError(f"{where} is unreadable ({type(e).__name__})") from None
     _check_identity(path, common, model, dataset, allow_tokenizer_change)
     if optimizer is None:
         load_model_weights(path, model)

@@ -5,7 +5,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_refine.runtime import cpu_compat, initialize, spawn
-from megatron_refine.runtime.cpu_compat import PATCHES, _resolve
+from megatron_refine.runtime.cpu_compat import PATCHES, _resolve, active_patches
 
 
 def _current(target):
@@ -15,25 +15,50 @@ def _current(target):
 
 def test_apply_replaces_every_target_and_revert_restores_it():
     assert not cpu_compat.is_applied()
-    originals = {p.target: _current(p.target) for p in PATCHES}
+    patches = [p for p in active_patches() if p in PATCHES]
+    originals = {p.target: _current(p.target) for p in patches}
     with cpu_compat.applied():
-        for p in PATCHES:
+        for p in patches:
             assert _current(p.target) is not originals[p.target], p.target
         assert torch.cuda.current_device() == torch.device("cpu")
-    for p in PATCHES:
+    for p in patches:
         assert _current(p.target) is originals[p.target], p.target
     assert len({p.target for p in PATCHES}) == len(PATCHES)
     assert all(p.reason for p in PATCHES)
 
 
+def test_a_patch_applies_exactly_where_the_installed_megatron_core_has_its_target():
+    """`since` is right both ways: each patch left out lacks its target here (so nothing is silently unpatched),
+    and each one applied has it."""
+    def present(target):
+        try:
+            owner, attr = _resolve(target)
+        except AttributeError:  # a parent of the attribute is missing
+            return False
+        return hasattr(owner, attr)
+
+    for p in (*PATCHES, *cpu_compat.LOCAL_KERNELS):
+        assert present(p.target) == p.applies, (p.target, p.since)
+
+
+def test_the_cuda_stream_megatron_waits_on_is_the_cpu_stream():
+    """megatron-core 0.19's gradient reduction waits on torch.cuda.current_stream(); a CUDA build without a GPU
+    raises there, a CPU build too."""
+    with cpu_compat.applied():
+        stream = torch.cuda.current_stream()
+        stream.wait_stream(stream)
+        stream.wait_event(torch.Event())
+    assert isinstance(stream, torch.cpu.Stream)
+
+
 def _patched_during_a_cpu_runtime():
     from megatron_refine.runtime import current_device, destroy
 
-    originals = {p.target: _current(p.target) for p in PATCHES}
+    originals = {p.target: _current(p.target) for p in active_patches()}
     initialize(device="cpu")
     applied = cpu_compat.is_applied() and current_device() == torch.device("cpu")
     destroy()
-    restored = all(_current(p.target) is originals[p.target] for p in PATCHES)
+    restored = all(_current(p.target) is originals[p.target] for p in active_patches())
     return applied, restored, cpu_compat.is_applied()
 
 

@@ -118,7 +118,7 @@ torch.cuda.is_available = lambda: True  # what a GPU host answers
 from megatron_refine.runtime.launch import preload_modules
 for name in preload_modules():
     importlib.import_module(name)
-print(sorted(m for m in ("fla", "transformer_engine", "megatron.core.ssm.gated_delta_net") if m in sys.modules))
+print(sorted(m for m in ("fla", "transformer_engine", "megatron.core.models.gpt") if m in sys.modules))
 print(torch.cuda.is_initialized())
 """
 
@@ -131,10 +131,11 @@ def test_the_forkserver_on_a_cuda_host_imports_nothing_that_initialises_cuda():
 
     out = subprocess.run([sys.executable, "-c", _PRELOAD_PROBE], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:2] == ["[]", "False"], out.stdout + out.stderr
-    # The CPU preload does pull fla in (what made the old single list wrong on GPU hosts).
+    # The CPU preload does pull megatron-core's GPT stack in, which imports fla on megatron-core 0.16.1
+    # (ssm/gated_delta_net.py) and Transformer Engine where it is installed.
     probe = _PRELOAD_PROBE.replace("lambda: True", "lambda: False")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert "fla" in out.stdout.split("\n")[0], out.stdout + out.stderr
+    assert "megatron.core.models.gpt" in out.stdout.split("\n")[0], out.stdout + out.stderr
 
 
 def test_an_unknown_device_is_refused():
