@@ -53,15 +53,16 @@ COMMON_STATE_KEY = "common_state"
 COMMON_STATE_IN_TORCH_DIST = MEGATRON_CORE_VERSION >= Version("0.19")
 
 
-def write_common_state_file(checkpoint_dir: str | Path) -> None:
-    """Give a checkpoint the common.pt every supported release reads (call on rank 0 after
-    dist_checkpointing.save): on 0.19, the common state that save put inside the torch_dist files, so a
-    checkpoint written there loads on 0.16.1 too. Where the release wrote common.pt itself, nothing to do."""
+def write_common_state_file(checkpoint_dir: str | Path, state: dict) -> None:
+    """Give a checkpoint the common.pt every supported release reads (on rank 0, after the save of `state`, the
+    state dict given to dist_checkpointing.save): on 0.19, the common state that save put inside the torch_dist
+    files, so a checkpoint written there loads on 0.16.1 too. Where the release wrote common.pt itself, nothing
+    to do. The common state is what save keeps of `state`: all but its sharded and its non-persistent items."""
+    from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
+
     path = Path(checkpoint_dir) / COMMON_STATE_FILE
     if not path.exists():
-        from megatron.core import dist_checkpointing
-
-        torch.save(dist_checkpointing.load_common_state_dict(str(checkpoint_dir)), path)
+        torch.save(extract_sharded_base(extract_nonpersistent(state)[1])[1], path)
 
 
 def common_state_object(common_state: dict):

@@ -36,6 +36,10 @@ LIBRARY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     ("", DeprecationWarning, r"pydantic(\.|$)"),
     # megatron-core 0.19 at import
     ("MimoModelConfig is experimental", UserWarning, ""),
+    # torch's DCP under megatron-core 0.19's sharded load, which reads each rank's shards without collectives
+    # (no_dist=True) and passes the storage reader positionally
+    ("torch.distributed is disabled", UserWarning, ""),
+    ("The argument order of load has been changed", UserWarning, ""),
 )
 
 # (logger, message prefix): library log records of the same kind, under the same switch.
@@ -46,6 +50,10 @@ LIBRARY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
     # megatron-core 0.19 on every GPTModel built: it points to HybridModel, which 0.16.1 lacks (the migration
     # belongs with hybrid attention / fast-weight models); GPTModel keeps working there
     ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
+    # megatron-core 0.19's synchronous save runs its own async writer, and it reads common.pt (kept for 0.16.1
+    # readers: megatron_compat.write_common_state_file) through a function it deprecates
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
+    ("megatron.core.dist_checkpointing.strategies.common", "load_common is deprecated"),
 )
 
 

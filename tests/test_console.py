@@ -4,7 +4,7 @@ library warnings; the project's own warnings still show; --verbose shows the lib
 import subprocess
 import sys
 
-from megatron_refine.warnings import LIBRARY_WARNINGS, filterwarnings_lines
+from megatron_refine.warnings import LIBRARY_LOG_RECORDS, LIBRARY_WARNINGS, filterwarnings_lines
 
 
 def _train(corpus, *extra):
@@ -17,12 +17,18 @@ def _train(corpus, *extra):
     return run.stdout + run.stderr
 
 
-def test_two_ranks_print_one_summary_the_steps_and_no_library_warnings(corpus):
-    # a REFINE run with a log-prob parity tolerance of 0: the project's own warning must come through
+def test_two_ranks_print_one_summary_the_steps_and_no_library_warnings(corpus, tmp_path):
+    # pretraining that saves a checkpoint, then a REFINE run from its weights with a log-prob parity tolerance
+    # of 0: the project's own warning must come through
+    saving = _train(corpus, "--set", f"checkpoint.save={tmp_path / 'ntp'}")
     out = _train(corpus, "--stage", "refine-mid", "--set", "refine.n_chunks=2", "--set", "refine.margin=5",
-                 "--set", "refine.k=3", "--set", "refine.logprob_parity_tolerance=0")
+                 "--set", "refine.k=3", "--set", "refine.logprob_parity_tolerance=0",
+                 "--set", f"checkpoint.load={tmp_path / 'ntp'}", "--set", "checkpoint.finetune=true")
     for message, _, _ in LIBRARY_WARNINGS:
-        assert not message or message not in out, message
+        assert not message or message not in saving + out, message
+    for _, message in LIBRARY_LOG_RECORDS:
+        assert message not in saving + out, message
+    assert "WARNING" not in saving + out and "Warning: " not in saving
     assert "Warning: " not in out.replace("RuntimeWarning: step", "")  # nothing but the project's warning
     assert out.count("megatron-refine train (refine-mid):") == 1 and "  layout " in out
     assert "step     1/2" in out and "step     2/2" in out

@@ -28,11 +28,12 @@ def _save_and_read_common(path):
     start_write_results_queue()
     weight = ShardedTensor.from_rank_offsets("w", torch.ones(3), replica_id=0)
     common = {"iteration": 7, "config": {"model": {"config": "deltanet_tiny"}}}
-    dist_checkpointing.save({"model": {"w": weight}, **common}, str(path))
+    state = {"model": {"w": weight}, **common}
+    dist_checkpointing.save(state, str(path))
     written_by_megatron = (path / megatron_compat.COMMON_STATE_FILE).is_file()
     index = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     embedded = [k for k in index if k.startswith(megatron_compat.COMMON_STATE_KEY)]
-    megatron_compat.write_common_state_file(path)
+    megatron_compat.write_common_state_file(path, state)
     from_file = torch.load(path / megatron_compat.COMMON_STATE_FILE, weights_only=True)
     expected_object = megatron_compat.common_state_object(common)
     return (common, written_by_megatron, embedded, from_file, dist_checkpointing.load_common_state_dict(str(path)),

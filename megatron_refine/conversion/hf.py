@@ -572,12 +572,12 @@ def _save_streamed(sharded: dict, common: dict, groups, folder: Path) -> None:
     from torch.distributed.checkpoint.filesystem import _write_item
     from torch.distributed.checkpoint.planner import WriteItemType
 
-    from megatron_refine.megatron_compat import COMMON_STATE_FILE, COMMON_STATE_KEY, common_state_object
+    from megatron_refine.megatron_compat import COMMON_STATE_KEY, common_state_object, write_common_state_file
 
     strategy = get_default_save_sharded_strategy()
     # dist_checkpointing.save's own preprocessing (factories applied, sharding validated) on the meta tensors
     meta_part, common_state = save_preprocess({"model": dict(sharded), **common})
-    torch.save(common_state, folder / COMMON_STATE_FILE)  # what our saves write on every release
+    write_common_state_file(folder, common_state)  # what save_checkpoint leaves on every release
     if (embedded := common_state_object(common_state)) is not None:
         meta_part[COMMON_STATE_KEY] = embedded
     meta_part, _, _ = _replace_state_dict_keys_with_sharded_keys(meta_part, strategy.keep_only_main_replica)

@@ -199,7 +199,7 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
     dist_checkpointing.save(state, str(tmp))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        write_common_state_file(tmp)
+        write_common_state_file(tmp, state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         marker_tmp = root / (MARKER + ".tmp")
