@@ -21,16 +21,14 @@ from packaging.version import Version
 MEGATRON_CORE_VERSION = Version(version("megatron-core"))
 
 
-def split_tensor_factory(sharded_tensor, split_sections: list[int], split_names: list[str], split_dim: int):
-    """megatron-core's Gated DeltaNet helper that saves a fused ShardedTensor as named pieces (so a fused
-    projection reshards across TP sizes). 0.16.1 defines it in ssm/gated_delta_net.py; 0.19 turned that module
-    into a package and moved the helper, unchanged, to ssm/utils.py. Imported when called: 0.16.1's module
-    imports fla, which probes the GPU, and the launcher imports this module before forking ranks."""
-    try:
-        from megatron.core.ssm.utils import _split_tensor_factory
-    except ImportError:  # megatron-core < 0.19
-        from megatron.core.ssm.gated_delta_net import _split_tensor_factory
-    return _split_tensor_factory(sharded_tensor, split_sections, split_names, split_dim)
+# Gated DeltaNet's helper that saves a fused ShardedTensor as named pieces (so a fused projection reshards across
+# TP sizes): 0.16.1 defines it in ssm/gated_delta_net.py; 0.19 turned that module into a package and moved the
+# helper, unchanged, to ssm/utils.py. (0.16.1's module imports fla, which probes the GPU: the launcher's modules
+# must not import this one; runtime/cpu_compat.py reads MEGATRON_CORE_VERSION only when a CPU runtime starts.)
+try:
+    from megatron.core.ssm.utils import _split_tensor_factory as split_tensor_factory
+except ImportError:  # megatron-core < 0.19
+    from megatron.core.ssm.gated_delta_net import _split_tensor_factory as split_tensor_factory
 
 
 def mlp_submodule(submodules):

@@ -23,8 +23,6 @@ import torch
 from packaging.version import Version
 from torch.overrides import TorchFunctionMode
 
-from megatron_refine.megatron_compat import MEGATRON_CORE_VERSION
-
 
 @dataclass(frozen=True)
 class Patch:
@@ -35,6 +33,10 @@ class Patch:
 
     @property
     def applies(self) -> bool:
+        # imported here: megatron_compat imports megatron-core's GDN module, which on 0.16.1 imports fla, which
+        # probes the GPU; the launcher imports this module before forking ranks
+        from megatron_refine.megatron_compat import MEGATRON_CORE_VERSION
+
         return self.since is None or MEGATRON_CORE_VERSION >= Version(self.since)
 
 
