@@ -32,7 +32,7 @@ def _real_vocab_parity(tp, vocab):
     ntp = model(tokens, None, None, labels=labels)  # [B, T]
     logits = model(tokens, None, None)
     reference = F.cross_entropy(real(logits).flatten(0, 1), labels.flatten(), reduction="none").view_as(ntp)
-    torch.testing.assert_close(ntp, reference.float(), atol=1e-5, rtol=1e-6)  # megatron-core computes it in fp32
+    torch.testing.assert_close(ntp, reference.float(), atol=1e-4, rtol=1e-5)  # fp32 in megatron-core: 4.5e-5 seen 1 run in 12 at 2 threads
     # The padding would have counted: the output layer's own logits (forward without the model's hook, all
     # 128 columns) give a larger loss.
     with torch.no_grad():
