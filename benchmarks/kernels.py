@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                                   # CUDA when available, else CPU; T in {1024, 4096}
     python benchmarks/kernels.py --device cpu --lengths 1024       # quicker
     python benchmarks/kernels.py --device cuda --cases fla --lengths 4096 16384 --heads 16 --head-dim 128
+    python benchmarks/kernels.py --device cpu --lengths 1024 --json kernels.json   # the table as JSON too
 
 Cases (`--cases`, default all three):
 - deltanet: `delta_rule(..., use_reference=True)` (chunked, PyTorch) vs `recurrent_delta_rule` (the decode step
@@ -21,6 +22,7 @@ from megatron_refine.warnings import filter_library_warnings
 filter_library_warnings()  # before the libraries below are imported
 
 import argparse
+import json
 import statistics
 import time
 
@@ -139,13 +141,15 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--lact-chunk", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this host has no CUDA (or torch is a CPU build); use --device cpu")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    print(f"device {device}{gpu}, dtype {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    where = f"device {device}" + (f", GPU {gpu}" if gpu else "")
+    print(f"{where}, dtype {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, B={args.batch} H={args.heads} D={args.head_dim}")
     with_fla = "fla" in args.cases and fla_available(torch.empty(1, device=device, dtype=torch.bfloat16))
     if "fla" in args.cases and not with_fla:
@@ -166,9 +170,21 @@ def main() -> None:
     print("fast = chunked (or fla); baseline = token-by-token recurrence (or the PyTorch chunked path)")
     # The PyTorch chunked delta rule's training cost over its forward (target <= 3: a matmul's backward is two).
     timed = {name: fast for name, fast, _ in rows}
+    ratios = {}
     for T in args.lengths if "deltanet" in args.cases else ():
-        fb, f = timed[f"deltanet T={T} fwd+bwd"], timed[f"deltanet T={T} fwd"]
-        print(f"chunked delta rule (PyTorch) T={T}: fwd+bwd / fwd = {fb / f:.2f}")
+        ratios[T] = timed[f"deltanet T={T} fwd+bwd"] / timed[f"deltanet T={T} fwd"]
+        print(f"chunked delta rule (PyTorch) T={T}: fwd+bwd / fwd = {ratios[T]:.2f}")
+    if args.json:
+        figures = dict(
+            benchmark="kernels", device=str(device), gpu=gpu, dtype=str(dtype).removeprefix("torch."),
+            torch=torch.__version__, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+            repeats=args.repeats, fla=with_fla,
+            rows=[dict(case=name, fast_ms=fast * 1e3, baseline_ms=slow * 1e3, speedup=slow / fast)
+                  for name, fast, slow in rows],
+            chunked_fwd_bwd_over_fwd={str(T): r for T, r in ratios.items()},
+        )
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

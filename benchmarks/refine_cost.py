@@ -3,6 +3,7 @@
     python benchmarks/refine_cost.py                      # T in {256, 512, 1024}
     python benchmarks/refine_cost.py --lengths 512 --mixer lact_tiny
     python benchmarks/refine_cost.py --device cuda --lengths 4096 16384 --hidden 1024 --layers 8 --heads 8
+    python benchmarks/refine_cost.py --lengths 256 --json refine_cost.json   # the tables as JSON too
 
 For each sequence length, on the same batch (forward + backward, no optimizer step):
 - NTP step: the plain next-token loss;
@@ -28,6 +29,7 @@ from megatron_refine.warnings import filter_library_warnings
 filter_library_warnings()  # before the libraries below are imported
 
 import argparse
+import json
 import statistics
 import time
 
@@ -147,6 +149,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--documents", type=int, default=4, help="documents per row in the packed runs")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this host has no CUDA (or torch is a CPU build); use --device cpu")
@@ -166,6 +169,21 @@ def main() -> None:
         for label, parts in (("", split), ("packed", split_packed)):
             print(f"{T:>6} {label:>8} " + " ".join(f"{parts[name] * 1e3:>9.1f}" for name in phases))
     print(f"refine/ntp step time ratio: {rows[-1][5] / rows[-1][4]:.2f}")
+    if args.json:
+        ms = lambda t: t * 1e3  # noqa: E731
+        figures = dict(
+            benchmark="refine_cost", header=header, torch=torch.__version__, mixer=args.mixer, hidden=args.hidden,
+            layers=args.layers, heads=args.heads, batch=args.batch, repeats=args.repeats, documents=args.documents,
+            rows=[dict(T=T, ntp_ms=ms(ntp), refine_ms=ms(refine), reencode_ms=ms(reencode),
+                       refine_over_ntp=refine / ntp, reencode_over_refine=reencode / refine,
+                       packed_ntp_ms=ms(ntp_p), packed_refine_ms=ms(refine_p), packed_refine_over_ntp=refine_p / ntp_p,
+                       split_ms={k: ms(v) for k, v in split.items()},
+                       packed_split_ms={k: ms(v) for k, v in split_packed.items()})
+                  for T, ntp, refine, reencode, ntp_p, refine_p, split, split_packed in rows],
+            packed_refine_over_ntp_at_longest=rows[-1][5] / rows[-1][4],
+        )
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 # Set up a GPU machine that has CUDA PyTorch but no network (e.g. a CUDA image with torch 2.11 + CUDA 13,
 # Triton and transformers, without megatron-core or fla), by carrying wheels into it.
 #
-#   tools/gpu_setup.sh download   # on a machine that reaches PyPI: Python 3.12 x86_64 wheels into .whl/
-#   tools/gpu_setup.sh install    # on the GPU machine, in the repo root: .whl/ and this tree into $SITE
+#   tools/gpu_setup.sh download   # on a machine that reaches PyPI: Python 3.12 x86_64 wheels into .whl/, checked
+#   tools/gpu_setup.sh check      # .whl/ holds each package below once, for Python 3.12 x86_64, <= 64 MiB in all
+#   tools/gpu_setup.sh install    # on the GPU machine, in the repo root: check, then .whl/ and this tree into $SITE
 #   export PYTHONPATH=/tmp/site   # in the same shell, before running anything (install prints it)
+#   tools/gpu_setup.sh packages   # the pinned list, one NAME==VERSION a line
 #
+# WHEEL_DIR (default .whl), SITE (default /tmp/site) and PYTHON (default python3) override the defaults.
 # .whl/ is kept out of git through .git/info/exclude (download adds the line), so a copy of the tracked tree
 # leaves it behind: carry it explicitly. It holds only what the image lacks: megatron-core (CI's Python 3.12 leg's),
-# flash-linear-attention + fla-core, webdataset + braceexpand.
+# flash-linear-attention + fla-core, webdataset + braceexpand, and pytest with the libraries and plugin it loads
+# (tools/gpu_check.sh runs them with plugin autoloading off, so the image's own pytest plugins never load).
 # The project itself is installed from the working tree at install time, so it is never a stale copy.
 #
 # Transformer Engine is left out: every transformer-engine-torch release on PyPI (the PyTorch extension that
@@ -19,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEEL_DIR=.whl
+WHEEL_DIR=${WHEEL_DIR:-.whl}
 SITE=${SITE:-/tmp/site}
 PYTHON=${PYTHON:-python3}
 PACKAGES=(
@@ -28,9 +32,22 @@ PACKAGES=(
     fla-core==0.6.0
     webdataset==1.0.2
     braceexpand==0.1.7
+    pytest==9.2.0
+    pluggy==1.7.0
+    iniconfig==2.3.1
+    packaging==26.4
+    pygments==2.21.0
+    pytest-timeout==2.4.0
 )
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64)
+
+PLATFORM_ARGS=()
+for p in "${PLATFORMS[@]}"; do PLATFORM_ARGS+=(--platform "$p"); done
+
+check() {
+    "$PYTHON" tools/gpu_check.py wheels --dir "$WHEEL_DIR" "${PLATFORM_ARGS[@]}" "${PACKAGES[@]}"
+}
 
 download() {
     local exclude
@@ -38,21 +55,14 @@ download() {
     mkdir -p "$(dirname "$exclude")" "$WHEEL_DIR"
     grep -qxF /.whl/ "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"
     rm -f "$WHEEL_DIR"/*.whl  # one version of each: two would stop the install
-    local platforms=()
-    for p in "${PLATFORMS[@]}"; do platforms+=(--platform "$p"); done
     "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        "${platforms[@]}" -d "$WHEEL_DIR" "${PACKAGES[@]}"
+        "${PLATFORM_ARGS[@]}" -d "$WHEEL_DIR" "${PACKAGES[@]}"
     ls -l "$WHEEL_DIR"
-    local bytes
-    bytes=$(du -cb "$WHEEL_DIR"/*.whl | tail -1 | cut -f1)
-    echo "$WHEEL_DIR: $(ls "$WHEEL_DIR"/*.whl | wc -l) wheels, $(( bytes / 1024 / 1024 )) MiB ($bytes bytes)"
+    check
 }
 
 install() {
-    if ! compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
-        echo "no $WHEEL_DIR/*.whl: run '$0 download' where PyPI is reachable, and carry $WHEEL_DIR along" >&2
-        exit 1
-    fi
+    check
     local pip=("$PYTHON" -m pip install --quiet --no-index --no-deps --no-cache-dir --upgrade --target "$SITE")
     "${pip[@]}" --no-compile "$WHEEL_DIR"/*.whl
     # The project from this tree: setup.py maps kernels/ to megatron_refine.kernels, so PYTHONPATH=. is not enough.
@@ -83,6 +93,9 @@ EOF
 
 case "${1:-}" in
     download) download ;;
+    check) check ;;
     install) install ;;
-    *) echo "usage: $0 download|install  (download where PyPI is reachable, install on the GPU machine)" >&2; exit 2 ;;
+    packages) printf '%s\n' "${PACKAGES[@]}" ;;
+    *) echo "usage: $0 download|check|install|packages  (download where PyPI is reachable, install on the GPU machine)" >&2
+       exit 2 ;;
 esac

@@ -3,9 +3,9 @@
 Layout `[B, T, H, D]` (fla's); fast-weight state `[B, H, K, V]`; q and k L2-normalised by the caller;
 scale defaults to K^-0.5. Packed sequences as in fla: `[1, total, ...]` with `cu_seqlens [N + 1]`, states
 `[N, H, K, V]` (see `kernels/varlen.py`). On CUDA with fla installed and a bf16/fp16 input, `delta_rule`
-runs fla's Triton `chunk_delta_rule` (varlen included); everywhere else (and with `use_reference=True`, or
-when `output_states_after` is asked for) it runs the PyTorch chunked algorithm in `chunk.py`, accumulating
-in fp32.
+runs fla's Triton `chunk_delta_rule` (varlen and branch states included, `fla_path.py`; also on a CPU in fp16
+under Triton's interpreter, as the tests run it); everywhere else (and with `use_reference=True`) it runs the
+PyTorch chunked algorithm in `chunk.py`, accumulating in fp32.
 
 No op here reads a tensor on the host on CUDA (no stream sync per layer or decoding step), except a packed
 layout's lengths, once per `cu_seqlens` tensor. The value checks (finite beta, `cu_seqlens` contents, the
@@ -15,30 +15,15 @@ range of positions given to `states_after`) run on CPU tensors only unless `set_
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from megatron_refine.kernels.delta_rule.chunk import chunk_delta_rule_torch
+from megatron_refine.kernels.delta_rule.fla_path import fla_available, fla_chunk_delta_rule, fla_states_after
 from megatron_refine.kernels.delta_rule.recurrent import delta_rule_step_torch, recurrent_delta_rule_torch
 from megatron_refine.kernels.utils import check_finite, check_positions, check_rank, check_shape
 from megatron_refine.kernels.varlen import ChunkLayout, check_cu_seqlens, packed_layout
 
 __all__ = ["delta_rule", "delta_rule_step", "recurrent_delta_rule", "fla_available"]
-
-
-@functools.cache
-def _fla_chunk_delta_rule():
-    try:
-        from fla.ops.delta_rule import chunk_delta_rule
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
-    return chunk_delta_rule
-
-
-def fla_available(x: torch.Tensor) -> bool:
-    """Whether fla's Triton kernel can take this input (CUDA, half precision, fla importable)."""
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _fla_chunk_delta_rule() is not None
 
 
 def _check(q, k, v, beta, initial_state, num_sequences: int | None = None) -> None:
@@ -83,9 +68,10 @@ def delta_rule(
         output_final_state: also return the state after the last token of each sequence (fp32).
         chunk_size: chunk length of the PyTorch path (fla's kernel uses its own).
         output_states_after: also return `states_after`, a function of positions [B, P] (chosen after the
-            forward, e.g. from its outputs) -> the states after those tokens [B, P, H, K, V], read from this
-            forward's chunk-start states plus the writes inside one chunk, differentiable w.r.t. all inputs.
-            With cu_seqlens, positions index the packed time axis.
+            forward, e.g. from its outputs) -> the states after those tokens [B, P, H, K, V] (fp32),
+            differentiable w.r.t. k, v, beta and initial_state: on the PyTorch path read from this forward's
+            chunk-start states plus the writes inside one chunk; on fla's kernel by the kernel chained over the
+            prefix cut at the positions (`fla_path.py`). With cu_seqlens, positions index the packed time axis.
         cu_seqlens: [N + 1] packed sequence starts (inputs [1, total, ...]): the state restarts at each.
         use_reference: force the PyTorch path even where fla's kernel could run.
 
@@ -99,11 +85,20 @@ def delta_rule(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not (output_states_after or use_reference) and fla_available(q):
-        return _fla_chunk_delta_rule()(
+    if not use_reference and fla_available(q):
+        o, final_state = fla_chunk_delta_rule()(
             q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
         )
+        if not output_states_after:
+            return o, final_state
+        reader = fla_states_after(k, v, beta, scale, initial_state, cu_seqlens)
+
+        def states_after(positions: torch.Tensor) -> torch.Tensor:  # [B, P] -> [B, P, H, K, V]
+            check_positions(positions, B, T)
+            return reader(positions)
+
+        return o, final_state, states_after
     if cu_seqlens is None:  # short rows (REFINE's k rollout tokens) get one chunk of their length, not a padded one
         layout = ChunkLayout.for_batch(B, T, min(chunk_size, T), q.device)
     else:

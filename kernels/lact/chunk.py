@@ -274,7 +274,7 @@ def lact_swiglu_step_torch(
     w = tuple(_fold_weights(x) for x in (state.w0, state.w1, state.w2))
     o = swiglu_apply(*w, q.to(acc).reshape(N * H, 1, D)).view(N, H, D)
 
-    slot = F.one_hot(state.length, C).to(acc)  # [N, C]
+    slot = (torch.arange(C, device=state.length.device) == state.length[:, None]).to(acc)  # [N, C]: one-hot, no read
     kb = state.k + slot[..., None, None] * k.to(acc)[:, None]
     vb = state.v + slot[..., None, None] * v.to(acc)[:, None]
     lrb = state.lr + slot[..., None, None] * lr.to(acc)[:, None]

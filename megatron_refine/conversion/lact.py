@@ -1,9 +1,11 @@
 """LaCT <-> the authors' `lact_swiglu` Hugging Face format: config fields and tensor names
 (../shared/specs/architectures.md), plus this project's modeling code shipped in every export (`lact_hf/`).
 
-Megatron and the authors name the layer's own tensors alike (`qkv` = cat[q | k | v], `lr_proj`, `qk_scale`,
-`w0.w_left`, ...); what differs is the block around it (`input_layernorm` / `attn_norm`, `out_proj` / `o_proj`,
-`momentum_proj` / `momentum_proj.0` (their nn.Sequential with the sigmoid), `linear_fc1` = cat[gate | up]).
+Megatron fuses the authors' projections of the hidden state: `in_proj` = cat[qkv | lr_proj | momentum_proj |
+ttt_scale_proj] along dim 0 and `rate_bias` = cat of the last three's biases (models/lact.py: input_projections);
+split, they and the layer's other tensors go by the authors' names (`qkv` = cat[q | k | v], `lr_proj`, `qk_scale`,
+`w0.w_left`, ...), but for `momentum_proj.0` (their nn.Sequential with the sigmoid) and the block around the mixer
+(`input_layernorm` / `attn_norm`, `out_proj` / `o_proj`, `linear_fc1` = cat[gate | up]).
 The mapping works on whole (TP=1) tensors: the checkpoint code reshards before and after.
 """
 
@@ -15,6 +17,7 @@ import torch
 
 from megatron_refine.conversion.common import check_supported, preset_overrides
 from megatron_refine.models.config import FastWeightConfig, fla_intermediate_size
+from megatron_refine.models.lact import input_projections
 
 MODEL_TYPE = "lact_swiglu"
 BASE_PRESET = "lact_760m"  # imports are written as this preset plus the fields that differ
@@ -43,7 +46,8 @@ UNSUPPORTED = (
 
 
 def _attn_pieces(cfg: FastWeightConfig) -> list[tuple[str, str]]:
-    """(Megatron name under self_attention., authors' name under attn.) of the mixer's tensors."""
+    """(Megatron name under self_attention., authors' name under attn.) of the mixer's tensors; in_proj's and
+    rate_bias's pieces by their projection's tensor's name (`_fused`)."""
     pieces = [("qkv.weight", "qkv.weight"), ("lr_proj.weight", "lr_proj.weight"), ("lr_proj.bias", "lr_proj.bias"),
               ("qk_scale", "qk_scale"), ("qk_offset", "qk_offset"), ("w1", "w1"),
               ("ttt_norm.weight", "ttt_norm.weight"), ("out_proj.weight", "o_proj.weight")]
@@ -57,11 +61,23 @@ def _attn_pieces(cfg: FastWeightConfig) -> list[tuple[str, str]]:
     return pieces
 
 
+def _fused(cfg: FastWeightConfig) -> dict[str, list[tuple[str, int]]]:
+    """{fused Megatron tensor: its pieces (projection's tensor, rows) in order} (models/lact.py)."""
+    projections = input_projections(cfg)
+    return {"in_proj.weight": [(f"{name}.weight", rows) for name, rows in projections],
+            "rate_bias": [(f"{name}.bias", rows) for name, rows in projections[1:]]}
+
+
 def layer_to_hf(cfg: FastWeightConfig, i: int, get) -> dict[str, torch.Tensor]:
     """Layer i's authors' tensors; `get(megatron name)` returns a whole Megatron tensor."""
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+    unfused = {}
+    for fused, pieces in _fused(cfg).items():
+        rows = get(f"{m}self_attention.{fused}").split([n for _, n in pieces])
+        unfused.update(zip((name for name, _ in pieces), rows))
     out = {f"{h}attn_norm.weight": get(f"{m}input_layernorm.weight")}
-    out.update({f"{h}attn.{ours}": get(f"{m}self_attention.{mine}") for mine, ours in _attn_pieces(cfg)})
+    out.update({f"{h}attn.{ours}": unfused.pop(mine) if mine in unfused else get(f"{m}self_attention.{mine}")
+                for mine, ours in _attn_pieces(cfg)})
     out[f"{h}mlp_norm.weight"] = get(f"{m}pre_mlp_layernorm.weight")
     out[f"{h}mlp.gate_proj.weight"], out[f"{h}mlp.up_proj.weight"] = get(f"{m}mlp.linear_fc1.weight").chunk(2)
     out[f"{h}mlp.down_proj.weight"] = get(f"{m}mlp.linear_fc2.weight")
@@ -71,8 +87,10 @@ def layer_to_hf(cfg: FastWeightConfig, i: int, get) -> dict[str, torch.Tensor]:
 def layer_from_hf(cfg: FastWeightConfig, i: int, get) -> dict[str, torch.Tensor]:
     """Layer i's Megatron tensors; `get(authors' name)` returns a tensor of the HF checkpoint."""
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+    attn = {mine: get(f"{h}attn.{ours}") for mine, ours in _attn_pieces(cfg)}
+    fused = {name: torch.cat([attn.pop(piece) for piece, _ in pieces]) for name, pieces in _fused(cfg).items()}
     out = {f"{m}input_layernorm.weight": get(f"{h}attn_norm.weight")}
-    out.update({f"{m}self_attention.{mine}": get(f"{h}attn.{ours}") for mine, ours in _attn_pieces(cfg)})
+    out.update({f"{m}self_attention.{mine}": t for mine, t in (fused | attn).items()})
     out[f"{m}pre_mlp_layernorm.weight"] = get(f"{h}mlp_norm.weight")
     out[f"{m}mlp.linear_fc1.weight"] = torch.cat([get(f"{h}mlp.gate_proj.weight"), get(f"{h}mlp.up_proj.weight")])
     out[f"{m}mlp.linear_fc2.weight"] = get(f"{h}mlp.down_proj.weight")

@@ -1,8 +1,9 @@
 """`megatron-refine eval`: greedy answers to evaluation prompts with the cached decoder, scored and tabulated.
 
 Prompts of any lengths run together: a batch is packed into one row whose documents restart the fast-weight
-state (models/packing.py), one forward keeps each prompt's decoding state after its last token, and the cached
-decoder then steps all of them at once, each stopping at EOS or its task's token budget. Packing leaves every
+state (models/packing.py), one forward keeps each prompt's decoding state after its last token (`prefill`: the
+kernels' final states), and the cached decoder then steps all of them at once, each stopping at EOS or its
+task's token budget. Packing leaves every
 prompt's result what it would be alone. Examples are split over data-parallel ranks; the scores are gathered,
 grouped by (task, length), and written as a console table, results.json and results.csv.
 """
@@ -37,8 +38,9 @@ def generate_packed(model: FastWeightGPTModel, prompts: list[list[int]], max_new
     pad = (-len(flat)) % tp if sp else 0  # the sequence split over TP: padding as a document of its own
     tokens = torch.tensor([flat + [0] * pad], device=device)
     cu_seqlens = torch.cat([ends.new_zeros(1), ends] + ([ends[-1:] + pad] if pad else []))
-    out = model.forward_with_branch_states(tokens, packed_seq_params(cu_seqlens))
-    logits, cache = out.logits[0, ends - 1], out.states_after((ends - 1)[None])  # [N, V/t], N rows
+    logits, cache = model.prefill(tokens, packed_seq_params(cu_seqlens))  # [N, V/t], N rows (+ the padding's)
+    if pad:
+        logits, cache = logits[:-1], cache.select(torch.arange(len(rows), device=device))
     budgets = torch.tensor(max_new_tokens + [1] * (len(rows) - len(prompts)))
     outputs, done = [[] for _ in rows], torch.zeros(len(rows), dtype=torch.bool)
     for i in range(int(budgets.max())):
@@ -179,6 +181,13 @@ def checkpoint_model(load: str | Path) -> tuple[dict, dict]:
     return common, model_args
 
 
+def checkpoint_bf16(common: dict, cuda: bool) -> bool:
+    """Whether to evaluate in bf16: on CUDA the dtype the checkpoint trained in (its `bf16`, which defaults to on
+    there, as the trainer's), so fla's kernels run and `eval --ttt`'s model is the same; fp32 on a CPU."""
+    saved = (common.get("config") or {}).get("bf16")
+    return cuda and (saved is None or bool(saved))
+
+
 def load_model(load: str | Path, tokenizer: str | None = None, sequence_parallel: bool = False):
     """The newest checkpoint of `load` on the current parallel layout (any saved layout), and its tokenizer:
     `tokenizer` ("byte" or a tokenizer.json), else the one its training data recorded."""
@@ -187,9 +196,11 @@ def load_model(load: str | Path, tokenizer: str | None = None, sequence_parallel
 
     common, model_args = checkpoint_model(load)
     cuda = torch.distributed.get_backend() == "nccl"
+    dtype = dict(params_dtype=torch.bfloat16, bf16=True) if checkpoint_bf16(common, cuda) else {}
     config = get_config(model_args["config"], **{
         **model_args.get("overrides", {}), "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-        "sequence_parallel": sequence_parallel, "use_cpu_initialization": not cuda, "perform_initialization": False})
+        "sequence_parallel": sequence_parallel, "use_cpu_initialization": not cuda, "perform_initialization": False,
+        **dtype})
     model = build_model(config, common["vocab_size"])
     if cuda:
         model.cuda()

@@ -72,12 +72,14 @@ def ttt_config(args, examples: list[EvalExample], tokenizer):
     """The stage-ttt training config of `--ttt`: the preset ttt-refine / ttt-ntp, the checkpoint's model, eval's
     parallel layout, then `--set` overrides; rows long enough for the longest prompt and an answer budget, unless
     `--set data.seq_length` says otherwise. One round (refine.mini_batches steps) per batch of --batch-size."""
-    from megatron_refine.evaluation.runner import checkpoint_model
+    from megatron_refine.evaluation.runner import checkpoint_bf16, checkpoint_model
     from megatron_refine.refine import min_sequence_length
     from megatron_refine.training import load_config
 
-    _, model = checkpoint_model(args.load)
-    fixed = [f"model.config={model['config']}", f"model.overrides={json.dumps(model.get('overrides', {}))}",
+    common, model = checkpoint_model(args.load)
+    cuda = args.device == "cuda" if args.device else torch.cuda.is_available()
+    fixed = [f"bf16={str(checkpoint_bf16(common, cuda)).lower()}",  # as plain eval loads it: the no-TTT column's
+             f"model.config={model['config']}", f"model.overrides={json.dumps(model.get('overrides', {}))}",
              f"checkpoint.load={args.load}", "checkpoint.finetune=true",
              f"parallel.tensor_model_parallel_size={args.tensor_model_parallel_size}",
              f"parallel.sequence_parallel={str(args.sequence_parallel).lower()}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -76,6 +78,29 @@ def split_fused(sharded_state_dict: dict, key: str, pieces: list[tuple[str, int]
     sharded_state_dict[key] = split_tensor_factory(
         sharded_state_dict[key], [size // tp for _, size in pieces], [name for name, _ in pieces], 0
     )
+
+
+def split_fused_into(sharded_state_dict: dict, prefix: str, name: str, pieces: list[tuple[str, int]], tp: int) -> None:
+    """As `split_fused`, with each piece saved under a name of its own beside the fused tensor's, not below it:
+    `name` is the fused tensor's name in the module at `prefix`, `pieces` are (piece name in that module, global
+    size along dim 0). A projection fused from separate ones keeps their checkpoint keys this way (e.g.
+    "in_proj.weight" saved as "qkv.weight.query", ..., "lr_proj.weight"), optimizer states' included (the same key
+    behind their own prefix)."""
+    key = f"{prefix}{name}"
+    labels = [str(i) for i in range(len(pieces))]
+    factory = split_tensor_factory(sharded_state_dict[key], [size // tp for _, size in pieces], labels, 0)
+    build_labelled = factory.build_fn
+
+    def build(fused_key: str, *args, **kwargs):
+        if not fused_key.endswith(name):
+            raise ValueError(f"{fused_key} is not the checkpoint key of a tensor named {name}")
+        module_key = fused_key[: len(fused_key) - len(name)]
+        chunks = build_labelled(fused_key, *args, **kwargs)
+        for chunk in chunks:  # megatron-core names piece i f"{fused_key}.{i}"
+            chunk.key = module_key + pieces[int(chunk.key.rsplit(".", 1)[1])][0]
+        return chunks
+
+    sharded_state_dict[key] = replace(factory, build_fn=build)
 
 
 def mixer_sharded_state_dict(

@@ -27,7 +27,7 @@ from megatron_refine.kernels import delta_rule, delta_rule_step
 from megatron_refine.kernels.utils import compute_dtype
 from megatron_refine.models.common import causal_conv1d, l2_norm, mixer_sharded_state_dict, param_device, split_fused
 from megatron_refine.models.config import FastWeightConfig
-from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, gather_window
+from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window
 from megatron_refine.models.norm import HeadRMSNorm
 from megatron_refine.models.packing import Packing
 
@@ -87,7 +87,7 @@ class DeltaNetMixer(MegatronModule):
             init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
             skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
         )
-        self.request: BranchRequest | DecodeRequest | None = None  # set by the model for one call
+        self.request: BranchRequest | PrefillRequest | DecodeRequest | ContinueRequest | None = None  # one call's
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **kwargs):
         """[s(/t), b, h] -> ([s(/t), b, h], bias). In decoding the rows are the sequence dim: [N(/t), 1, h].
@@ -143,13 +143,13 @@ class DeltaNetMixer(MegatronModule):
             kw = dict(chunk_size=cfg.delta_rule_chunk_size, cu_seqlens=cu_seqlens)
             if isinstance(request, ContinueRequest):
                 kw["initial_state"] = cache.state if cache else None
-            branching = isinstance(request, BranchRequest)
-            o, _, *states_after = delta_rule(packed(q), packed(k), packed(v), packed(beta),
-                                             output_states_after=branching, **kw)
+            branching, prefill = isinstance(request, BranchRequest), isinstance(request, PrefillRequest)
+            o, final_state, *states_after = delta_rule(packed(q), packed(k), packed(v), packed(beta),
+                                                       output_final_state=prefill, output_states_after=branching, **kw)
             o = o.view(B, T, *o.shape[2:])
-            if branching:
-                request.readers[self.layer_number] = functools.partial(
-                    self._cache_after, states_after[0], conv_inputs, packing)
+            if branching or prefill:
+                read = states_after[0] if branching else functools.partial(_at_sequence_ends, final_state)
+                request.readers[self.layer_number] = functools.partial(self._cache_after, read, conv_inputs, packing)
 
         if cfg.use_output_norm:
             gate = extra[-1].reshape(B, T, self.num_heads, self.head_v_dim) if cfg.use_gate else None
@@ -171,3 +171,9 @@ class DeltaNetMixer(MegatronModule):
         if self.config.use_short_conv:
             split_fused(state, f"{prefix}conv1d.weight", self.pieces[:3], self.tp)
         return state
+
+
+def _at_sequence_ends(final_state: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A prefill's states_after: positions [B, 1] (or [1, N] packed) are every sequence's last token, whose states
+    are the kernel's final states [B or N, H, K, V]."""
+    return final_state.view(*positions.shape, *final_state.shape[1:])

@@ -24,7 +24,18 @@ def sample_tokens(
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already reaches p
         sorted_probs = sorted_probs.masked_fill(outside, 0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return sample_categorical(probs, generator)
+
+
+def sample_categorical(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of weights [N, V] (non-negative, any scale) -> [N], without reading anything on the host.
+
+    The exponential race: argmax(w / E) with E ~ Exp(1) i.i.d. picks index i with probability w_i / sum(w). It is
+    what torch.multinomial(w, 1) computes after its argument checks, which read the weights on the host (two
+    syncs per draw on CUDA); from the same generator state it draws the same indices. Rows of zeros give index 0.
+    """
+    race = torch.empty_like(weights, dtype=torch.float32).exponential_(1, generator=generator)
+    return (weights.float() / race).argmax(-1)
 
 
 def sampling_logits(logits: torch.Tensor, vocab_size: int, banned: int | None = None) -> torch.Tensor:
@@ -59,15 +70,14 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """prompts [B, T] -> new tokens [B, max_new_tokens]: one prefill forward, then one cached step per token."""
+    """prompts [B, T] -> new tokens [B, max_new_tokens]: one prefill forward, then one cached step per token; no
+    host read of a tensor (the decoder runs ahead of the GPU)."""
     B, T = prompts.shape
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pad = (-B) % tp if model.config.sequence_parallel else 0  # decoding rows split over TP under SP
     if pad:
         prompts = torch.cat([prompts, prompts[-1:].expand(pad, T)])
-    last = torch.full((prompts.shape[0], 1), T - 1, device=prompts.device)
-    out = model.forward_with_branch_states(prompts)
-    logits, cache = out.logits[:, -1], out.states_after(last)
+    logits, cache = model.prefill(prompts)
     tokens = []
     for i in range(max_new_tokens):
         full = sampling_logits(logits, model.tokenizer_vocab_size)

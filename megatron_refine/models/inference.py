@@ -1,10 +1,13 @@
 """Inference state of a fast-weight model: per-layer caches, and the requests the model hands its mixers.
 
-A mixer runs in one of four ways, chosen by the request the model sets on it for one call:
+A mixer runs in one of five ways, chosen by the request the model sets on it for one call:
 - none: the training forward over full sequences;
 - `BranchRequest()`: the training forward, and each mixer also leaves in `request.readers` a function of
   positions [B, P] (chosen after the forward) -> its decoding state after them (B * P rows, ordered (b, p)),
   read differentiably from what this forward computed;
+- `PrefillRequest()`: the same forward, whose readers give the state after the last token of every sequence
+  only (positions [B, 1], or [1, N] for N packed documents), from the kernels' final states (fla's varlen
+  kernel on CUDA): what generation and evaluation start decoding from;
 - `DecodeRequest(cache)`: one token per row; each mixer reads and replaces its layer's entry in the cache;
 - `ContinueRequest(cache)`: the training forward over [N, L] new tokens, each row starting from the cache's
   state (the chunked kernels with initial states, not the decode step). The cache is left as it was.
@@ -57,6 +60,11 @@ class InferenceCache:
 
 @dataclass
 class BranchRequest:
+    readers: dict[int, Callable[[torch.Tensor], Any]] = field(default_factory=dict)  # layer number -> reader
+
+
+@dataclass
+class PrefillRequest:
     readers: dict[int, Callable[[torch.Tensor], Any]] = field(default_factory=dict)  # layer number -> reader
 
 

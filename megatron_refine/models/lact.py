@@ -2,13 +2,17 @@
 
 Parallel layout (TP size t): the attention heads and the fast-weight heads are both split across ranks
 (rank r holds the hidden channels [r h/t, (r+1) h/t), which are whole heads of both kinds).
-    qkv              column-parallel  h -> [q h | k h | v h], each piece /t (shared by SWA and the fast path)
-    lr_proj          column-parallel  h -> 3 rates per fast head (w0, w1, w2), with bias
-    momentum_proj    column-parallel  h -> 1 coefficient per fast head, with bias (then sigmoid)
-    ttt_scale_proj   column-parallel  h -> 1 output scale per fast head, with bias (then silu)
+    in_proj          column-parallel  h -> [q h | k h | v h | lr 3F | momentum F | scale F], each piece /t (F fast
+                     heads): q, k, v (shared by SWA and the fast path), 3 rates per fast head (w0, w1, w2), 1
+                     momentum coefficient (then sigmoid), 1 output scale (then silu); the last two as configured
+    rate_bias        the rates' biases [lr 3F | momentum F | scale F], each piece /t, added after the split (q, k,
+                     v have none)
     qk_scale, qk_offset, w0, w1, w2   sharded by channel / head along dim 0
     ttt_norm         one weight of the fast head dim shared by all heads (gradient all-reduced over TP)
     out_proj         row-parallel     h -> h
+Under sequence parallelism the input is [s/t, b, h]: in_proj gathers the sequence (once), out_proj reduce-scatters it.
+Checkpoints keep the keys of the projections in_proj fuses (`qkv.weight.query`, `lr_proj.weight`, `lr_proj.bias`,
+...: `input_projections`), so they load across TP sizes and from before the fusion.
 """
 
 from __future__ import annotations
@@ -34,9 +38,15 @@ from megatron_refine.models.attention import (
     sliding_window_attention,
     window_attention_step,
 )
-from megatron_refine.models.common import l2_norm, l2_norm_lact, mixer_sharded_state_dict, param_device, split_fused
+from megatron_refine.models.common import (
+    l2_norm,
+    l2_norm_lact,
+    mixer_sharded_state_dict,
+    param_device,
+    split_fused_into,
+)
 from megatron_refine.models.config import FastWeightConfig
-from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, gather_window
+from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window
 from megatron_refine.models.norm import HeadRMSNorm
 from megatron_refine.models.packing import Packing
 
@@ -45,11 +55,19 @@ L2_NORMS = {"lact": l2_norm_lact, "fla": l2_norm}  # FastWeightConfig.ttt_l2_nor
 
 @dataclass
 class LaCTSubmodules:
-    qkv: ModuleSpec | type = IdentityOp
-    lr_proj: ModuleSpec | type = IdentityOp
-    momentum_proj: ModuleSpec | type = IdentityOp
-    ttt_scale_proj: ModuleSpec | type = IdentityOp
+    in_proj: ModuleSpec | type = IdentityOp
     out_proj: ModuleSpec | type = IdentityOp
+
+
+def input_projections(config: FastWeightConfig) -> list[tuple[str, int]]:
+    """The projections of the hidden state that `in_proj` fuses, in its row order: (name, global rows). The first,
+    qkv, has no bias; the others, the fast heads' rates, add their piece of `rate_bias`. Checkpoints and the HF
+    format keep each under its own name."""
+    h, fw = config.hidden_size, config.num_lact_heads
+    projections = [("qkv", 3 * h), ("lr_proj", 3 * fw)]
+    projections += [("momentum_proj", fw)] if config.use_momentum else []
+    projections += [("ttt_scale_proj", fw)] if config.learnable_ttt_scale else []
+    return projections
 
 
 @dataclass
@@ -97,13 +115,15 @@ class LaCTMixer(MegatronModule):
         fw_hidden = int(self.fw_dim * config.inter_multi)
         self.base_lr_inv = math.log(math.expm1(config.lact_base_lr))  # softplus(base_lr_inv) = base lr
 
-        column = dict(config=config, init_method=config.init_method, gather_output=False, skip_bias_add=False, is_expert=False)
-        self.qkv = build_module(submodules.qkv, h, 3 * h, bias=False, tp_comm_buffer_name="qkv", **column)
-        self.lr_proj = build_module(submodules.lr_proj, h, 3 * config.num_lact_heads, bias=True, **column)
-        if config.use_momentum:
-            self.momentum_proj = build_module(submodules.momentum_proj, h, config.num_lact_heads, bias=True, **column)
-        if config.learnable_ttt_scale:
-            self.ttt_scale_proj = build_module(submodules.ttt_scale_proj, h, config.num_lact_heads, bias=True, **column)
+        self.projections = input_projections(config)
+        self.local_sizes = [rows // tp for _, rows in self.projections]
+        self.in_proj = build_module(
+            submodules.in_proj, h, sum(rows for _, rows in self.projections), config=config,
+            init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False, is_expert=False,
+            tp_comm_buffer_name="qkv",
+        )
+        # One bias vector for the rates (zeros, as ColumnParallelLinear's), added after the split: q, k, v get none.
+        self.rate_bias = _sharded_param((sum(self.local_sizes[1:]),), config, torch.nn.init.zeros_)
 
         self.qk_scale = _sharded_param((self.local_hidden, 2), config, torch.nn.init.ones_)
         self.qk_offset = _sharded_param((self.local_hidden, 2), config, torch.nn.init.zeros_)
@@ -125,7 +145,7 @@ class LaCTMixer(MegatronModule):
             submodules.out_proj, h, h, config=config, init_method=config.output_layer_init_method, bias=False,
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
         )
-        self.request: BranchRequest | DecodeRequest | None = None
+        self.request: BranchRequest | PrefillRequest | DecodeRequest | ContinueRequest | None = None
 
     def initial_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         w0 = self.w0() if isinstance(self.w0, LowRankFastWeight) else self.w0
@@ -139,10 +159,6 @@ class LaCTMixer(MegatronModule):
         valid = torch.zeros(rows, cfg.window_size - 1, dtype=torch.bool, device=like.device)
         return LaCTCache(fast, window, window.clone(), valid)
 
-    def _project(self, module, hidden_states, decoding):
-        y, _ = module(hidden_states)
-        return y if decoding else y.transpose(0, 1)  # [B, T, ...]
-
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **kwargs):
         """[s(/t), b, h] -> ([s(/t), b, h], bias). In decoding the rows are the sequence dim: [N(/t), 1, h].
 
@@ -151,9 +167,14 @@ class LaCTMixer(MegatronModule):
         """
         cfg, request = self.config, self.request
         decoding = isinstance(request, DecodeRequest)
-        qkv = self._project(self.qkv, hidden_states, decoding)  # [B, T, 3h/t]
-        B, T = qkv.shape[:2]
-        q, k, v = qkv.chunk(3, dim=-1)
+        x, _ = self.in_proj(hidden_states)
+        x = x if decoding else x.transpose(0, 1)  # [B, T, in/t]; decoding: B = rows, T = 1
+        B, T = x.shape[:2]
+        qkv, *rates = x.split(self.local_sizes, dim=-1)
+        q, k, v = qkv.chunk(3, dim=-1)  # [B, T, h/t] each
+        acc = compute_dtype(q)
+        biases = self.rate_bias.split(self.local_sizes[1:])
+        rates = {name: r.to(acc) + b.to(acc) for (name, _), r, b in zip(self.projections[1:], rates, biases)}
         packing = None if decoding else Packing.from_params(packed_seq_params, B, T)
         if packing is not None and isinstance(request, ContinueRequest):
             raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
@@ -188,12 +209,9 @@ class LaCTMixer(MegatronModule):
         if not cfg.ttt_nope:
             fq = fw_heads(apply_rope(heads(fq), cos, sin))
             fk = fw_heads(apply_rope(heads(fk), cos, sin))
-        acc = compute_dtype(q)
-        lr = F.softplus(self._project(self.lr_proj, hidden_states, decoding).to(acc) + self.base_lr_inv)
+        lr = F.softplus(rates["lr_proj"] + self.base_lr_inv)
         lr0, lr1, lr2 = lr.reshape(B, T, self.num_fw_heads, 3).unbind(-1)
-        momentum = None
-        if cfg.use_momentum:
-            momentum = torch.sigmoid(self._project(self.momentum_proj, hidden_states, decoding).to(acc))
+        momentum = torch.sigmoid(rates["momentum_proj"]) if cfg.use_momentum else None
 
         if decoding:
             fo, fast = lact_swiglu_step(
@@ -216,16 +234,17 @@ class LaCTMixer(MegatronModule):
                 kw["initial_state"] = cache.fast
             else:
                 args += self.initial_weights()
-            branching = isinstance(request, BranchRequest)
-            fo, _, *states_after = lact_swiglu(*args, output_states_after=branching, **kw)
+            branching, prefill = isinstance(request, BranchRequest), isinstance(request, PrefillRequest)
+            fo, final_state, *states_after = lact_swiglu(*args, output_final_state=prefill,
+                                                         output_states_after=branching, **kw)
             fo = fo.view(B, T, *fo.shape[2:])
-            if branching:
-                request.readers[self.layer_number] = functools.partial(
-                    self._cache_after, states_after[0], ka, va, packing)
+            if branching or prefill:  # a prefill's positions are every sequence's last token: the final states
+                read = states_after[0] if branching else (lambda positions: final_state)
+                request.readers[self.layer_number] = functools.partial(self._cache_after, read, ka, va, packing)
 
         fo = self.ttt_norm(fo)
         if cfg.learnable_ttt_scale:
-            scale = F.silu(self._project(self.ttt_scale_proj, hidden_states, decoding).to(acc))
+            scale = F.silu(rates["ttt_scale_proj"])
             fo = (fo.to(acc) * scale[..., None]).to(fo.dtype)
         o = (o_swa.reshape(B, T, -1) + fo.reshape(B, T, -1)).to(hidden_states.dtype)
         o = o if decoding else o.transpose(0, 1)
@@ -241,10 +260,14 @@ class LaCTMixer(MegatronModule):
         return LaCTCache(states_after(packing.flat(positions) if packing else positions), k_window, v_window, valid)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        # qk_scale, qk_offset, w1 (and full-rank w0, w2) are sharded along dim 0, as are low-rank factors.
+        # rate_bias, qk_scale, qk_offset, w1 (and full-rank w0, w2) are sharded along dim 0, as are low-rank factors.
         own = {name: 0 for name, _ in self.named_parameters(recurse=False)}
         low_rank = {n: {"w_left": 0, "w_right": 0} for n, c in self.named_children() if isinstance(c, LowRankFastWeight)}
         state = mixer_sharded_state_dict(self, prefix, sharded_offsets, metadata, own, low_rank)
-        h = self.config.hidden_size
-        split_fused(state, f"{prefix}qkv.weight", [("query", h), ("key", h), ("value", h)], self.tp)
+        # Each projection under its own key (q, k and v apart), as the separate modules saved them.
+        h, rates = self.config.hidden_size, self.projections[1:]
+        weights = [("qkv.weight.query", h), ("qkv.weight.key", h), ("qkv.weight.value", h)]
+        weights += [(f"{n}.weight", rows) for n, rows in rates]
+        split_fused_into(state, prefix, "in_proj.weight", weights, self.tp)
+        split_fused_into(state, prefix, "rate_bias", [(f"{n}.bias", rows) for n, rows in rates], self.tp)
         return state

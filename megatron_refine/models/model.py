@@ -7,6 +7,8 @@ whole model on one pipeline stage:
 - `forward_with_branch_states(input_ids)`: the same forward, whose output can then give every layer's
   decoding state after any positions, chosen from its logits, differentiably (REFINE branches its rollouts
   from these): `out.states_after(positions)`;
+- `prefill(input_ids)`: the same forward without a graph, giving the logits and decoding state after the last
+  token of every row or packed document from the kernels' final states (generation and evaluation);
 - `step(input_ids, cache)`: one token for each of N rows, from an `InferenceCache` (the decoder);
 - `forward_from_cache(input_ids, cache)`: the training forward over L new tokens per row, each row starting
   from the cache (REFINE scores its rollouts with it; it must agree with the decoder).
@@ -31,7 +33,13 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 from megatron_refine.models.config import FastWeightConfig
-from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, InferenceCache
+from megatron_refine.models.inference import (
+    BranchRequest,
+    ContinueRequest,
+    DecodeRequest,
+    InferenceCache,
+    PrefillRequest,
+)
 from megatron_refine.models.packing import Packing
 from megatron_refine.models.specs import get_block_spec
 
@@ -122,6 +130,23 @@ class FastWeightGPTModel(GPTModel):
             logits, hidden = self._whole_model_forward(input_ids, packed_seq_params)
         packing = Packing.from_params(packed_seq_params, *input_ids.shape)
         return BranchOutput(logits.transpose(0, 1), hidden.transpose(0, 1), request.readers, packing)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, packed_seq_params: PackedSeqParams | None = None
+                ) -> tuple[torch.Tensor, InferenceCache]:
+        """input_ids [B, T] (or one row [1, T] of packed documents) -> (vocab-parallel logits after the last token of
+        every sequence [N, V/t], the decoding cache of those N rows): one forward, whose mixers keep only their
+        kernels' final states (fla's varlen kernel on CUDA), not the per-position branch states."""
+        packing = Packing.from_params(packed_seq_params, *input_ids.shape)
+        if packing is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"prefill packs documents into one row, got {input_ids.shape[0]} rows: concatenate them")
+        with self._request(PrefillRequest()) as request:
+            logits, hidden = self._whole_model_forward(input_ids, packed_seq_params)
+        B, T = input_ids.shape
+        last = (packing.cu_seqlens[1:] - 1)[None] if packing else torch.full((B, 1), T - 1, device=input_ids.device)
+        out = BranchOutput(logits.transpose(0, 1), hidden.transpose(0, 1), request.readers, packing)
+        b = torch.arange(last.shape[0], device=last.device)[:, None]
+        return out.logits[b, last].flatten(0, 1), out.states_after(last)
 
     def forward_from_cache(self, input_ids: torch.Tensor, cache: InferenceCache) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids [N, L] following the cache's N rows -> (vocab-parallel logits [N, L, V/t], hidden [N, L, h]).

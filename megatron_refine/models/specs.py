@@ -68,10 +68,7 @@ def get_deltanet_layer_spec(use_te: bool | None = None) -> ModuleSpec:
 
 def get_lact_layer_spec(use_te: bool | None = None) -> ModuleSpec:
     column, row, norm = _modules(use_te)
-    mixer = ModuleSpec(
-        module=LaCTMixer,
-        submodules=LaCTSubmodules(qkv=column, lr_proj=column, momentum_proj=column, ttt_scale_proj=column, out_proj=row),
-    )
+    mixer = ModuleSpec(module=LaCTMixer, submodules=LaCTSubmodules(in_proj=column, out_proj=row))
     return _layer_spec(mixer, column, row, norm)
 
 

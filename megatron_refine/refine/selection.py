@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_refine.models.generation import sample_categorical
+
 MODES = ("entropy", "uniform", "argmax", "argmin")
 
 
@@ -91,7 +93,7 @@ def select_positions(
             pick = scores.masked_fill(~ok, torch.inf).argmin(-1)
         else:
             weights = ok.float() if mode == "uniform" else torch.softmax(scores.masked_fill(~ok, -torch.inf), dim=-1)
-            on = weights.device if generator is None else generator.device  # multinomial wants them together
-            pick = torch.multinomial(weights.to(on), 1, generator=generator)[:, 0].to(scores.device)
+            on = weights.device if generator is None else generator.device  # the generator draws on its device
+            pick = sample_categorical(weights.to(on), generator).to(scores.device)
         positions.append(pick)
     return torch.stack(positions, dim=1)

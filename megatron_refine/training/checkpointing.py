@@ -162,6 +162,24 @@ def model_identity(model) -> dict:
             "vocab_size": model.tokenizer_vocab_size}
 
 
+def parameter_names(model) -> list[str]:
+    """The model's parameters in order: the distributed optimizer's saved state (`dp_reshardable`) follows the
+    gradient buffers' order, which this fixes."""
+    return [name for name, _ in model.named_parameters()]
+
+
+def _check_parameter_order(path: Path, common: dict, model) -> None:
+    """The distributed optimizer's state resumes only onto the parameters it was saved from, in the same order.
+    Checkpoints before this record: LaCT's then had four input projections where it now has one (`in_proj`)."""
+    saved = common.get("parameter_names")
+    if saved == parameter_names(model) or (saved is None and model.config.mixer != "lact"):
+        return
+    why = ("was saved before LaCT's input projections were fused" if saved is None
+           else "holds the optimizer state of other parameters (or another order)")
+    raise ValueError(f"{path} {why}: its distributed-optimizer state does not resume onto this model; load the "
+                     "weights only with checkpoint.finetune=true (the optimizer starts afresh)")
+
+
 def _describe(identity: dict) -> str:
     return (f"{identity['mixer']} ({identity['num_layers']} layers, hidden {identity['hidden_size']}, "
             f"{identity['num_attention_heads']} heads, MLP {identity['ffn_hidden_size']}, vocab {identity['vocab_size']})")
@@ -189,6 +207,7 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
         "iteration": iteration,
         "layout": _layout(),
         "distributed_optimizer": _is_distributed(optimizer),
+        "parameter_names": parameter_names(model),
         "vocab_size": model.tokenizer_vocab_size,
         "model_identity": model_identity(model),
         "tokenizer_hash": loader.dataset.tokenizer_hash,
@@ -395,6 +414,8 @@ def _load_one(path: Path, model, optimizer, scheduler, loader, dataset, allow_to
             f"{path} was saved {'with' if common.get('distributed_optimizer') else 'without'} the distributed "
             "optimizer: resume with the same optimizer.use_distributed_optimizer, or use finetune (weights only)"
         )
+    if _is_distributed(optimizer):
+        _check_parameter_order(path, common, model)
     same_dp = saved["dp"] == layout["dp"]
     same_data = common.get("data_path") in (None, str(Path(loader.dataset.path).resolve()))
     _allocate_optimizer_state(optimizer)

@@ -18,10 +18,11 @@ layer keeps only its input, plus one layer's full set while it is recomputed. Th
 their fp32 softmax add 6 V / TP bytes a token on the last stage. These are estimates from shapes: allocator
 fragmentation, communication buffers and kernel workspaces (typically a few GB) come on top.
 
-REFINE's extra (mid-training, `n_chunks` positions a document): the forward that keeps branch states runs
-DeltaNet's PyTorch chunked path instead of fla's kernel, which keeps fp32 intermediates and every chunk-start
-state (measured on a CPU: about 88 h bytes a token a layer, plus the states; fla's kernel for it is issue 18's
-part 2); the decoder holds n_chunks x n rollout states per layer. REFINE cannot use activation recomputation
+REFINE's extra (mid-training, `n_chunks` positions a document): DeltaNet's branch states on fla's kernel are read
+by the kernel chained over the prefix cut at the positions (`kernels/delta_rule/fla_path.py`), whose backward
+keeps its own bf16 copies of k, v and beta and fla's per-chunk matrix A (64 values a token and head) over the
+prefix (`deltanet_branch_bytes`; off CUDA the PyTorch chunked path keeps more, `deltanet_reference_bytes`); the
+decoder holds n_chunks x n rollout states per layer. REFINE cannot use activation recomputation
 (`TrainConfig.validate` refuses it: a recomputed layer would detach the branch states it leaves beside its output).
 The step time is 6 P FLOPs a token (forward + backward; the fast-weight kernels and the logits add a
 few percent) at a given MFU of the GPU's dense bf16 peak.
@@ -94,6 +95,14 @@ def deltanet_reference_bytes(config: FastWeightConfig) -> float:
     return 88 * config.hidden_size + 4 * deltanet_state_values(config) / config.delta_rule_chunk_size
 
 
+def deltanet_branch_bytes(config: FastWeightConfig) -> float:
+    """Bytes a token of a layer's mixer keeps for REFINE's branch states on fla's kernel (on CUDA): the chained
+    kernel's bf16 copies of k, v and beta and fla's saved A [T, H, 64] (its q is k: no copy). From the tensors
+    `chunk_delta_rule` saves (fla 0.6), not measured: fla's kernels do not run on a CPU outside the interpreter."""
+    heads = config.num_attention_heads
+    return 2 * (config.key_dim + config.value_dim + heads + 64 * heads)
+
+
 @dataclass
 class Layout:
     """How a run is laid out: sizes per GPU follow from these."""
@@ -140,9 +149,7 @@ def estimate(config: FastWeightConfig, vocab_size: int, layout: Layout, mfu: flo
     if layout.refine:
         if config.mixer == "deltanet":
             state = deltanet_state_values(config)
-            # the branch forward runs the PyTorch path instead of fla's kernel: what it keeps beyond fla's
-            fla = layer_activation_bytes(config, layout.seq_length) - 2 * (2 * config.hidden_size + 6 * config.ffn_hidden_size)
-            branch = layers * tokens * (deltanet_reference_bytes(config) - fla) / tp
+            branch = layers * tokens * deltanet_branch_bytes(config) / tp  # the chain over (about) the whole row
         else:  # LaCT runs the same PyTorch path either way: the activations above hold it
             state = 3 * config.num_lact_heads * config.lact_head_dim * int(config.lact_head_dim * config.inter_multi)
             branch = 0.0
@@ -154,5 +161,5 @@ def estimate(config: FastWeightConfig, vocab_size: int, layout: Layout, mfu: flo
     return out
 
 
-__all__ = ["FIT_GIB", "GIB", "H100_BF16_FLOPS", "H100_MEMORY_GIB", "Layout", "deltanet_reference_bytes",
-           "estimate", "layer_activation_bytes", "parameter_count"]
+__all__ = ["FIT_GIB", "GIB", "H100_BF16_FLOPS", "H100_MEMORY_GIB", "Layout", "deltanet_branch_bytes",
+           "deltanet_reference_bytes", "estimate", "layer_activation_bytes", "parameter_count"]

@@ -93,3 +93,14 @@ def test_eval_command_end_to_end(tmp_path):
     assert len(results["examples"]) == 2 * 2 * 3  # tasks x lengths x samples, split over 2 DP ranks and gathered
     assert {(r["task"], r["length"]) for r in results["summary"]} >= {("niah_single", 768), ("niah_multivalue", 1024)}
     assert (tmp_path / "eval" / "results.csv").read_text().startswith("task,length,n,score,ci_low,ci_high")
+
+
+def test_eval_takes_the_checkpoints_training_dtype_on_cuda():
+    """On CUDA eval loads the model in bf16 when it trained so (the default there), as `eval --ttt`'s trainer does;
+    on a CPU in fp32."""
+    from megatron_refine.evaluation.runner import checkpoint_bf16
+
+    for saved, on_cuda in ((None, True), (True, True), (False, False)):
+        common = {"config": {"bf16": saved}}
+        assert checkpoint_bf16(common, cuda=True) is on_cuda
+        assert checkpoint_bf16(common, cuda=False) is False

@@ -135,6 +135,7 @@ def test_bad_positions_raise():
         delta_rule(q, k, v, beta, output_states_after=True)[2](torch.tensor([[1]]))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernel needs CUDA")
 def test_fla_kernel_matches_reference_in_bf16():
     q, k, v, beta, h0 = (x.cuda() for x in make_inputs(B=2, T=300, H=4, K=64, V=64))
@@ -143,6 +144,7 @@ def test_fla_kernel_matches_reference_in_bf16():
     _assert_fla_matches_reference(args, initial_state=h0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernel needs CUDA")
 def test_fla_varlen_kernel_matches_reference_in_bf16():
     lengths = [70, 1, 129, 100]

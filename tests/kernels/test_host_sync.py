@@ -218,6 +218,7 @@ def test_packing_validates_the_document_starts_once_per_forward():
         Packing.from_params(packed_seq_params(torch.tensor([0, 5, 79])), 2, 40)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_stream_sync_in_bf16_forward_and_decode_step_on_cuda():
     """fla's kernel (or the PyTorch path), LaCT's chunked forward and both decode steps, plain and packed, after a

@@ -85,6 +85,7 @@ def test_cpu_dispatch_runs_dense_and_past_with_documents_is_refused():
 
 
 @cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("packed", [False, True])
 def test_flex_matches_dense_on_cuda_in_bf16(packed):
     T, window = 4096, 2048
@@ -101,6 +102,7 @@ def test_flex_matches_dense_on_cuda_in_bf16(packed):
 
 
 @cuda
+@pytest.mark.cuda
 def test_flex_memory_grows_linearly_in_length():
     def peak_extra(T):
         q, k, v = _qkv(1, T, H=4, D=64, dtype=torch.bfloat16, device="cuda")

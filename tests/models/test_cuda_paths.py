@@ -10,7 +10,7 @@ from megatron_refine.models.specs import te_available
 from megatron_refine.runtime import initialize, spawn
 from megatron_refine.training.checkpointing import load_model_weights, start_write_results_queue
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _bf16_model(name, use_te):

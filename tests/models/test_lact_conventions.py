@@ -43,8 +43,10 @@ def _spec_layer(mixer, x, l2, eps):
     cfg = mixer.config
     B, T, h = x.shape
     hd, H, D = cfg.attention_head_dim, cfg.num_lact_heads, cfg.lact_head_dim
-    linear = lambda m, y: F.linear(y, m.weight, m.bias)  # noqa: E731
-    q, k, v = linear(mixer.qkv, x).chunk(3, dim=-1)
+    # in_proj fuses the spec's projections qkv (no bias), lr_proj, momentum_proj, ttt_scale_proj (biases in rate_bias)
+    w_qkv, w_lr, w_momentum, w_scale = mixer.in_proj.weight.split([3 * h, 3 * H, H, H])
+    b_lr, b_momentum, b_scale = mixer.rate_bias.split([3 * H, H, H])
+    q, k, v = F.linear(x, w_qkv).chunk(3, dim=-1)
     half = hd // 2
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     angle = torch.arange(T, dtype=torch.float64)[:, None, None] * inv_freq  # [T, 1, hd/2]
@@ -65,14 +67,14 @@ def _spec_layer(mixer, x, l2, eps):
     fq = l2(heads(F.silu(q * mixer.qk_scale[:, 0] + mixer.qk_offset[:, 0])))
     fk = l2(heads(F.silu(k * mixer.qk_scale[:, 1] + mixer.qk_offset[:, 1])))
     fq, fk, fv = heads(rope(fq.reshape(B, T, h))), heads(rope(fk.reshape(B, T, h))), heads(F.silu(v))
-    lr = F.softplus(linear(mixer.lr_proj, x) + mixer.base_lr_inv).reshape(B, T, H, 3)
-    momentum = torch.sigmoid(linear(mixer.momentum_proj, x))
+    lr = F.softplus(F.linear(x, w_lr, b_lr) + mixer.base_lr_inv).reshape(B, T, H, 3)
+    momentum = torch.sigmoid(F.linear(x, w_momentum, b_momentum))
     from megatron_refine.kernels import lact_swiglu
 
     fo, _ = lact_swiglu(fq, fk, fv, *lr.unbind(-1), *mixer.initial_weights(), chunk_size=cfg.lact_chunk_size,
                         momentum=momentum, use_muon=cfg.use_muon)
     fo = fo * torch.rsqrt(fo.pow(2).mean(-1, keepdim=True) + eps) * mixer.ttt_norm.weight
-    fo = fo * F.silu(linear(mixer.ttt_scale_proj, x))[..., None]
+    fo = fo * F.silu(F.linear(x, w_scale, b_scale))[..., None]
     return F.linear(o_swa.reshape(B, T, h) + fo.reshape(B, T, h), mixer.out_proj.weight)
 
 
@@ -88,7 +90,9 @@ def _mixer_follows_the_config():
                                        params_dtype=torch.float64)
         mixer = model.decoder.layers[0].self_attention
         assert mixer.ttt_norm.eps == eps
-        weights = weights or {n: p.detach().clone() for n, p in mixer.named_parameters()}
+        if weights is None:  # nonzero rate biases (they start at zero), so the check sees where they are added
+            weights = {n: p.detach().clone() for n, p in mixer.named_parameters()}
+            weights["rate_bias"].normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():  # the same weights under every convention
             for n, p in mixer.named_parameters():
                 p.copy_(weights[n])

@@ -70,8 +70,8 @@ def _rollouts_read_nothing_on_the_host(device):
             torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_rollouts_branch_decode_and_score_without_reading_the_device(device):
     """DeltaNet: reading the branch states, the k - 1 decode steps of every rollout and the scoring forward make
     no host read (on CUDA: no stream synchronisation), so the GPU never waits for the host inside the loop."""

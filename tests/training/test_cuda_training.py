@@ -7,7 +7,7 @@ import torch
 from megatron_refine.runtime import spawn
 from megatron_refine.training import load_config, train
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _train(corpus, root, steps, *extra):

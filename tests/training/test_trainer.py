@@ -290,3 +290,28 @@ def _eod_masked_loss(corpus):
 def test_eod_mask_loss_leaves_out_the_token_after_each_document(corpus):
     loss, expected, unmasked = spawn(_eod_masked_loss, 1, corpus)[0]
     assert math.isclose(loss, expected, rel_tol=1e-6) and not math.isclose(loss, unmasked, rel_tol=1e-5)
+
+
+def _lact_steps(corpus, root, load, *extra):
+    cfg = load_config("tiny-lact", [
+        f"data.path={corpus}", f"data.seq_length={SEQ}", "data.micro_batch_size=2", "data.global_batch_size=2",
+        "optimizer.warmup_steps=0", "logging.log_interval=100", "device=cpu", "train_steps=1",
+        f"checkpoint.save={root / 'out'}",
+        DISTRIBUTED_OPTIMIZER, *([f"checkpoint.load={root}"] if load else []), *extra])
+    return train(cfg).losses
+
+
+def test_distributed_optimizer_state_of_another_parameter_order_is_refused(corpus, tmp_path):
+    """A LaCT checkpoint from before its input projections were fused (no parameter list recorded) has its
+    distributed-optimizer state in the old order: resuming is refused with the fix, finetune loads the weights."""
+    from megatron_refine.megatron_compat import COMMON_STATE_FILE
+    from megatron_refine.training.checkpointing import checkpoint_dir
+
+    spawn(_lact_steps, 1, corpus, tmp_path, False, f"checkpoint.save={tmp_path}")
+    common_file = checkpoint_dir(tmp_path, 1) / COMMON_STATE_FILE
+    common = torch.load(common_file, weights_only=False)
+    assert common.pop("parameter_names")[0].startswith("embedding.")
+    torch.save(common, common_file)
+    with pytest.raises(RankFailed, match="before LaCT's input projections were fused.*checkpoint.finetune=true"):
+        spawn(_lact_steps, 1, corpus, tmp_path, True, "train_steps=2")
+    assert len(spawn(_lact_steps, 1, corpus, tmp_path, True, "train_steps=2", "checkpoint.finetune=true")[0]) == 2
