@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -43,57 +44,79 @@ def fla_available(x: torch.Tensor) -> bool:
     return usable and fla_chunk_delta_rule() is not None
 
 
+@dataclass
+class _Segments:
+    """One varlen call of the chain: segment i runs tokens index[cu[i]:cu[i + 1]] of the flat time axis."""
+
+    index: torch.Tensor  # [total] token indices
+    cu_seqlens: torch.Tensor  # [n + 1], on the device
+    cu_seqlens_cpu: torch.Tensor  # the same on the host: fla reads no lengths back
+    sequences: list[int]  # the sequence of each segment
+    init_rows: torch.Tensor | None  # [n]: each segment's initial state, a row of the previous call's final states
+
+
+@dataclass
+class _Plan:
+    calls: list[_Segments]
+    rows: torch.Tensor  # [B * P]: each position's row in the concatenated final states of all calls
+
+
+def _plan(positions: torch.Tensor, B: int, T: int, cu_seqlens: torch.Tensor | None) -> _Plan:
+    """Where to cut the prefixes for positions [B, P]: read on the host once per positions tensor (and cu_seqlens),
+    then kept on the tensor for every layer that reads the same positions (as fla caches its varlen indices)."""
+    key = (B, T, cu_seqlens)
+    cached = getattr(positions, "_fla_branch_plan", None)
+    if cached is not None and cached[0][:2] == key[:2] and cached[0][2] is cu_seqlens:
+        return cached[1]
+    device = positions.device
+    bounds = cu_seqlens.tolist() if cu_seqlens is not None else [b * T for b in range(B + 1)]
+    flat = (positions + torch.arange(B, device=device)[:, None] * T).flatten().tolist()
+    cuts: dict[int, list[int]] = {}  # each sequence's distinct positions, in order: the chain's cut points
+    for p in sorted(set(flat)):
+        cuts.setdefault(bisect.bisect_right(bounds, p) - 1, []).append(p)
+    calls, row_of, previous = [], {}, []
+    for j in range(max(map(len, cuts.values()), default=0)):
+        seqs = [s for s in sorted(cuts) if len(cuts[s]) > j]  # a subset of the previous call's, in its order
+        begins = [cuts[s][j - 1] + 1 if j else bounds[s] for s in seqs]
+        ends = [cuts[s][j] for s in seqs]
+        cu = torch.tensor([0, *(e + 1 - b for b, e in zip(begins, ends))]).cumsum(0)
+        init_rows = torch.tensor([previous.index(s) for s in seqs], device=device) if j else None
+        index = torch.cat([torch.arange(b, e + 1) for b, e in zip(begins, ends)]).to(device)
+        calls.append(_Segments(index, cu.to(device), cu, seqs, init_rows))
+        row_of.update({p: len(row_of) + i for i, p in enumerate(ends)})
+        previous = seqs
+    plan = _Plan(calls, torch.tensor([row_of[p] for p in flat], dtype=torch.long, device=device))
+    positions._fla_branch_plan = (key, plan)
+    return plan
+
+
 def fla_states_after(k, v, beta, scale: float, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
     """The `states_after` reader of `delta_rule` on fla's kernel (see the module docstring).
 
     k [B, T, H, K], v [B, T, H, V], beta [B, T, H] as given to the forward; packed when cu_seqlens [N + 1] is given
-    (B = 1). Returns positions [B, P] -> states [B, P, H, K, V] (fp32). It reads the positions and cu_seqlens on
-    the host once per call (fla's varlen kernels read their lengths there anyway).
+    (B = 1). Returns positions [B, P] -> states [B, P, H, K, V] (fp32). The positions and cu_seqlens are read on
+    the host once per positions tensor, whichever the number of layers reading it (`_plan`).
     """
     B, T, H, K = k.shape
+    V = v.shape[-1]
     k, v, beta = k.flatten(0, 1), v.flatten(0, 1), beta.flatten(0, 1)  # one time axis: [B * T, ...]
-    device = k.device
-    bounds = cu_seqlens.tolist() if cu_seqlens is not None else [b * T for b in range(B + 1)]
 
     def states_after(positions: torch.Tensor) -> torch.Tensor:
-        flat = (positions + torch.arange(B, device=positions.device)[:, None] * T).flatten().tolist()
-        if not flat:
-            return k.new_zeros(B, 0, H, K, v.shape[-1], dtype=torch.float32)
-        # Each sequence's distinct positions, in order: the chain's cut points.
-        seq_of = {p: _sequence_of(bounds, p) for p in flat}
-        cuts: dict[int, list[int]] = {}
-        for p in sorted(set(flat)):
-            cuts.setdefault(seq_of[p], []).append(p)
-        seqs = sorted(cuts)
-        outputs, row_of = [], {}  # row_of: position -> its row in torch.cat(outputs)
-        done, state, prev_seqs = 0, None, []
-        for j in range(max(len(c) for c in cuts.values())):
-            step = [s for s in seqs if len(cuts[s]) > j]  # a subset of the previous step's, in the same order
-            ends = [cuts[s][j] for s in step]
-            begins = [cuts[s][j - 1] + 1 if j else bounds[s] for s in step]
-            if j == 0:
-                init = initial_state[step] if initial_state is not None else None
+        plan = _plan(positions, B, T, cu_seqlens)
+        if not plan.calls:
+            return k.new_zeros(B, 0, H, K, V, dtype=torch.float32)
+        finals, state = [], None
+        for call in plan.calls:
+            if call.init_rows is None:
+                init = initial_state[call.sequences] if initial_state is not None else None
             else:
-                rows = torch.tensor([prev_seqs.index(s) for s in step], device=device)
-                init = state.index_select(0, rows)
-            lengths = [e + 1 - b for b, e in zip(begins, ends)]
-            index = torch.cat([torch.arange(b, e + 1) for b, e in zip(begins, ends)]).to(device)
-            cu_cpu = torch.tensor([0, *lengths]).cumsum(0)
-            seg = [x.index_select(0, index)[None] for x in (k, v, beta)]  # [1, total, ...]
+                init = state.index_select(0, call.init_rows)
+            seg_k, seg_v, seg_beta = (x.index_select(0, call.index)[None] for x in (k, v, beta))  # [1, total, ...]
             _, state = fla_chunk_delta_rule()(
-                seg[0], seg[0], seg[1], seg[2], scale=scale, initial_state=init, output_final_state=True,
-                cu_seqlens=cu_cpu.to(device), cu_seqlens_cpu=cu_cpu,
+                seg_k, seg_k, seg_v, seg_beta, scale=scale, initial_state=init, output_final_state=True,
+                cu_seqlens=call.cu_seqlens, cu_seqlens_cpu=call.cu_seqlens_cpu,
             )  # q = k: the outputs are not used
-            for i, p in enumerate(ends):
-                row_of[p] = done + i
-            outputs.append(state)
-            done, prev_seqs = done + len(step), step
-        rows = torch.tensor([row_of[p] for p in flat], device=device)
-        return torch.cat(outputs).index_select(0, rows).view(B, -1, H, K, v.shape[-1])
+            finals.append(state)
+        return torch.cat(finals).index_select(0, plan.rows).view(B, -1, H, K, V)
 
     return states_after
-
-
-def _sequence_of(bounds: list[int], p: int) -> int:
-    """The sequence holding flat position p: bounds[s] <= p < bounds[s + 1]."""
-    return bisect.bisect_right(bounds, p) - 1

@@ -64,9 +64,14 @@ class Packing:
         return prepare_sequence_ids(self.cu_seqlens, self.batch * self.length).view(self.batch, self.length)
 
     def flat(self, positions: torch.Tensor) -> torch.Tensor:
-        """Positions [B, P] inside rows -> [1, B * P] indices into the flattened batch."""
+        """Positions [B, P] inside rows -> [1, B * P] indices into the flattened batch. The same tensor for the same
+        positions tensor: every layer reading it then shares what a kernel derives from it (fla_path's plan)."""
+        last = getattr(self, "_last_flat", None)
+        if last is not None and last[0] is positions:
+            return last[1]
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None] * self.length
-        return (positions + rows).view(1, -1)
+        self._last_flat = (positions, (positions + rows).view(1, -1))
+        return self._last_flat[1]
 
     def document_starts(self, positions: torch.Tensor) -> torch.Tensor:
         """Positions [B, P] -> the row index where each position's document starts, [B, P]."""

@@ -110,3 +110,33 @@ def test_prefill_from_final_states(model, packed, pytorch_path, monkeypatch):
     for number, layer in ref_cache.layers.items():
         assert_close_fp16(cache.layers[number].state, layer.state, f"layer {number} state")
     assert_close_fp16(step[:, :VOCAB], ref_step[:, :VOCAB], "first step's logits")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_branch_states_read_the_positions_once_for_all_layers(model, packed):
+    """fla's varlen calls need host lengths: the positions (and cu_seqlens) are read once per positions tensor,
+    not once per layer; reading the same positions again reads nothing."""
+    from host_reads import HostReads
+
+    from megatron_refine.kernels import set_debug_checks
+
+    set_debug_checks(False)  # the value checks' default on CUDA
+    ids = token_batch(1 if packed else 2, T, seed=5)
+    params = packed_seq_params(CU_SEQLENS) if packed else None
+    positions = torch.tensor([[29, 40, 79]]) if packed else torch.tensor([[10, 70], [64, 3]])
+    try:
+        with torch.no_grad():
+            out = model.forward_with_branch_states(ids, params)
+            with HostReads() as first:
+                cache = out.states_after(positions)
+            with HostReads() as again:
+                out.states_after(positions)
+    finally:
+        set_debug_checks(None)
+    assert len(cache.layers) == model.config.num_layers == 2
+    assert first.calls["tolist"] == (2 if packed else 1), first.calls
+    # fla derives its chunk indices from the host lengths we pass (cu_seqlens_cpu): host work, no device read,
+    # once per chained call (2 here), kept by fla's tensor cache for the next layer
+    assert set(first.calls) <= {"tolist", "repeat_interleave without output_size"}, first.calls
+    assert first.calls["repeat_interleave without output_size"] <= 2, first.calls
+    assert not again.calls, again.calls
