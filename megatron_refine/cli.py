@@ -84,8 +84,9 @@ def _train_and_report(cfg) -> None:
     from megatron_refine.training import train
 
     result = train(cfg)
-    if torch_rank() == 0:
-        print(f"done: {len(result.losses)} steps, final loss {result.losses[-1]:.4f}, "
+    if torch_rank() == 0 and result.losses:  # none: the checkpoint was already at train_steps (the trainer said so)
+        print(f"{'stopped by ' + result.stopped_by if result.stopped_by else 'done'}: {len(result.losses)} steps, "
+              f"final loss {result.losses[-1]:.4f}, "
               f"{result.tokens_per_s:,.0f} tokens/s, skipped {result.skipped_steps}, checkpoint {result.checkpoint}")
 
 
@@ -210,19 +211,21 @@ def _convert_to_hf(args: argparse.Namespace) -> None:
     from megatron_refine.conversion import export_to_hf
 
     files = _in_cpu_runtime(export_to_hf, args.load, args.save, iteration=args.iteration, tokenizer=args.tokenizer,
-                            dtype=args.dtype)
+                            dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.save}: {', '.join(files)}")
 
 
 def _convert_from_hf(args: argparse.Namespace) -> None:
     from megatron_refine.conversion import import_from_hf
 
-    folder = _in_cpu_runtime(import_from_hf, args.load, args.save, tp=args.tp, pp=args.pp)
+    folder = _in_cpu_runtime(import_from_hf, args.load, args.save, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
     print(f"wrote {folder} and {os.path.join(args.save, 'model_config.yaml')}; fine-tune with: megatron-refine train "
           f"--config {os.path.join(args.save, 'model_config.yaml')} --finetune --load {args.save} --set data.path=...")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_refine.arguments import at_least, non_negative_int, positive_int
+
     parser = argparse.ArgumentParser(
         prog="megatron-refine",
         description="Fast-weight language models (DeltaNet, LaCT) trained with REFINE on megatron-core.",
@@ -233,17 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on built-in data (the README's main job)")
-    demo.add_argument("--steps", type=int, help="NTP pretraining steps (default 800)")
-    demo.add_argument("--continue-steps", dest="continue_steps", type=int,
+    demo.add_argument("--steps", type=positive_int, help="NTP pretraining steps (default 800)")
+    demo.add_argument("--continue-steps", dest="continue_steps", type=positive_int,
                       help="steps of each continuation, REFINE and matched NTP (default 100)")
-    demo.add_argument("--nproc", type=int, help="local data-parallel processes (default 2 on CPU, one per GPU up to 2)")
+    demo.add_argument("--nproc", type=positive_int, help="local data-parallel processes (default 2 on CPU, one per GPU up to 2)")
     demo.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    demo.add_argument("--documents", type=int, help="documents in the built-in corpus (default 20000)")
-    demo.add_argument("--eval-samples", dest="eval_samples", type=int,
+    demo.add_argument("--documents", type=positive_int, help="documents in the built-in corpus (default 20000)")
+    demo.add_argument("--eval-samples", dest="eval_samples", type=positive_int,
                       help="held-out examples of each recall task (default 100)")
-    demo.add_argument("--post-steps", dest="post_steps", type=int,
+    demo.add_argument("--post-steps", dest="post_steps", type=positive_int,
                       help="steps of each post-training run, nested REFINE and plain SFT (default 60)")
-    demo.add_argument("--qa-samples", dest="qa_samples", type=int,
+    demo.add_argument("--qa-samples", dest="qa_samples", type=positive_int,
                       help="held-out questions of each QA task, answered with test-time training (default 50)")
     demo.add_argument("--out-dir", dest="out_dir", help="where outputs go (default demo_output)")
     demo.set_defaults(func=_demo)
@@ -262,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--finetune", action="store_true", help="with --load: model weights only, from step 0")
     train.add_argument("--overwrite", action="store_true",
                        help="start from scratch in a checkpoint.save folder that holds checkpoints (without --load)")
-    train.add_argument("--nproc", type=int, default=1, help="local processes to start (without torchrun)")
+    train.add_argument("--nproc", type=positive_int, default=1, help="local processes to start (without torchrun)")
     train.add_argument("--deterministic", action="store_true",
                        help="bitwise-reproducible runs (deterministic kernels; slower on GPU)")
     train.add_argument("--dry-run", dest="dry_run", action="store_true",
@@ -274,19 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", default="", help="comma-separated: niah_single,niah_multikey,niah_multiquery,"
                           "niah_multivalue")
     evaluate.add_argument("--lengths", default="4096", help="comma-separated prompt lengths in tokens (default 4096)")
-    evaluate.add_argument("--samples", type=int, default=50, help="examples per task and length (default 50); with "
-                          "--data, the file's first N (0: all)")
+    evaluate.add_argument("--samples", type=non_negative_int, default=50,
+                          help="examples per task and length (default 50); with --data, the file's first N (0: all)")
     evaluate.add_argument("--data", help="a task file: jsonl of {prompt, answers | answer, task, max_new_tokens?}")
-    evaluate.add_argument("--max-prompt-tokens", dest="max_prompt_tokens", type=int, default=16384 - 512,
+    evaluate.add_argument("--max-prompt-tokens", dest="max_prompt_tokens", type=at_least(2), default=16384 - 512,
                           help="task-file prompts longer than this are cut in the middle, as LongBench does")
     evaluate.add_argument("--haystack", help="a text file for the needle tasks' filler (default: the built-in corpus)")
     evaluate.add_argument("--tokenizer", help="byte or a tokenizer.json (default: the one the training data recorded)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the generated examples")
-    evaluate.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="prompts decoded together")
-    evaluate.add_argument("--max-batch-tokens", dest="max_batch_tokens", type=int, default=65536,
+    evaluate.add_argument("--batch-size", dest="batch_size", type=positive_int, default=8, help="prompts decoded together")
+    evaluate.add_argument("--max-batch-tokens", dest="max_batch_tokens", type=positive_int, default=65536,
                           help="prompt tokens packed into one forward at most (lower it when memory is short)")
     evaluate.add_argument("--out-dir", dest="out_dir", default="eval_output", help="results.json, results.csv")
-    evaluate.add_argument("--nproc", type=int, default=1, help="local processes (data / tensor parallel)")
+    evaluate.add_argument("--nproc", type=positive_int, default=1, help="local processes (data / tensor parallel)")
     evaluate.add_argument("--ttt", choices=["refine", "ntp", "none"], default="none",
                           help="test-time training on each batch of --batch-size prompts before answering it: REFINE "
                           "(NTP + 0.4 PG, binary reward) or NTP (default none)")
@@ -308,22 +311,26 @@ def build_parser() -> argparse.ArgumentParser:
     model_info.add_argument(
         "--config", required=True, help="model config name: deltanet_1p3b, lact_760m, deltanet_tiny, lact_tiny"
     )
-    model_info.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default 32000, the published models')")
+    model_info.add_argument("--vocab-size", type=positive_int, help="tokenizer vocabulary (default 32000, the published models')")
     model_info.set_defaults(func=_model_info)
 
     to_hf = sub.add_parser("convert-to-hf", help="a checkpoint (any TP/PP) -> a Hugging Face folder (DeltaNet: fla's delta_net; LaCT: lact_swiglu)")
     to_hf.add_argument("--load", required=True, help="checkpoint folder (holding iter_NNNNNNN/ and the latest marker)")
     to_hf.add_argument("--save", required=True, help="Hugging Face folder to write")
-    to_hf.add_argument("--iteration", type=int, help="which iter_NNNNNNN to export (default: the latest)")
+    to_hf.add_argument("--iteration", type=non_negative_int, help="which iter_NNNNNNN to export (default: the latest)")
     to_hf.add_argument("--tokenizer", help="tokenizer.json (or its folder) to ship with the model; 'byte' writes none")
     to_hf.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="weights dtype (default fp32)")
+    to_hf.add_argument("--overwrite", action="store_true",
+                       help="replace a --save folder that holds files (an earlier export) whole")
     to_hf.set_defaults(func=_convert_to_hf)
 
     from_hf = sub.add_parser("convert-from-hf", help="a Hugging Face delta_net (fla) or lact_swiglu (LaCT) folder -> a Megatron checkpoint")
     from_hf.add_argument("--load", required=True, help="Hugging Face folder (config.json + safetensors)")
     from_hf.add_argument("--save", required=True, help="checkpoint folder to write (iter_0000000/, model_config.yaml)")
-    from_hf.add_argument("--tp", type=int, default=1, help="the TP size to fine-tune at: checked against the heads")
-    from_hf.add_argument("--pp", type=int, default=1, help="the PP size to fine-tune at: checked against the layers")
+    from_hf.add_argument("--tp", type=positive_int, default=1, help="the TP size to fine-tune at: checked against the heads")
+    from_hf.add_argument("--pp", type=positive_int, default=1, help="the PP size to fine-tune at: checked against the layers")
+    from_hf.add_argument("--overwrite", action="store_true",
+                         help="replace a --save folder that holds files (e.g. a training run's checkpoints) whole")
     from_hf.set_defaults(func=_convert_from_hf)
 
     to_jsonl = sub.add_parser("parquet-to-jsonl", help="RULER QA parquet (the REFINE release's: prompt, answer) -> a "
@@ -332,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_jsonl.add_argument("--output", required=True, help="the .jsonl to write")
     to_jsonl.add_argument("--task", help="a task name for every line (e.g. ruler_squad): then also an eval task file")
     to_jsonl.add_argument("--metric", help="the metric of every line (default: the task's, e.g. ruler_substring)")
-    to_jsonl.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="the answer budget of every line")
+    to_jsonl.add_argument("--max-new-tokens", dest="max_new_tokens", type=positive_int, help="the answer budget of every line")
     to_jsonl.set_defaults(func=_parquet_to_jsonl)
 
     info = sub.add_parser("info", help="show versions, CUDA and the fast paths available")

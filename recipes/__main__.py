@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron_refine.arguments import positive_int
 from recipes import RECIPES, get_recipe
 
 EXPERIMENT = "megatron-refine"
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a recipe (--list shows them)")
     p.add_argument("--list", action="store_true", help="list the recipes and their layouts")
     p.add_argument("--executor", choices=["local", "slurm"], default="local")
-    p.add_argument("--nodes", type=int, help="nodes (default: the recipe's); the layout's DP grows with them")
+    p.add_argument("--nodes", type=positive_int, help="nodes (default: the recipe's); the layout's DP grows with them")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training config override")
     p.add_argument("--dryrun", action="store_true", help="print the torchrun command or sbatch script; launch nothing")
     slurm = p.add_argument_group("slurm")

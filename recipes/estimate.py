@@ -13,6 +13,7 @@ asks for it), REFINE's branch and decode states; the step time at --mfu of an H1
 import argparse
 import sys
 
+from megatron_refine.arguments import fraction, positive_int
 from megatron_refine.models import PUBLISHED_VOCAB_SIZE, get_config
 from megatron_refine.training import load_config
 from megatron_refine.training.estimate import FIT_GIB, Layout, estimate
@@ -25,6 +26,10 @@ FAMILY = [(2048, 24), (2560, 32), (3072, 32), (4096, 32), (5120, 40), (6144, 48)
 
 def layout_of(cfg, gpus: int) -> Layout:
     par, data, overrides = cfg.parallel, cfg.data, cfg.model.overrides
+    model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    if gpus % model_parallel:
+        raise ValueError(f"--gpus {gpus} is not a multiple of TP x PP = {par.tensor_model_parallel_size} x "
+                         f"{par.pipeline_model_parallel_size}: data parallelism needs whole model replicas")
     return Layout(gpus=gpus, tensor_model_parallel_size=par.tensor_model_parallel_size,
                   pipeline_model_parallel_size=par.pipeline_model_parallel_size,
                   sequence_parallel=par.sequence_parallel, micro_batch_size=data.micro_batch_size,
@@ -95,9 +100,10 @@ def main(argv=None) -> int:
     p.add_argument("name", nargs="?", help="a recipe (python -m recipes --list)")
     p.add_argument("--config", help="a training config instead: a built-in name or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides (with --config)")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs of a --config run (default 8)")
-    p.add_argument("--vocab-size", dest="vocab_size", type=int, default=PUBLISHED_VOCAB_SIZE)
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time (default 0.4)")
+    p.add_argument("--gpus", type=positive_int, default=8, help="GPUs of a --config run (default 8)")
+    p.add_argument("--vocab-size", dest="vocab_size", type=positive_int, default=PUBLISHED_VOCAB_SIZE)
+    p.add_argument("--mfu", type=fraction, default=0.4,
+                   help="model FLOPs utilisation for the step time, in (0, 1] (default 0.4)")
     p.add_argument("--all", action="store_true", help="every recipe, as a markdown table")
     p.add_argument("--largest", action="store_true", help="the largest model fitting REFINE at 16K tokens per GPU count")
     args = p.parse_args(argv)

@@ -73,6 +73,31 @@ def test_bad_layouts_and_missing_flags_name_the_fix(capsys):
     assert main(["nope"]) == 2 and "python -m recipes --list" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("nodes", ["0", "-2"])  # 0 became the recipe's nodes; -2 reached torchx's format error
+def test_nodes_below_one_fail_at_parse_time(nodes, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["midtrain_deltanet_1p3b", "--nodes", nodes, "--dryrun"])
+    assert exit.value.code == 2 and f"argument --nodes: must be >= 1, got {nodes}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "tiny-deltanet", "--mfu", "-1"], "argument --mfu: must be in (0, 1], got -1"),  # a negative step time
+    (["--config", "tiny-deltanet", "--gpus", "0"], "argument --gpus: must be >= 1, got 0"),  # ZeroDivisionError
+    (["--config", "tiny-deltanet", "--set", "parallel.tensor_model_parallel_size=0"],
+     "parallel.tensor_model_parallel_size must be >= 1, got 0"),  # ZeroDivisionError
+    (["--config", "tiny-deltanet", "--gpus", "3", "--set", "parallel.tensor_model_parallel_size=2"],
+     "--gpus 3 is not a multiple of TP x PP = 2 x 1"),
+])
+def test_the_estimator_refuses_nonsense_in_one_line(argv, message, capsys):
+    from recipes.estimate import main as estimate
+
+    try:
+        code = estimate(argv)
+    except SystemExit as exit:  # argparse's own exit
+        code = exit.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
 def test_the_estimator_counts_parameters_as_build_model_does():
     from megatron_refine.models import PRESETS, get_config
     from megatron_refine.models.summary import parameter_counts

@@ -1,7 +1,7 @@
 """A Hugging Face `delta_net` (fla's DeltaNet) or `lact_swiglu` (the LaCT authors') folder -> a Megatron checkpoint (+ model_config.yaml) (same as
 `megatron-refine convert-from-hf`).
 
-    python tools/convert_from_hf.py --load hf_model/ --save checkpoints/imported [--tp N --pp M]
+    python tools/convert_from_hf.py --load hf_model/ --save checkpoints/imported [--tp N --pp M] [--overwrite]
 """
 
 import sys

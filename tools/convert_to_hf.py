@@ -2,7 +2,7 @@
 the authors' `lact_swiglu` with its modeling code (trust_remote_code) (same as `megatron-refine convert-to-hf`).
 
     python tools/convert_to_hf.py --load checkpoints/ --save hf_model/ [--iteration N]
-        [--tokenizer tokenizer.json] [--dtype bf16|fp32]
+        [--tokenizer tokenizer.json] [--dtype bf16|fp32] [--overwrite]
 """
 
 import sys

@@ -28,3 +28,10 @@ def preset_overrides(base: str, values: dict) -> dict:
     overrides = {k: v for k, v in values.items() if k in known and getattr(preset, k) != v}
     get_config(base, **overrides)
     return overrides
+
+
+def pad_token_id(config: dict, vocab_default: int) -> int | None:
+    """config.json's pad_token_id when it names a row of the vocabulary, else None: the model config's
+    `pad_token_id`, whose embedding row fine-tuning keeps as the HF model's padding_idx does."""
+    pad, vocab = config.get("pad_token_id"), config.get("vocab_size", vocab_default)
+    return pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < vocab else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_refine.conversion.common import check_supported, preset_overrides
+from megatron_refine.conversion.common import check_supported, pad_token_id, preset_overrides
 from megatron_refine.models.config import FastWeightConfig, fla_intermediate_size
 
 MODEL_TYPE = "delta_net"
@@ -23,6 +23,7 @@ UNSUPPORTED = (
     ("attnres_block_size", (None,), "attention residuals (attnres)"),
     ("hidden_act", ("swish", "silu"), "an MLP activation other than SiLU"),
     ("conv_bias", (None, False), "short-convolution biases"),
+    ("norm_first", (False, None), "fla's norm_first block layout (removed in 2025-02)"),
 )
 
 
@@ -119,7 +120,7 @@ def megatron_model_args(config: dict) -> tuple[str, dict]:
         use_output_norm=True,  # fla 0.6.0 ignores the field: its layer always applies o_norm
         layernorm_epsilon=config.get("norm_eps", 1e-6),
         max_position_embeddings=config.get("max_position_embeddings", 2048),
-        tie_word_embeddings=config.get("tie_word_embeddings", False),
+        tie_word_embeddings=config.get("tie_word_embeddings", False), pad_token_id=pad_token_id(config, 32000),
     )
     return BASE_PRESET, preset_overrides(BASE_PRESET, values)
 

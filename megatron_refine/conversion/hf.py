@@ -17,7 +17,9 @@ layer (or the embedding) a few times.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,7 +30,9 @@ from megatron_refine.conversion import deltanet, lact
 WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# A Hugging Face tokenizer's files (AutoTokenizer reads those present): carried by import and export alike.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 FORMATS = {"deltanet": deltanet, "lact": lact}  # by mixer
 MODEL_TYPES = {fmt.MODEL_TYPE: fmt for fmt in FORMATS.values()}
 
@@ -39,6 +43,45 @@ def _progress(items, desc: str):
     except ImportError:
         return items
     return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
+@contextmanager
+def _replacing(save: str | Path, overwrite: bool, source: Path):
+    """A fresh temporary sibling of `save` to write into, which takes `save`'s place when the block succeeds: an
+    error or a crash leaves `save` as it was. A `save` that holds anything is refused unless `overwrite`, and then
+    replaced whole (no file of the old folder stays beside the new ones)."""
+    from megatron_refine.training.checkpointing import LOCK, save_folder_holder
+
+    save = Path(save)
+    if save.exists() and not save.is_dir():
+        raise ValueError(f"--save {save} is a file: pass a folder")
+    held = sorted(p.name for p in save.iterdir()) if save.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(f"--save {save} is not empty (it holds {shown}): pick another --save, or pass --overwrite to "
+                         "replace that folder whole")
+    if held and (holder := save_folder_holder(save)):
+        raise ValueError(f"--save {save} is in use by a training run ({holder}; lock {save / LOCK}): wait for it to "
+                         "end, or pick another --save")
+    if held and (source.resolve() == save.resolve() or save.resolve() in source.resolve().parents):
+        raise ValueError(f"--save {save} holds --load {source}, which --overwrite would delete: pick another --save")
+    save = save.absolute()  # "." has a name too
+    save.parent.mkdir(parents=True, exist_ok=True)
+    tmp = save.parent / f".{save.name}.{os.getpid()}.tmp"  # same file system: the renames below are atomic
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if save.is_dir():
+        old = tmp.with_suffix(".old")
+        save.rename(old)
+        tmp.rename(save)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(save)
 
 
 def _checkpoint_folder(load: str | Path, iteration: int | None) -> Path:
@@ -187,6 +230,8 @@ class _ChunkReader:
         from torch.distributed.checkpoint.filesystem import _create_file_view
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
+        from megatron_refine.training.checkpointing import CheckpointError
+
         rest = []
         for t in tensors:
             offsets = torch.Size(t.global_offset)
@@ -197,8 +242,13 @@ class _ChunkReader:
             if not whole:
                 rest.append(t)
                 continue
-            with open(self.path / info.relative_path, "rb") as f:
-                chunk = torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
+            try:
+                with open(self.path / info.relative_path, "rb") as f:
+                    chunk = torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu",
+                                       weights_only=True)
+            except Exception as e:  # noqa: BLE001 - bytes that do not decode: the file is damaged
+                raise CheckpointError(f"{self.path / info.relative_path} could not be read ({type(e).__name__} in "
+                                      f"{t.key}'s bytes): a damaged checkpoint; export another (--iteration N)") from e
             if chunk.dtype != t.data.dtype or chunk.shape != sizes:
                 rest.append(t)  # not what the index promised: let DCP's own checks report it
                 continue
@@ -335,8 +385,9 @@ def _token_ids(tok, common: dict) -> dict:
     return ids
 
 
-def _write_tokenizer(save: Path, tok) -> list[str]:
-    """The tokenizer's Hugging Face files: its tokenizer.json, and its folder's tokenizer configs if any."""
+def _write_tokenizer(save: Path, tok, ids: dict) -> list[str]:
+    """The tokenizer's Hugging Face files: its tokenizer.json and its folder's other tokenizer files (configs,
+    special tokens map, ...); without a tokenizer_config.json, one naming the special tokens of config.json's ids."""
     if tok is None:
         print("no --tokenizer given and none recorded with the training data: no tokenizer files written", flush=True)
         return []
@@ -353,23 +404,33 @@ def _write_tokenizer(save: Path, tok) -> list[str]:
     if "tokenizer_config.json" not in written:  # what AutoTokenizer needs to load a bare tokenizer.json
         from tokenizers import Tokenizer
 
-        config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                  "eos_token": Tokenizer.from_file(str(tok.path)).id_to_token(tok.eos_id)}
+        token = Tokenizer.from_file(str(tok.path)).id_to_token
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": token(tok.eos_id)}
+        for kind in ("bos", "pad"):  # an imported model's, which config.json carries too
+            if ids.get(f"{kind}_token_id") is not None and token(ids[f"{kind}_token_id"]) is not None:
+                config[f"{kind}_token"] = token(ids[f"{kind}_token_id"])
         (save / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         written.append("tokenizer_config.json")
     return written
 
 
 def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = None, tokenizer: str | None = None,
-                 dtype: str = "fp32", max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True) -> list[str]:
+                 dtype: str = "fp32", max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True,
+                 overwrite: bool = False) -> list[str]:
     """A Megatron checkpoint (any TP / PP / DP layout) -> a Hugging Face folder. Returns the files written.
     Needs a single-process runtime (`megatron_refine.runtime.initialize(device="cpu")`). `progress`: a per-layer
-    progress bar."""
+    progress bar. A `save` folder that holds anything is refused unless `overwrite` (then replaced whole)."""
     from megatron.core import dist_checkpointing
+
+    from megatron_refine.training.checkpointing import CheckpointError, verify_files
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = _checkpoint_folder(load, iteration)
+    try:
+        verify_files(path)  # a missing, truncated (or corrupt) file named before any reading
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}: export another checkpoint (--iteration N)") from None
     common = dist_checkpointing.load_common_state_dict(str(path))
     model_args = (common.get("config") or {}).get("model")
     if not model_args or "vocab_size" not in common:
@@ -388,23 +449,22 @@ def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = 
     meta = model.state_dict()
     plan = [(k, tuple(v.shape), v.dtype) for group in _hf_tensors(cfg, vocab, lambda prefix: meta, out_dtype, False)
             for k, v in group.items()]
-    save = Path(save)
-    save.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(save, max_shard_bytes, plan)
-    for group in _hf_tensors(cfg, vocab, _group_loader(model.sharded_state_dict(), path), out_dtype, progress):
-        writer.add(group)
-        del group  # or the loop variable holds this group while the next one is read
-    files = writer.close()
+    with _replacing(save, overwrite, Path(load)) as out:
+        writer = _ShardWriter(out, max_shard_bytes, plan)
+        for group in _hf_tensors(cfg, vocab, _group_loader(model.sharded_state_dict(), path), out_dtype, progress):
+            writer.add(group)
+            del group  # or the loop variable holds this group while the next one is read
+        files = writer.close()
 
-    (save / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {k: v for k, v in ids.items() if v is not None}
-    generation["_from_model_config"] = True
-    (save / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    files += ["config.json", "generation_config.json"]
-    for name in getattr(fmt, "REMOTE_FILES", ()):  # the modeling code config.json's auto_map names
-        shutil.copyfile(fmt.REMOTE_CODE / name, save / name)
-        files.append(name)
-    files += _write_tokenizer(save, tok)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {k: v for k, v in ids.items() if v is not None}
+        generation["_from_model_config"] = True
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        files += ["config.json", "generation_config.json"]
+        for name in getattr(fmt, "REMOTE_FILES", ()):  # the modeling code config.json's auto_map names
+            shutil.copyfile(fmt.REMOTE_CODE / name, out / name)
+            files.append(name)
+        files += _write_tokenizer(out, tok, ids)
     return files
 
 
@@ -445,6 +505,22 @@ class _LazyTensors:
     def names(self) -> set[str]:
         return set(self.entries)
 
+    def split_fused_mlp(self) -> int:
+        """fla before its GatedMLP took separate weights (commit b48ca31, 2025-02-09; every release from 0.1.0 has
+        them) saved each MLP as one `gate_proj` [2F, h] = cat[gate | up] (`gate, y = gate_proj(x).chunk(2, -1)`)
+        and no `up_proj`: read such a tensor's two halves as gate_proj and up_proj (row ranges of its bytes).
+        Returns the number of MLPs split."""
+        split = 0
+        for name, (path, dtype, shape, begin, end) in list(self.entries.items()):
+            up = name.removesuffix("mlp.gate_proj.weight") + "mlp.up_proj.weight"
+            if not name.endswith("mlp.gate_proj.weight") or up in self.entries or len(shape) != 2 or shape[0] % 2:
+                continue
+            half = (end - begin) // 2
+            self.entries[name] = (path, dtype, (shape[0] // 2, shape[1]), begin, begin + half)
+            self.entries[up] = (path, dtype, (shape[0] // 2, shape[1]), begin + half, end)
+            split += 1
+        return split
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.entries:
             raise ValueError(f"the Hugging Face checkpoint lacks {name}: an incomplete model, or one whose "
@@ -461,12 +537,14 @@ class _LazyTensors:
         return out
 
 
-def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1) -> Path:
-    """A Hugging Face `delta_net` or `lact_swiglu` folder -> a Megatron dist checkpoint (`iter_0000000/` + marker) and
-    `model_config.yaml`. `tp` / `pp` only validate the layout (the checkpoint loads at any). Returns the
-    checkpoint folder. Needs a single-process runtime (`megatron_refine.runtime.initialize(device="cpu")`)."""
+def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1, overwrite: bool = False) -> Path:
+    """A Hugging Face `delta_net` or `lact_swiglu` folder -> a Megatron dist checkpoint (`iter_0000000/` + marker),
+    `model_config.yaml` and the folder's tokenizer files. `tp` / `pp` only validate the layout (the checkpoint loads
+    at any). A `save` folder that holds anything (e.g. a training run's checkpoints) is refused unless `overwrite`
+    (then replaced whole). Returns the checkpoint folder. Needs a single-process runtime
+    (`megatron_refine.runtime.initialize(device="cpu")`)."""
     from megatron_refine.models import get_config
-    from megatron_refine.training.checkpointing import MARKER, checkpoint_dir, model_identity
+    from megatron_refine.training.checkpointing import MARKER, _write_checksums, checkpoint_dir, model_identity
 
     load, save = Path(load), Path(save)
     if not (load / "config.json").is_file():
@@ -492,6 +570,9 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
                              "the checkpoint does not match its tokenizer.json")
 
     tensors = _LazyTensors(load)
+    if fused := tensors.split_fused_mlp():
+        print(f"{load}: {fused} MLPs in fla's layout before 2025-02 (one gate_proj [2F, h] = [gate | up], no up_proj):"
+              " read as gate_proj and up_proj", flush=True)
     model = _build(name, overrides, vocab, torch.float32, meta=True)  # shapes only: weights are written per group
     cfg = model.config
     unexpected = tensors.names() - set(fmt.hf_names(cfg)) - {"lm_head.weight"}
@@ -530,25 +611,26 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
         if not cfg.tie_word_embeddings:
             yield {"output_layer.weight": padded("output_layer.weight", get("lm_head.weight"))}
 
-    folder = checkpoint_dir(save, 0)
-    save.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
     model_args = {"config": name, "overrides": overrides}
-    _save_streamed(model.sharded_state_dict(), {
-        "iteration": 0,
-        "layout": {"tp": 1, "pp": 1, "dp": 1},
-        "vocab_size": vocab,
-        "model_identity": model_identity(model),
-        "tokenizer_hash": None,
-        "hf_token_ids": fmt.token_ids(config),
-        "config": {"model": model_args},
-    }, groups(), folder)
-    (save / MARKER).write_text("0")
-    (save / "model_config.yaml").write_text(yaml.safe_dump({"model": model_args}, sort_keys=False))
-    if (load / "tokenizer.json").is_file():
-        shutil.copyfile(load / "tokenizer.json", save / "tokenizer.json")
-    return folder
+    with _replacing(save, overwrite, load) as out:
+        folder = checkpoint_dir(out, 0)
+        folder.mkdir()
+        _save_streamed(model.sharded_state_dict(), {
+            "iteration": 0,
+            "layout": {"tp": 1, "pp": 1, "dp": 1},
+            "vocab_size": vocab,
+            "model_identity": model_identity(model),
+            "tokenizer_hash": None,
+            "hf_token_ids": fmt.token_ids(config),
+            "config": {"model": model_args},
+        }, groups(), folder)
+        _write_checksums(folder)  # what a training save records, so a load verifies the import's files too
+        (out / MARKER).write_text("0")
+        (out / "model_config.yaml").write_text(yaml.safe_dump({"model": model_args}, sort_keys=False))
+        for file in TOKENIZER_FILES:
+            if (load / file).is_file():
+                shutil.copyfile(load / file, out / file)
+    return checkpoint_dir(save, 0)
 
 
 def _save_streamed(sharded: dict, common: dict, groups, folder: Path) -> None:

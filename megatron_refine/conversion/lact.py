@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_refine.conversion.common import check_supported, preset_overrides
+from megatron_refine.conversion.common import check_supported, pad_token_id, preset_overrides
 from megatron_refine.models.config import FastWeightConfig, fla_intermediate_size
 from megatron_refine.models.lact import input_projections
 
@@ -33,7 +33,6 @@ AUTHORS_BASE_LR = 1e-3  # hard-coded in the authors' layer
 # Authors' config fields our mixer cannot reproduce: (field, allowed values (the first is the authors' class
 # default, for a config.json without the field), what the option is).
 UNSUPPORTED = (
-    ("no_v_silu", (False,), "no SiLU on the fast-weight values"),
     ("attn_qk_norm", (False,), "RMSNorm on the attention q and k"),
     ("qkv_bias", (False,), "a bias on the qkv projection"),
     ("lr_dim", (1,), "more than one learning rate per fast-weight head and weight"),
@@ -122,7 +121,7 @@ def hf_config(cfg: FastWeightConfig, vocab_size: int, token_ids: dict, dtype: to
         "num_attn_heads": cfg.num_attention_heads, "num_lact_heads": cfg.num_lact_heads,
         "inter_multi": _number(cfg.inter_multi), "qkv_bias": False, "attn_qk_norm": False,
         "lact_chunk_size": cfg.lact_chunk_size, "use_muon": cfg.use_muon, "lr_dim": 1, "qkv_silu": cfg.qkv_silu,
-        "no_v_silu": False, "lr_parameterization": "mamba", "learnable_ttt_scale": cfg.learnable_ttt_scale,
+        "no_v_silu": cfg.no_v_silu, "lr_parameterization": "mamba", "learnable_ttt_scale": cfg.learnable_ttt_scale,
         "use_momentum": cfg.use_momentum, "ttt_loss_type": "dot_product", "ttt_prenorm": False,
         "ttt_nope": cfg.ttt_nope, "w0_w2_low_rank": cfg.w0_w2_low_rank if cfg.w0_w2_low_rank > 0 else -1,
         "window_size": cfg.window_size, "rope_theta": _number(cfg.rope_theta),
@@ -152,12 +151,13 @@ def megatron_model_args(config: dict) -> tuple[str, dict]:
         window_size=config.get("window_size", 2048), w0_w2_low_rank=rank if rank > 0 else -1,
         use_momentum=config.get("use_momentum", True), use_muon=config.get("use_muon", False),
         rope_theta=float(config.get("rope_theta") or 1e4), learnable_ttt_scale=config.get("learnable_ttt_scale", True),
-        qkv_silu=config.get("qkv_silu", True), ttt_nope=config.get("ttt_nope", False),
+        qkv_silu=config.get("qkv_silu", True), no_v_silu=config.get("no_v_silu", False),
+        ttt_nope=config.get("ttt_nope", False),
         fw_init_gain=config.get("fw_init_gain", 0.5), lact_base_lr=AUTHORS_BASE_LR,
         ttt_norm_eps=config.get("ttt_norm_eps", 1e-5), ttt_l2_norm=config.get("ttt_l2_norm", "lact"),
         layernorm_epsilon=config.get("norm_eps", 1e-6),
         max_position_embeddings=config.get("max_position_embeddings", 2048),
-        tie_word_embeddings=config.get("tie_word_embeddings", False),
+        tie_word_embeddings=config.get("tie_word_embeddings", False), pad_token_id=pad_token_id(config, 32000),
     )
     return BASE_PRESET, preset_overrides(BASE_PRESET, values)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_refine.arguments import positive_int
 from megatron_refine.data.corpus import CORPUS_VERSION, generate_documents
 from megatron_refine.data.shards import (
     FORMAT_VERSION,
@@ -299,9 +300,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default="byte", help="'byte' (built in) or the path of a tokenizer.json")
     parser.add_argument("--eos-token", help="name of the end-of-document token of a tokenizer.json")
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs")
-    parser.add_argument("--shard-size", type=int, default=10000, help="documents per shard")
-    parser.add_argument("--workers", type=int, default=1, help="input files processed in parallel")
-    parser.add_argument("--builtin-corpus", type=int, metavar="N", help="write N documents of the built-in corpus")
+    parser.add_argument("--shard-size", type=positive_int, default=10000, help="documents per shard")
+    parser.add_argument("--workers", type=positive_int, default=1, help="input files processed in parallel")
+    parser.add_argument("--builtin-corpus", type=positive_int, metavar="N", help="write N documents of the built-in corpus")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in corpus")
     parser.add_argument("--overwrite", action="store_true",
                         help="first delete the shards, records and metadata.json that --output-dir holds (a re-run "

@@ -18,6 +18,7 @@ order (test-time training reads the test stream as it comes), and wraps around; 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ class PromptAnswerDataset:
     examples: list[tuple[list[int], list[int]]]
     truncated_prompts: int = 0
     truncated_answers: int = 0
+    empty_answers: int = 0  # blank answers: their SFT target is EOS alone
 
     @classmethod
     def from_texts(cls, prompts: list[str], answers: list[str | None], tokenizer: Tokenizer, seq_length: int,
@@ -61,6 +63,7 @@ class PromptAnswerDataset:
                 ids = ids[-budget:] if truncation == "left" else ids[:budget]
                 data.truncated_prompts += 1
             target = [] if answer is None else tokenizer.encode(answer) + [tokenizer.eos_id]
+            data.empty_answers += answer is not None and not answer.strip()
             if len(target) > max_answer_tokens:
                 target = target[:max_answer_tokens]
                 data.truncated_answers += 1
@@ -76,7 +79,11 @@ class PromptAnswerDataset:
     def open(cls, path: str | Path, tokenizer: Tokenizer, seq_length: int, max_answer_tokens: int = 32,
              truncation: str = "left", require_answers: bool = True) -> "PromptAnswerDataset":
         prompts, answers = read_prompt_answer_file(path, require_answers)
-        return cls.from_texts(prompts, answers, tokenizer, seq_length, max_answer_tokens, truncation, str(path))
+        data = cls.from_texts(prompts, answers, tokenizer, seq_length, max_answer_tokens, truncation, str(path))
+        if require_answers and data.empty_answers == len(data.examples):
+            raise DataError(f"{path}: every answer is empty, so the SFT step would only teach the model to stop (EOS): "
+                            "fill in the 'answer' fields (or train with --stage ttt, which reads no answers)")
+        return data
 
     @property
     def vocab_size(self) -> int:
@@ -94,11 +101,26 @@ class PromptAnswerDataset:
     def tokenizer_description(self) -> dict:
         return self.tokenizer.describe()
 
-    def summary(self) -> str:
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the tokenized examples: what a data position indexes."""
+        return hashlib.sha256(json.dumps(self.examples).encode()).hexdigest()
+
+    def without_refine_positions(self, margin: int) -> int:
+        """Prompts too short for REFINE: no label lies `margin` tokens from both ends (refine.step.select), so they
+        get no rollout and their prompt update is NTP alone."""
+        return sum(len(prompt) - 1 <= 2 * margin for prompt, _ in self.examples)
+
+    def summary(self, refine_margin: int | None = None) -> str:
+        """One line; with `refine_margin` (the stage branches REFINE in the prompts) the prompts too short for it."""
         prompt_tokens = [len(p) for p, _ in self.examples]
+        short = self.without_refine_positions(refine_margin) if refine_margin is not None else 0
         return (f"data.layout=prompt_answer: {len(self.examples)} examples from {self.path}, prompts of "
                 f"{min(prompt_tokens)}-{max(prompt_tokens)} tokens; cut to fit: {self.truncated_prompts} prompts, "
-                f"{self.truncated_answers} answers")
+                f"{self.truncated_answers} answers"
+                + (f"; {self.empty_answers} empty answers (EOS only)" if self.empty_answers else "")
+                + (f"; {short} prompts of <= {2 * refine_margin + 1} tokens, too short for REFINE (refine.margin "
+                   f"{refine_margin} at both ends): NTP only" if short else ""))
 
 
 def read_prompt_answer_file(path: str | Path, require_answers: bool = True) -> tuple[list[str], list[str | None]]:
@@ -190,6 +212,11 @@ class PromptAnswerLoader:
         self.state = PromptAnswerLoaderState(**state)
 
 
+def _is_answer(value) -> bool:
+    """A gold answer: a non-blank string (a blank one is a substring of every prediction) or an integer."""
+    return (isinstance(value, str) and bool(value.strip())) or (isinstance(value, int) and not isinstance(value, bool))
+
+
 def parquet_to_jsonl(parquet: str | Path, output: str | Path, task: str | None = None, metric: str | None = None,
                      max_new_tokens: int | None = None) -> int:
     """The REFINE release's RULER QA parquet (columns `prompt`: the text, or chat messages whose contents are joined
@@ -213,9 +240,13 @@ def parquet_to_jsonl(parquet: str | Path, output: str | Path, task: str | None =
         for i, (prompt, answer) in enumerate(zip(table.column("prompt").to_pylist(), table.column("answer").to_pylist())):
             if isinstance(prompt, list):  # chat messages
                 prompt = "\n".join(m["content"] if isinstance(m, dict) else str(m) for m in prompt)
-            answers = [answer] if isinstance(answer, str) else list(answer or [])
-            if not isinstance(prompt, str) or not answers or not all(isinstance(a, str) for a in answers):
-                raise DataError(f"{parquet} row {i}: needs a text 'prompt' and a non-empty 'answer' list of strings")
+            answers = [answer] if isinstance(answer, (str, int)) else answer
+            if not isinstance(prompt, str):
+                raise DataError(f"{parquet} row {i}: 'prompt' is {type(prompt).__name__}: give text or chat messages")
+            if not isinstance(answers, list) or not answers or not all(_is_answer(a) for a in answers):
+                raise DataError(f"{parquet} row {i}: column 'answer' holds {answer!r:.80}: it must be a non-empty "
+                                "list of non-empty strings (or integers, written as text)")
+            answers = [str(a) for a in answers]  # an integer answer (a count, a year) is scored as its digits
             f.write(json.dumps({"prompt": prompt, "answers": answers, **extra}) + "\n")
             count += 1
     tmp.replace(output)

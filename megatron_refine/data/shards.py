@@ -205,6 +205,12 @@ class ShardedDataset:
         """The tokenizer the data was tokenized with, as `tokenizers.tokenizer_from_metadata` reads it."""
         return self.metadata.get("tokenizer")
 
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the shards metadata.json lists (names, sizes, sha256s): what a data position indexes, which a
+        re-preprocessing into the same folder changes."""
+        return hashlib.sha256(json.dumps(self.metadata["shards"], sort_keys=True).encode()).hexdigest()
+
     def preprocess_command(self, **changes) -> str:
         """The command that rewrites this folder (see `preprocess_command`)."""
         return preprocess_command(self.path, self.metadata, **changes)

@@ -51,7 +51,9 @@ class HFTokenizer:
             raise FileNotFoundError(
                 f"tokenizer file {path} not found: pass --tokenizer byte, or the path of a tokenizer.json"
             )
-        self.path = path.resolve()
+        # Absolute but not resolved: the folder as named holds the tokenizer's other files (a tokenizer.json of the
+        # Hugging Face cache links into blobs/, where they are not).
+        self.path = path.absolute()
         data = self.path.read_bytes()  # hashed and parsed from the same bytes
         try:
             self._tok = _Tokenizer.from_str(data.decode("utf-8"))

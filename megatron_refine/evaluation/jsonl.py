@@ -91,6 +91,9 @@ def _example(row, where: str) -> EvalExample:
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise DataError(f"{where}: missing field 'answers': give 'answers' (a non-empty list of strings) or "
                         "'answer' (a string or such a list)")
+    if not all(a.strip() for a in answers):  # "" is a substring of every prediction: it would score 100%
+        raise DataError(f"{where}: an empty answer in {answers!r:.80}: every prediction contains it; remove it (or the "
+                        "line, when it has no other answer)")
 
     metric, max_new_tokens = TASKS.get(task, (None, None))
     metric = row.get("metric", metric)

@@ -226,6 +226,8 @@ def examples_for(tasks: list[str], lengths: list[int], samples: int, tokenizer, 
     and the file's truncation counts."""
     from megatron_refine.evaluation.niah import NIAH_TASKS, niah_examples
 
+    if samples < 0:  # a negative count would slice a task file from its end
+        raise ValueError(f"--samples must be >= 0 (0: all of a task file), got {samples}")
     unknown = [t for t in tasks if t not in NIAH_TASKS]
     if unknown:
         raise ValueError(f"unknown --tasks {unknown}: the generated tasks are {', '.join(NIAH_TASKS)}; other tasks "
@@ -288,6 +290,7 @@ def run(args: EvalArgs) -> list[dict]:
 
             ttt = run_test_time_training(args, examples, tokenizer, runtime)
             baseline, results = ttt.baseline, ttt.results
+            config["ttt_prompts_without_refine"] = ttt.without_refine
         rows = summarize(results)
         if torch.distributed.get_rank() == 0:
             if args.ttt == "none":

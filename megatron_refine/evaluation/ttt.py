@@ -86,9 +86,9 @@ def ttt_config(args, examples: list[EvalExample], tokenizer):
              *([f"device={args.device}"] if args.device else [])]
     cfg = load_config(f"ttt-{args.ttt}", [*fixed, *args.ttt_overrides])
     per_step = cfg.data.global_batch_size
-    if args.batch_size % per_step:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of data.global_batch_size ({per_step}, "
-                         "the prompts of one TTT optimizer step)")
+    if args.batch_size < 1 or args.batch_size % per_step:
+        raise ValueError(f"--batch-size {args.batch_size} must be a positive multiple of data.global_batch_size "
+                         f"({per_step}, the prompts of one TTT optimizer step)")
     steps = args.batch_size // per_step
     batches = -(-len(examples) // args.batch_size)
     cfg.train_steps = steps * batches
@@ -101,7 +101,27 @@ def ttt_config(args, examples: list[EvalExample], tokenizer):
         shortest = min_sequence_length(cfg.refine.n_chunks, cfg.refine.margin)
         cfg.data.seq_length = max(shortest, -(-longest // 64) * 64)
     cfg.validate()
+    if examples and prompts_without_refine(cfg, examples, tokenizer) == len(examples):
+        margin = cfg.refine.margin
+        raise ValueError(f"--ttt refine: every prompt is at most {2 * margin + 1} tokens, too short for a REFINE "
+                         f"rollout (refine.margin={margin} tokens from both ends), so the update would be NTP alone: use "
+                         f"--ttt ntp, or --set refine.margin=M with M >= refine.k ({cfg.refine.k}) and 2M + 1 below "
+                         "the prompts' length")
     return cfg
+
+
+def _dataset(cfg, examples: list[EvalExample], tokenizer) -> PromptAnswerDataset:
+    data = cfg.data
+    return PromptAnswerDataset.from_texts([ex.prompt for ex in examples], [None] * len(examples), tokenizer,
+                                          data.seq_length, data.max_answer_tokens, data.prompt_truncation)
+
+
+def prompts_without_refine(cfg, examples: list[EvalExample], tokenizer) -> int:
+    """How many prompts are too short for a REFINE rollout at cfg's margins (their update is NTP alone); 0 for
+    --ttt ntp."""
+    if cfg.prompt_update != "refine":
+        return 0
+    return _dataset(cfg, examples, tokenizer).without_refine_positions(cfg.refine.margin)
 
 
 def batch_loader(cfg, examples: list[EvalExample], tokenizer) -> PromptAnswerLoader:
@@ -109,9 +129,7 @@ def batch_loader(cfg, examples: list[EvalExample], tokenizer) -> PromptAnswerLoa
     from megatron.core import parallel_state
 
     data = cfg.data
-    dataset = PromptAnswerDataset.from_texts([ex.prompt for ex in examples], [None] * len(examples), tokenizer,
-                                             data.seq_length, data.max_answer_tokens, data.prompt_truncation)
-    return PromptAnswerLoader(dataset, data.seq_length, data.micro_batch_size,
+    return PromptAnswerLoader(_dataset(cfg, examples, tokenizer), data.seq_length, data.micro_batch_size,
                               dp_rank=parallel_state.get_data_parallel_rank(),
                               dp_size=parallel_state.get_data_parallel_world_size(), seed=data.seed, shuffle=False)
 
@@ -121,6 +139,7 @@ class TTTRun:
     baseline: list[dict]  # every example's result from the model as loaded (no TTT), in the examples' order
     results: list[dict]  # ... after TTT on its batch ("ttt_batch": the batch's index)
     trainer: object  # the training state after the last batch
+    without_refine: int = 0  # --ttt refine: prompts too short for a rollout, whose update was NTP alone
 
 
 def run_test_time_training(args, examples: list[EvalExample], tokenizer, runtime) -> TTTRun:
@@ -130,6 +149,7 @@ def run_test_time_training(args, examples: list[EvalExample], tokenizer, runtime
     from megatron_refine.training.trainer import TrainResult, run_steps, setup
 
     cfg = ttt_config(args, examples, tokenizer)
+    short = prompts_without_refine(cfg, examples, tokenizer)
     batches = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     trainer = setup(cfg, runtime, dataset=batch_loader(cfg, batches[0], tokenizer).dataset)
     model = trainer.module
@@ -143,6 +163,10 @@ def run_test_time_training(args, examples: list[EvalExample], tokenizer, runtime
         print(f"test-time training ({cfg.prompt_update}, reset {args.ttt_reset}): {len(batches)} batches of up to "
               f"{args.batch_size} prompts, {steps} optimizer steps of {cfg.data.global_batch_size} each, rows of "
               f"{cfg.data.seq_length} tokens", flush=True)
+        if short:
+            print(f"{short} of {len(examples)} prompts are at most {2 * cfg.refine.margin + 1} tokens, too short for a "
+                  f"REFINE rollout (refine.margin={cfg.refine.margin} at both ends): their update is NTP alone",
+                  flush=True)
     for i, batch in enumerate(batches):
         if args.ttt_reset == "batch" and i:
             start.restore(trainer)
@@ -153,7 +177,7 @@ def run_test_time_training(args, examples: list[EvalExample], tokenizer, runtime
                           progress=False):
             results.append({**r, "index": first + r["index"], "ttt_batch": i})
     logger.close()
-    return TTTRun(baseline, results, trainer)
+    return TTTRun(baseline, results, trainer, short)
 
 
 def write_ttt_results(out_dir: str | Path, baseline: list[dict], results: list[dict], config: dict) -> str:
@@ -163,8 +187,10 @@ def write_ttt_results(out_dir: str | Path, baseline: list[dict], results: list[d
     rows, base_rows = summarize(results), summarize(baseline)
     write_results(out_dir, results, rows, config)
     write_results(Path(out_dir) / "no-ttt", baseline, base_rows, {**config, "ttt": "none"})
-    return format_comparison({"no TTT": base_rows, f"TTT {config['ttt']} (reset {config['ttt_reset']})": rows})
+    short = config.get("ttt_prompts_without_refine")
+    label = f"TTT {config['ttt']} (reset {config['ttt_reset']}{f', {short} NTP only' if short else ''})"
+    return format_comparison({"no TTT": base_rows, label: rows})
 
 
-__all__ = ["TTTRun", "TrainingState", "batch_loader", "run_test_time_training", "ttt_config",
-           "write_ttt_results"]
+__all__ = ["TTTRun", "TrainingState", "batch_loader", "prompts_without_refine", "run_test_time_training",
+           "ttt_config", "write_ttt_results"]

@@ -54,6 +54,7 @@ class FastWeightConfig(TransformerConfig):
     rope_theta: float = 1e6
     learnable_ttt_scale: bool = True
     qkv_silu: bool = True
+    no_v_silu: bool = False  # with qkv_silu: SiLU on the fast path's q and k only (the authors' fused-kernel json)
     ttt_nope: bool = False
     lact_base_lr: float = 1e-3
     fw_init_gain: float = 0.5
@@ -77,6 +78,9 @@ class FastWeightConfig(TransformerConfig):
     persist_layer_norm: bool = False
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
+    # The tokenizer's padding id (a Hugging Face model's pad_token_id): its embedding row gets no gradient from
+    # lookups, as nn.Embedding(padding_idx=...) in fla's and the LaCT authors' models. None: no such token.
+    pad_token_id: int | None = None
     params_dtype: torch.dtype = torch.float32
 
     def __post_init__(self):

@@ -204,7 +204,8 @@ class LaCTMixer(MegatronModule):
         fw_heads = lambda x: x.reshape(B, T, self.num_fw_heads, self.fw_dim)  # noqa: E731
         fq, fk, fv = fw_heads(fq), fw_heads(fk), fw_heads(v)
         if cfg.qkv_silu:
-            fq, fk, fv = F.silu(fq), F.silu(fk), F.silu(fv)
+            fq, fk = F.silu(fq), F.silu(fk)
+            fv = fv if cfg.no_v_silu else F.silu(fv)
         fq, fk = self.l2_norm(fq), self.l2_norm(fk)
         if not cfg.ttt_nope:
             fq = fw_heads(apply_rope(heads(fq), cos, sin))

@@ -83,6 +83,18 @@ class FastWeightGPTModel(GPTModel):
         self.tokenizer_vocab_size = vocab_size
         if self.post_process:  # every logit passes the output layer: the padding leaves the distribution there
             self.output_layer.register_forward_hook(self._mask_padded_logits)
+        if self.pre_process and config.pad_token_id is not None:
+            self.embedding.register_forward_hook(self._freeze_pad_lookups, with_kwargs=True)
+
+    def _freeze_pad_lookups(self, embedding, args, kwargs, output):
+        """The embedding [s(/t), b, h] of each pad token detached: its row's gradient comes only from the output
+        layer (when tied), as nn.Embedding(padding_idx=pad_token_id) gives HF models."""
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]  # [b, s]
+        pad = (ids == self.config.pad_token_id).transpose(0, 1)  # [s, b]
+        if self.config.sequence_parallel:  # this rank's part of the sequence
+            rank, local = parallel_state.get_tensor_model_parallel_rank(), output.shape[0]
+            pad = pad[rank * local : (rank + 1) * local]
+        return torch.where(pad[..., None], output.detach(), output)
 
     def _mask_padded_logits(self, layer, inputs, output):
         logits, bias = output  # [s, b, V/t]

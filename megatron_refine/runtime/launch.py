@@ -5,6 +5,8 @@ so each rank starts in well under a second), gives each RANK / WORLD_SIZE / LOCA
 MASTER_PORT on a free local port, runs `fn(*args, **kwargs)` and returns the per-rank results. A failing
 rank's error is re-raised in the caller as `RankFailed` (its traceback, type and message; rank 0's when
 ranks fail together); a rank that hangs past `timeout` stops all of them.
+Ranks die with the launcher (`kill -9` of it included), and a SIGTERM to the launcher (Slurm's, before a requeue or
+at the time limit) is forwarded to them, as torchrun does: training saves at the end of its step and returns.
 Multi-node runs use torchrun (or the NeMo-Run recipes) directly.
 """
 
@@ -14,7 +16,9 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -86,7 +90,20 @@ def _context() -> mp.context.BaseContext:
     return ctx
 
 
-def _run_rank(fn, rank, nprocs, port, threads, args, kwargs, results) -> None:
+def _exit_with_launcher(alive) -> None:
+    """Block on the launcher's end of a pipe; when it closes (the launcher exited or was killed), end this rank.
+    A rank's parent is the forkserver, which the ranks themselves keep alive, so PR_SET_PDEATHSIG would never fire."""
+    try:
+        alive.recv()
+    except (EOFError, OSError):
+        pass
+    for child in mp.active_children():  # e.g. the Manager that serves checkpoint writes: it would outlive us
+        child.kill()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _run_rank(fn, rank, nprocs, port, threads, alive, args, kwargs, results) -> None:
+    threading.Thread(target=_exit_with_launcher, args=(alive,), name="exit-with-launcher", daemon=True).start()
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -156,16 +173,26 @@ def spawn(
     results = ctx.Queue()
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // nprocs)
+    alive, launcher_alive = ctx.Pipe(duplex=False)  # only this process holds the write end: EOF = it is gone
     procs = [
         ctx.Process(
             target=_run_rank,
-            args=(fn, rank, nprocs, port, threads, args, kwargs, results),
+            args=(fn, rank, nprocs, port, threads, alive, args, kwargs, results),
             name=f"rank{rank}",
         )
         for rank in range(nprocs)
     ]
     for p in procs:
         p.start()
+    alive.close()
+    forward = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    if forward:
+        def to_ranks(signum, frame):
+            for p in procs:
+                if p.exitcode is None:
+                    os.kill(p.pid, signum)
+
+        previous = signal.signal(signal.SIGTERM, to_ranks) or signal.SIG_DFL
 
     outputs: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
@@ -176,9 +203,11 @@ def spawn(
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
+                    code = dead[0].exitcode
                     raise RankFailed(
-                        f"{dead[0].name} of {fn.__name__} died with exit code {dead[0].exitcode} "
-                        "before reporting (killed, out of memory or a crash in native code)"
+                        f"{dead[0].name} of {fn.__name__} died with exit code {code}"
+                        + (f" ({signal.Signals(-code).name})" if -code in signal.valid_signals() else "")
+                        + " before reporting (killed, out of memory or a crash in native code)"
                     ) from None
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(nprocs)) - set(outputs))
@@ -194,9 +223,12 @@ def spawn(
                 raise failure
             outputs[rank] = pickle.loads(value)
     finally:
+        if forward:
+            signal.signal(signal.SIGTERM, previous)
         for p in procs:
             p.join(timeout=10.0 if len(outputs) == nprocs else 0.0)
             if p.is_alive():
                 p.kill()
                 p.join()
+        launcher_alive.close()
     return [outputs[r] for r in range(nprocs)]

@@ -2,29 +2,38 @@
 
 Layout of a save folder:
     iter_0000100/                 a complete checkpoint (model, optimizer, scheduler, RNG, data position, config)
+        checksums.sha256          the sha256 of each of its files (`sha256sum -c checksums.sha256` reads it)
     latest_checkpointed_iteration.txt
+    checkpoint.lock               locked by the run that saves here, which writes its pid, host and start time in it
 A checkpoint is written to `iter_NNNNNNN.tmp` and renamed into place once every rank has finished; the
 `latest` marker is replaced (atomically) only after that, and only then are old checkpoints pruned: the
-`keep_last` most recently written stay, and the one the marker names is never removed. A crash mid-write leaves a
-`.tmp` folder that loading ignores (and the next save clears), never a half checkpoint.
+`keep_last` highest complete iterations up to the one just written stay, and those above it (left by a run this
+one overwrote) go. A crash mid-write leaves a `.tmp` folder that loading ignores (and the next save clears),
+never a half checkpoint; a folder whose marker is gone resumes from its newest complete checkpoint.
 
-Loading verifies before it trusts: every file the checkpoint's index names must be there and long enough, the
-weights must be finite, and the model (mixer and shapes) and the tokenizer of the data must be the checkpoint's.
+Loading verifies before it trusts: every file the checkpoint's index names must be there and long enough and
+match its recorded sha256 (checkpoints from before checksums: sizes only), the weights must be finite, and the
+model (mixer and shapes) and the tokenizer of the data must be the checkpoint's.
 A checkpoint that fails the first two is skipped for the newest older one that loads (said on the console); a
 model or tokenizer mismatch is an error naming both sides.
 Model weights load at any TP / PP / DP layout. The optimizer state resumes at another DP size too (the
 distributed optimizer saves megatron-core's `dp_reshardable` format); it needs the saved TP / PP sizes. RNG and
-data position are per DP rank: they resume exactly on the saved layout and restart from the seeds otherwise.
+data position are per DP rank: they resume exactly on the saved layout and restart from the seeds otherwise; the
+data position restarts too on data other than the checkpoint's (another path, or other content at the same path).
 Weights saved with the local spec load into the Transformer-Engine spec and back (TE's `_extra_state`, its FP8
 metadata, is skipped where the checkpoint lacks it).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import multiprocessing as mp
 import os
 import random
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +41,14 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_refine.megatron_compat import COMMON_STATE_FILE, COMMON_STATE_KEY, write_common_state_file
 from megatron_refine.runtime import current_device
 
 MARKER = "latest_checkpointed_iteration.txt"
+CHECKSUMS = "checksums.sha256"
+LOCK = "checkpoint.lock"
 # The distributed optimizer's format: one ShardedTensor per contiguous buffer shard, fully parallel save and
 # load with no gather, reshardable across DP sizes (megatron-core's default, fully_sharded_model_space, builds
 # flattened_range ShardedTensors that dist_checkpointing 0.16 refuses). Plain optimizers ignore it.
@@ -48,37 +60,95 @@ def checkpoint_dir(root: str | Path, iteration: int) -> Path:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: a missing or unreadable file, or non-finite weights."""
+    """A checkpoint that cannot be used (a missing, corrupt or unreadable file, non-finite weights), or a save
+    folder that cannot take one (locked by another run, not writable, full)."""
 
 
 def latest_iteration(root: str | Path) -> int | None:
+    """The iteration the marker names; without a marker (removed, or a crash between a checkpoint's rename and
+    the marker's), the newest complete checkpoint's; None when there is none."""
     marker = Path(root) / MARKER
     if not marker.is_file():
-        return None
+        return next((i for i in reversed(saved_iterations(root)) if _complete(checkpoint_dir(root, i))), None)
     text = marker.read_text().strip()
     if not text.isdigit() or not checkpoint_dir(root, int(text)).is_dir():
-        raise CheckpointError(f"{marker} says {text!r}, which is not a complete checkpoint in {root}: fix or remove the marker")
+        raise CheckpointError(f"{marker} says {text!r}, which is not a complete checkpoint in {root}: fix or remove the "
+                              "marker (without it the newest complete checkpoint is used)")
     return int(text)
 
 
 def saved_iterations(root: str | Path) -> list[int]:
-    """The complete checkpoints in `root`, ascending."""
+    """The iterations of the checkpoint folders in `root` (renamed into place: written in full), ascending."""
     return sorted(int(p.name[5:]) for p in Path(root).glob("iter_???????") if p.is_dir() and p.name[5:].isdigit())
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Keep the `keep_last` most recently written checkpoints and the one the marker names. Write order, not the
-    iteration: a run that starts over in a folder holding higher iterations must not lose what it just wrote."""
-    latest = latest_iteration(root)
-    written = sorted((checkpoint_dir(root, i) for i in saved_iterations(root)), key=lambda d: d.stat().st_mtime_ns)
-    for old in written[: max(0, len(written) - keep_last)]:
-        if old != checkpoint_dir(root, latest):
-            shutil.rmtree(old)
+def _complete(path: Path) -> bool:
+    try:
+        verify_files(path, checksums=False)
+    except CheckpointError:
+        return False
+    return True
 
 
-def verify_files(path: Path) -> None:
+def _prune(root: Path, iteration: int, keep_last: int) -> None:
+    """After `iteration` was saved (and the marker names it): keep it and the `keep_last - 1` highest complete
+    iterations below it; remove the rest below it, and every checkpoint above it: those are a run's this one
+    overwrote (or fell back past), which a resume must never mistake for its own."""
+    older = [i for i in saved_iterations(root) if i < iteration]
+    kept = [i for i in reversed(older) if _complete(checkpoint_dir(root, i))][: keep_last - 1]
+    above = [i for i in saved_iterations(root) if i > iteration]
+    for i in [i for i in older if i not in kept] + above:
+        shutil.rmtree(checkpoint_dir(root, i))
+    if above:
+        print(f"removed {', '.join(checkpoint_dir(root, i).name for i in above)} from {root}: checkpoints above "
+              f"iter {iteration}, the one just saved, left by a run this one overwrote", flush=True)
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _my_files(names: list[str], rank: int, world: int) -> list[str]:
+    """This rank's share of a checkpoint's files to hash: the `__R_I.distcp` files rank R wrote (still in its page
+    cache after a save), the rest on rank 0."""
+    def owner(name: str) -> int:
+        head = name.split("_")[2] if name.startswith("__") and name.count("_") >= 3 else ""
+        return int(head) % world if head.isdigit() else 0
+    return [n for n in names if owner(n) == rank]
+
+
+def _write_checksums(tmp: Path) -> None:
+    """Collective: each rank hashes its share of the files in `tmp`, rank 0 writes CHECKSUMS. sha256 (as the data
+    shards'), streamed from the files just written (page cache): 1-2 s a GB, the ranks in parallel."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != CHECKSUMS)
+    mine = {n: _sha256(tmp / n) for n in _my_files(names, rank, world)}
+    every = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    if rank == 0:
+        digests = {n: d for part in every for n, d in part.items()}
+        (tmp / CHECKSUMS).write_text("".join(f"{digests[n]}  {n}\n" for n in sorted(digests)))
+
+
+def _read_checksums(path: Path) -> dict[str, str] | None:
+    """{file name: sha256} as CHECKSUMS records it; None for a checkpoint written before checksums."""
+    file = path / CHECKSUMS
+    if not file.is_file():
+        return None
+    digests = {}
+    for line in file.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise CheckpointError(f"{file} is unreadable (line {line[:80]!r})")
+        digests[name] = digest
+    return digests
+
+
+def verify_files(path: Path, checksums: bool = True, rank: int = 0, world: int = 1) -> None:
     """Every file the checkpoint's index names is there and holds the bytes it should: else a CheckpointError
-    naming the file (the torch_dist format: `.metadata` maps each tensor to a byte range of a `.distcp` file)."""
+    naming the file (the torch_dist format: `.metadata` maps each tensor to a byte range of a `.distcp` file).
+    With `checksums`, this rank's share (of `world`) of the files CHECKSUMS lists must match their sha256."""
     from torch.distributed.checkpoint import FileSystemReader
 
     for name in ("metadata.json", ".metadata"):
@@ -100,6 +170,99 @@ def verify_files(path: Path) -> None:
             raise CheckpointError(f"{file} is missing")
         if file.stat().st_size < size:
             raise CheckpointError(f"{file} is truncated ({file.stat().st_size} of {size} bytes)")
+    digests = _read_checksums(path) if checksums else None
+    for name in _my_files(sorted(digests or {}), rank, world):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if _sha256(file) != digests[name]:
+            raise CheckpointError(f"{file} is corrupt: its sha256 differs from the one {CHECKSUMS} recorded at save")
+
+
+# save folder -> (pid, its lock file's descriptor) while that process holds the lock (a forked child inherits the
+# dict, not the lock)
+_held_locks: dict[Path, tuple[int, int]] = {}
+
+
+def lock_save_folder(root: str | Path) -> None:
+    """Collective: rank 0 takes an exclusive lock on `root`/LOCK for the run's life and writes pid, host and start
+    time into it for the next run's message; this also proves at start that `root` is writable. A POSIX record
+    lock (fcntl), not flock: it belongs to this process alone (the processes it forks, such as the checkpoint
+    writers, do not inherit it), the kernel releases it when the process dies, so a killed run leaves no stale
+    lock, and NFS supports it. Re-entrant within one process."""
+    root = Path(root).resolve()
+    failure = None
+    if torch.distributed.get_rank() == 0 and _held_locks.get(root, (None,))[0] != os.getpid():
+        failure = _lock(root)
+    failure = _agree(failure)
+    if failure:
+        raise CheckpointError(failure)
+
+
+def _lock(root: Path) -> str | None:
+    import fcntl
+    import tempfile
+
+    lock = root / LOCK
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        return _not_writable(root, e)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            os.close(fd)  # a file system without locks (ENOLCK, ENOSYS: Lustre mounted noflock): run, as before
+            print(f"checkpoint.save {root} cannot be locked ({e.strerror}): nothing stops a second run saving there",
+                  flush=True)
+            return None
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "a process that has not written its name yet"
+        os.close(fd)
+        return (f"checkpoint.save {root} is in use by another run ({holder}; lock {lock}): wait for it to end, or "
+                "pick another checkpoint.save")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=root, prefix=".write-test"))  # the lock file may predate a read-only folder
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        return _not_writable(root, e)
+    _held_locks[root] = (os.getpid(), fd)
+    return None
+
+
+def _not_writable(root: Path, error: OSError) -> str:
+    return f"checkpoint.save {root} is not writable ({error.strerror}): pick another checkpoint.save, or fix its permissions"
+
+
+def save_folder_holder(root: str | Path) -> str | None:
+    """Who holds `root`'s lock (a live run saving there, as its lock file says), or None: for the tools that would
+    replace such a folder (`convert-from-hf --overwrite`). Not collective; takes and drops the lock at once."""
+    import fcntl
+
+    lock = Path(root) / LOCK
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return None  # no lock file (or none we could lock: then no run could hold it either)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            return None
+        return os.pread(fd, 512, 0).decode(errors="replace").strip() or "a run that has not written its name yet"
+    finally:
+        os.close(fd)  # closing drops a lock this process took
+
+
+def unlock_save_folder(root: str | Path) -> None:
+    """Release what `lock_save_folder` took (at a run's end; a process that dies releases it anyway)."""
+    pid, fd = _held_locks.pop(Path(root).resolve(), (None, None))
+    if pid == os.getpid():
+        os.close(fd)
 
 
 def _layout() -> dict:
@@ -213,20 +376,54 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
         "tokenizer_hash": loader.dataset.tokenizer_hash,
         "tokenizer": loader.dataset.tokenizer_description,
         "data_path": str(Path(loader.dataset.path).resolve()),
+        "data_identity": loader.dataset.content_hash,  # the same path may be re-preprocessed into other data
         "config": config,
     }
-    dist_checkpointing.save(state, str(tmp))
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        write_common_state_file(tmp, state)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        marker_tmp = root / (MARKER + ".tmp")
-        marker_tmp.write_text(str(iteration))
-        os.replace(marker_tmp, root / MARKER)
-        _prune(root, keep_last)
+    main = torch.distributed.get_rank() == 0
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        torch.distributed.barrier()
+        if main:
+            write_common_state_file(tmp, state)
+        _write_checksums(tmp)
+        if main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            marker_tmp = root / (MARKER + ".tmp")
+            marker_tmp.write_text(str(iteration))
+            os.replace(marker_tmp, root / MARKER)
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space it took; the older checkpoints and marker stay
+        if _no_space(e):
+            raise CheckpointError(
+                f"saving {final.name} into {root} failed: no space left on device (ENOSPC; "
+                f"{shutil.disk_usage(root).free / 2**30:.2f} GiB free there): the older checkpoints and {MARKER} are "
+                "as they were; free some space (or lower checkpoint.keep_last), then resume") from e
+        raise
+    if main:
+        _prune(root, iteration, keep_last)
     torch.distributed.barrier()
     return final
+
+
+def _no_space(error: BaseException) -> bool:
+    """Whether a failed save ran out of disk space: ENOSPC (or EDQUOT) anywhere in the exception chain, including
+    the ranks' failures torch's CheckpointException carries, or in their text (megatron-core's writer processes
+    send theirs back as text; torch's zip writer reports a short write as 'unexpected pos')."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        stack += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            stack += [failure[0] for failure in e.failures.values()]
+    text = str(error)
+    return any(sign in text for sign in ("No space left on device", "Disk quota exceeded", "unexpected pos"))
 
 
 def saved_tokenizer(root: str | Path):
@@ -295,11 +492,12 @@ def _restore_adam_steps(optimizer, loaded: dict) -> None:
                 param_state["step"] = param_state["step"].new_full((), step)
 
 
-def _agree(failure: str | None, device: torch.device) -> str | None:
-    """Every rank takes the same decision: a failure seen by any rank (its message, when this rank saw it)."""
-    flag = torch.tensor([failure is not None], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return failure or ("another rank could not load it" if flag.item() else None)
+def _agree(failure: str | None) -> str | None:
+    """Every rank takes the same decision: a failure seen by any rank (this rank's message, else the first
+    rank's that saw one, so rank 0 can name a file only another rank checked)."""
+    failures = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(failures, failure)
+    return failure or next((f for f in failures if f), None)
 
 
 def _load(template: dict, path: Path) -> dict:
@@ -322,8 +520,7 @@ def _set_weights(model, weights: dict, path: Path) -> None:
     if missing:
         raise RuntimeError(f"the checkpoint did not provide {missing[:5]}: the model and its sharded_state_dict disagree")
     nonfinite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if _agree(f"{path} holds non-finite weights ({', '.join(nonfinite[:3])})" if nonfinite else None,
-              next(model.parameters()).device):
+    if _agree(f"{path} holds non-finite weights ({', '.join(nonfinite[:3])})" if nonfinite else None):
         raise CheckpointError(f"{path} holds non-finite weights (NaN/Inf{': ' + ', '.join(nonfinite[:3]) if nonfinite else ''})")
 
 
@@ -363,22 +560,27 @@ def load_checkpoint(root: str | Path, model, optimizer=None, scheduler=None, loa
     scheduler, RNG and data position (TP and PP must match the saved layout; DP may differ, see the module
     docstring). `dataset` (default: the loader's) is checked against the checkpoint's tokenizer. A checkpoint
     with a missing or unreadable file, or non-finite weights, is skipped for the newest older one, said on the
-    console. Returns the loaded checkpoint's iteration."""
+    console; so is a missing marker (the newest complete checkpoint is used). Returns the loaded checkpoint's
+    iteration."""
     marker = latest_iteration(root)
     if marker is None:
-        raise FileNotFoundError(f"no checkpoint in {root} (no {MARKER}): check --load, or train without it")
+        raise FileNotFoundError(f"no checkpoint in {root} (no {MARKER}, no complete iter_* folder): check --load, "
+                                "or train without it")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if not (Path(root) / MARKER).is_file() and rank == 0:
+        print(f"{root} has no {MARKER}: loading its newest complete checkpoint, {checkpoint_dir(root, marker).name}",
+              flush=True)
     dataset = dataset if dataset is not None or loader is None else loader.dataset
     candidates = [i for i in reversed(saved_iterations(root)) if i <= marker]
-    device = next(model.parameters()).device
     for n, iteration in enumerate(candidates):
         path = checkpoint_dir(root, iteration)
         try:
             failure = None
             try:
-                verify_files(path)
+                verify_files(path, rank=rank, world=world)  # the ranks share the hashing
             except CheckpointError as e:
                 failure = str(e)
-            failure = _agree(failure, device)
+            failure = _agree(failure)
             if failure:
                 raise CheckpointError(failure)
             _load_one(path, model, optimizer, scheduler, loader, dataset, allow_tokenizer_change)
@@ -417,7 +619,9 @@ def _load_one(path: Path, model, optimizer, scheduler, loader, dataset, allow_to
     if _is_distributed(optimizer):
         _check_parameter_order(path, common, model)
     same_dp = saved["dp"] == layout["dp"]
-    same_data = common.get("data_path") in (None, str(Path(loader.dataset.path).resolve()))
+    same_path = common.get("data_path") in (None, str(Path(loader.dataset.path).resolve()))
+    same_content = common.get("data_identity") in (None, loader.dataset.content_hash)
+    same_data = same_path and same_content
     _allocate_optimizer_state(optimizer)
     model_state = model.sharded_state_dict()
     template = {"model": model_state,
@@ -439,6 +643,9 @@ def _load_one(path: Path, model, optimizer, scheduler, loader, dataset, allow_to
         print(f"resuming {path} (data parallel {saved['dp']}) at data parallel {layout['dp']}: model, optimizer and "
               "scheduler resume; the data order and RNG streams, kept per DP rank, restart from the config's seeds",
               flush=True)
-    elif not same_data and main:
+    elif not same_path and main:
         print(f"resuming {path}, trained on {common['data_path']}, on {loader.dataset.path}: the data position is reset "
               "to the start of the new data", flush=True)
+    elif not same_content and main:
+        print(f"resuming {path}: {loader.dataset.path} holds other data than it was trained on (re-preprocessed since): "
+              "the data position is reset to the start of the new data", flush=True)

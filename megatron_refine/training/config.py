@@ -19,7 +19,9 @@ PROMPT_STAGES = ("refine-post", "ttt")  # data.layout prompt_answer: an update o
 PROMPT_UPDATES = ("refine", "ntp", "none")
 DEVICES = (None, "cuda", "cpu")
 AT_LEAST_ONE = ("train_steps", "max_skipped_steps", "data.seq_length", "data.micro_batch_size",
-                "data.global_batch_size", "logging.log_interval")
+                "data.global_batch_size", "logging.log_interval", "parallel.tensor_model_parallel_size",
+                "parallel.pipeline_model_parallel_size")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
 
 
 @dataclass
@@ -100,7 +102,7 @@ class OptimizerArgs:
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # the global gradient norm is clipped to this; 0: no clipping
     warmup_steps: int = 10
     lr_decay_style: str = "cosine"  # cosine, linear, constant (Megatron's OptimizerParamScheduler)
     lr_decay_steps: int | None = None  # default: train_steps
@@ -108,6 +110,28 @@ class OptimizerArgs:
     # Weight decay on every parameter, norms and biases included, as the REFINE release's AdamW does; false keeps
     # Megatron's rule (no decay on 1-D parameters and biases).
     decay_norms_and_biases: bool = False
+    # On a resume the config's schedule (lr, min_lr, warmup, decay steps and style, weight decay) applies from the
+    # resumed step, as Megatron-LM's --override-opt_param-scheduler; true keeps the checkpoint's instead.
+    use_checkpoint_opt_param_scheduler: bool = False
+
+    def validate(self) -> None:
+        # Megatron's scheduler asserts these deep in a rank (min_lr <= lr), or takes them silently: a negative
+        # clip_grad turns clipping off, a negative warmup is no warmup.
+        for key in ("lr", "min_lr", "weight_decay", "warmup_steps"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.clip_grad >= 0:
+            raise ValueError(f"optimizer.clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"optimizer.min_lr ({self.min_lr}) is above optimizer.lr ({self.lr}): the schedule decays "
+                             "from lr to min_lr; lower min_lr (or set both equal for a constant rate)")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"optimizer.lr_decay_style must be one of {LR_DECAY_STYLES}, got {self.lr_decay_style!r}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
+            raise ValueError(f"optimizer.lr_decay_steps must be >= 1 (or null: train_steps), got {self.lr_decay_steps}")
 
 
 @dataclass
@@ -123,7 +147,7 @@ class CheckpointArgs:
     save_interval: int | None = None  # steps between saves (a final save always happens when `save` is set)
     load: str | None = None  # resume from this folder's latest checkpoint (model, optimizer, scheduler, RNG, data)
     finetune: bool = False  # with load: take the model weights only, start at step 0
-    keep_last: int = 3  # the N checkpoints this run wrote last (>= 1); the one `latest` names is never removed
+    keep_last: int = 3  # the N highest complete iterations up to the one just saved (>= 1, that one included)
     overwrite: bool = False  # start fresh in a `save` folder that holds checkpoints (and no `load`)
     # Load a checkpoint trained on data of another tokenizer (same vocabulary size): a deliberate change only.
     allow_tokenizer_change: bool = False
@@ -199,6 +223,7 @@ class TrainConfig:
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         self.data.validate(self.stage)
+        self.optimizer.validate()
         self.refine.validate()
         rounds = self.refine.mini_batches
         if self.uses_refine and rounds > 1:  # a checkpoint between a round's steps would lose its rollouts
@@ -326,6 +351,17 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _parse_yaml(text: str, where: str, file: bool = True) -> Any:
+    """YAML, or a ValueError that names where the text came from and, in a file, the line (PyYAML's names neither)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1} column {mark.column + 1}:" if mark and file else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where}:{line} not valid YAML ({problem}): fix the syntax there") from None
+
+
 def load_config(source: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     """A config from a YAML path or a built-in name (or the defaults), then `key.path=value` overrides."""
     values: dict = {}
@@ -333,7 +369,10 @@ def load_config(source: str | None = None, overrides: list[str] = ()) -> TrainCo
         if source in NAMED_CONFIGS:
             values = NAMED_CONFIGS[source]
         elif Path(source).is_file():
-            values = yaml.safe_load(Path(source).read_text()) or {}
+            values = _parse_yaml(Path(source).read_text(), source) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{source} holds a {type(values).__name__}, not a config: write sections as a "
+                                 "mapping (model:, data:, optimizer:, ...)")
         else:
             raise ValueError(f"config {source!r} is neither a YAML file nor one of {sorted(NAMED_CONFIGS)}")
     for item in overrides:
@@ -341,7 +380,7 @@ def load_config(source: str | None = None, overrides: list[str] = ()) -> TrainCo
             raise ValueError(f"--set expects key.path=value, got {item!r}")
         key, raw = item.split("=", 1)
         update: dict = {}
-        _set(update, key.strip(), yaml.safe_load(raw))
+        _set(update, key.strip(), _parse_yaml(raw, f"--set {item}", file=False))
         values = _merge(values, update)
     cfg = _build(TrainConfig, values, "")
     cfg.validate()

@@ -17,6 +17,7 @@ over the whole step (every micro-batch and DP rank), so prompts of any lengths w
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,9 @@ from megatron_refine.refine import (
     STEP_PHASES, StoredRollouts, check_logprob_parity, mean_loss, min_sequence_length, ppo_update_loss, refine_loss,
     rollout_round)
 from megatron_refine.runtime import Runtime, initialize, set_deterministic
-from megatron_refine.training.checkpointing import latest_iteration, load_checkpoint, save_checkpoint
+from megatron_refine.runtime.signals import DistributedSignalHandler
+from megatron_refine.training.checkpointing import (
+    latest_iteration, load_checkpoint, lock_save_folder, save_checkpoint, unlock_save_folder)
 from megatron_refine.training.config import CheckpointArgs, TrainConfig
 from megatron_refine.training.logger import MetricsLogger
 
@@ -63,6 +66,7 @@ class TrainResult:
     checkpoint: str | None = None
     refine_history: list[dict] = field(default_factory=list)  # metrics of each REFINE step
     step_tokens_per_s: list[float] = field(default_factory=list)
+    stopped_by: str | None = None  # the signal (SIGTERM) that ended the run early, after saving
 
 
 @dataclass
@@ -100,6 +104,8 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswe
         set_deterministic()
     rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed,
                                device=cfg.device)
+    if cfg.checkpoint.save:  # before anything reads it: a second run into the folder, or a read-only one, stops here
+        lock_save_folder(cfg.checkpoint.save)
     start = checkpoint_start(cfg.checkpoint, rt.is_main)
     if data.layout == "prompt_answer":
         dataset = dataset or PromptAnswerDataset.open(data.path, prompt_tokenizer(cfg), data.seq_length,
@@ -125,7 +131,7 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswe
         loader = PromptAnswerLoader(dataset, data.seq_length, data.micro_batch_size, shuffle=cfg.stage != "ttt",
                                     **sharding)
         if rt.is_main:
-            print(dataset.summary(), flush=True)
+            print(dataset.summary(cfg.refine.margin if cfg.uses_refine else None), flush=True)
     else:
         loader = PackedLoader(dataset, data.seq_length, data.micro_batch_size, **sharding)
     decay_steps = opt.lr_decay_steps or cfg.train_steps
@@ -186,25 +192,59 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswe
     model_config.finalize_model_grads_func = finalize_model_grads
     model_config.grad_scale_func = optimizer.scale_loss
     trainer = Trainer(cfg, rt, model, optimizer, scheduler, loader, data.global_batch_size // (data.micro_batch_size * dp))
-    if rt.is_main:
-        print(startup_summary(trainer, model_config, dataset, bf16, start), flush=True)
 
     ckpt = cfg.checkpoint
+    schedule_changes = []
     if start == "finetune":
         load_checkpoint(ckpt.load, module, dataset=dataset, allow_tokenizer_change=ckpt.allow_tokenizer_change)
         # The mixed-precision and distributed optimizers keep fp32 main copies of the weights, taken when
         # they were built: refresh them, or the first step writes the random initial weights back.
         optimizer.reload_model_params()
     elif start == "resume":
+        configured = {attr: getattr(scheduler, attr) for attr in SCHEDULE_KEYS}
         trainer.start_step = load_checkpoint(ckpt.load, module, optimizer, scheduler, loader,
                                              allow_tokenizer_change=ckpt.allow_tokenizer_change)
+        if trainer.start_step < cfg.train_steps:  # a finished run trains nothing: its schedule does not matter
+            names = {**SCHEDULE_KEYS, "lr_decay_steps": "optimizer.lr_decay_steps" + (
+                "" if opt.lr_decay_steps else " (train_steps)")}
+            schedule_changes = resume_schedule(scheduler, configured, opt.use_checkpoint_opt_param_scheduler, names)
+    if rt.is_main:
+        print(startup_summary(trainer, model_config, dataset, bf16, start, schedule_changes), flush=True)
     if cfg.uses_refine and cfg.refine.kl_coef > 0:
         trainer.reference = frozen_copy(module)
     return trainer
 
 
-def startup_summary(trainer: Trainer, model_config, dataset, bf16: bool, start: str | None) -> str:
-    """The block rank 0 prints once a run is set up: model, layout, data, step, stage, checkpoints."""
+# The scheduler's settings that a resume compares with the checkpoint's, and the config keys that set them.
+SCHEDULE_KEYS = {"max_lr": "optimizer.lr", "min_lr": "optimizer.min_lr", "lr_warmup_steps": "optimizer.warmup_steps",
+                 "lr_decay_steps": "optimizer.lr_decay_steps", "lr_decay_style": "optimizer.lr_decay_style",
+                 "start_wd": "optimizer.weight_decay", "end_wd": "optimizer.weight_decay"}
+
+
+def resume_schedule(scheduler: OptimizerParamScheduler, configured: dict, use_checkpoint: bool,
+                    names: dict = SCHEDULE_KEYS) -> list[str]:
+    """After a resume: the config's schedule (`configured`, the scheduler's values before the load) replaces the
+    checkpoint's from the resumed step on, as Megatron-LM's --override-opt_param-scheduler; with `use_checkpoint`
+    (its --use-checkpoint-opt_param-scheduler) the checkpoint's stays. Returns the differences, 'key saved -> new'."""
+    changes = {}
+    for attr, key in names.items():
+        saved = getattr(scheduler, attr)
+        if saved != configured[attr]:
+            changes[key] = f"{key} {saved} -> {configured[attr]}"
+            if not use_checkpoint:
+                setattr(scheduler, attr, configured[attr])
+    if changes and not use_checkpoint:
+        # Megatron's param groups carry their own max_lr / min_lr, and the optimizer's state restored the saved ones.
+        for group in scheduler.optimizer.param_groups:
+            group.update({k: getattr(scheduler, k) for k in ("max_lr", "min_lr") if k in group})
+        scheduler.step(increment=0)  # the learning rate and weight decay of the resumed step, by the new schedule
+    return list(changes.values())
+
+
+def startup_summary(trainer: Trainer, model_config, dataset, bf16: bool, start: str | None,
+                    schedule_changes: list[str] = ()) -> str:
+    """The block rank 0 prints once a run is set up: model, layout, data, step, stage, checkpoints, and on a resume
+    the schedule settings that differ from the checkpoint's."""
     from megatron_refine.training.estimate import parameter_count
 
     cfg, rt, par, data = trainer.cfg, trainer.runtime, trainer.cfg.parallel, trainer.cfg.data
@@ -233,9 +273,16 @@ def startup_summary(trainer: Trainer, model_config, dataset, bf16: bool, start: 
                   + (f", {r.mini_batches} steps a rollout round" if r.mini_batches > 1 else ""))
     rows.append(("stage", stage))
     ckpt = cfg.checkpoint
-    loads = {"finetune": f"weights of {ckpt.load}", "resume": f"resume {ckpt.load}"}.get(start, "none")
+    loads = {"finetune": f"weights of {ckpt.load}",
+             "resume": f"resume {ckpt.load} at step {trainer.start_step}"}.get(start, "none")
     rows.append(("checkpoints", f"load {loads}; save {ckpt.save or 'none'}"
                  + (f" every {ckpt.save_interval} steps" if ckpt.save and ckpt.save_interval else "")))
+    if schedule_changes:
+        changes = f"{', '.join(schedule_changes)} (checkpoint -> config)"
+        rows.append(("schedule", f"the checkpoint's (optimizer.use_checkpoint_opt_param_scheduler), not the config's: "
+                     f"{changes}" if cfg.optimizer.use_checkpoint_opt_param_scheduler else
+                     f"the config's from step {trainer.start_step}: {changes}; "
+                     "optimizer.use_checkpoint_opt_param_scheduler=true keeps the checkpoint's"))
     width = max(len(name) for name, _ in rows)
     return "\n".join([f"megatron-refine train ({cfg.stage}):"] + [f"  {n:<{width}}  {v}" for n, v in rows])
 
@@ -473,19 +520,27 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     trainer = setup(cfg, runtime)
     log = cfg.logging
     logger = MetricsLogger(cfg.train_steps, log.tensorboard_dir, log.wandb_project, cfg.to_dict())
-    if trainer.start_step and trainer.runtime.is_main:
-        print(f"resumed from {cfg.checkpoint.load} at step {trainer.start_step}", flush=True)
-    result = run_steps(trainer, range(trainer.start_step + 1, cfg.train_steps + 1), logger, TrainResult(trainer.module))
+    if trainer.start_step >= cfg.train_steps and trainer.runtime.is_main:  # e.g. a requeue after the run finished
+        print(f"{cfg.checkpoint.load} is already at step {trainer.start_step} of train_steps {cfg.train_steps}: "
+              "nothing to train (raise train_steps to train on)", flush=True)
+    with DistributedSignalHandler(signal.SIGTERM) as terminated:  # from here on SIGTERM saves, then returns
+        result = run_steps(trainer, range(trainer.start_step + 1, cfg.train_steps + 1), logger,
+                           TrainResult(trainer.module), terminated)
     logger.close()
+    if cfg.checkpoint.save:
+        unlock_save_folder(cfg.checkpoint.save)
     return result
 
 
-def run_steps(trainer: Trainer, steps: range, logger: MetricsLogger, result: TrainResult) -> TrainResult:
+def run_steps(trainer: Trainer, steps: range, logger: MetricsLogger, result: TrainResult,
+              stop: DistributedSignalHandler | None = None) -> TrainResult:
     """Train `steps` (step numbers: they seed REFINE's draws and time the saves), logging each and saving where
-    checkpoint.save asks: the training loop of `train`, and of test-time training one batch of prompts at a time."""
+    checkpoint.save asks: the training loop of `train`, and of test-time training one batch of prompts at a time.
+    Once any rank got `stop`'s signal, all save after the same step (a rollout round's last) and return."""
     cfg, ckpt, log = trainer.cfg, trainer.cfg.checkpoint, trainer.cfg.logging
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
     in_a_row = 0
+    stopping = False
     rollout_round_left = []  # with refine.mini_batches > 1: the current round's (batches, stored rollouts) per step
     for step in steps:
         start = time.perf_counter()
@@ -528,10 +583,20 @@ def run_steps(trainer: Trainer, steps: range, logger: MetricsLogger, result: Tra
                 check_logprob_parity(r, cfg.refine.logprob_parity_tolerance, step)
         logger.log(step, metrics, console=step % log.log_interval == 0 or step == cfg.train_steps)
         exiting = bool(cfg.exit_interval) and step % cfg.exit_interval == 0
-        if ckpt.save and (exiting or (ckpt.save_interval and step % ckpt.save_interval == 0) or step == cfg.train_steps):
+        stopping = stopping or (stop is not None and stop.received(trainer.runtime.device))
+        signalled = stopping and not rollout_round_left  # a round's stored rollouts are not saved: finish it first
+        if ckpt.save and (exiting or signalled or (ckpt.save_interval and step % ckpt.save_interval == 0)
+                          or step == cfg.train_steps):
             path = save_checkpoint(ckpt.save, step, trainer.module, trainer.optimizer, trainer.scheduler,
                                    trainer.loader, cfg.to_dict(), ckpt.keep_last)
             result.checkpoint = str(path)
+        if signalled and step != cfg.train_steps:
+            result.stopped_by = stop.name
+            if trainer.runtime.is_main:
+                print(f"{stop.name}: stopping after step {step}, "
+                      + (f"saved {result.checkpoint}; the same command resumes it" if ckpt.save
+                         else "nothing saved (no checkpoint.save)"), flush=True)
+            break
         if exiting:
             if trainer.runtime.is_main:
                 print(f"exit_interval {cfg.exit_interval}: stopping after step {step}", flush=True)

@@ -178,6 +178,7 @@ def test_fla_checkpoint_imports_finetunes_and_exports(corpus, tmp_path):
     ({"model_type": "llama"}, r"model_type 'llama': convert-from-hf reads 'delta_net' and 'lact_swiglu'"),
     ({"attn": {"layers": [1], "num_heads": 2}}, r"sets attn=.*hybrid softmax-attention layers"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu' \(an MLP activation other than SiLU\)"),
+    ({"norm_first": True}, r"norm_first=True \(fla's norm_first block layout \(removed in 2025-02\)\)"),
     ({"tp": 3}, r"--tp 3 --pp 1 does not divide the model's 2 heads and 2 layers"),
     ({"pp": 4}, r"--tp 1 --pp 4 does not divide"),
     ({"vocab_size": 10}, r"vocab_size 10 is smaller than its tokenizer's 12 tokens"),

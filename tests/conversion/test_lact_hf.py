@@ -153,6 +153,38 @@ def test_authors_checkpoint_imports_finetunes_and_exports(corpus, tmp_path):
     spawn(_authors_checkpoint_imports_and_finetunes, 1, corpus, tmp_path)
 
 
+def _no_v_silu_imports_and_matches(tmp):
+    """The authors' fused-kernel json sets no_v_silu (SiLU on the fast path's q and k, not v): it imports, and our
+    shipped code and the Megatron model agree with it on and differ from the same weights without it."""
+    from megatron_refine.conversion import lact
+
+    config = {**AUTHORS_CONFIG, "no_v_silu": True, "use_fused_kernel": True, "fp32_states": True, "use_muon": False,
+              "auto_map": lact.AUTO_MAP}
+    _authors_checkpoint(tmp / "authors", config)
+    for name in lact.REMOTE_FILES:
+        (tmp / "authors" / name).write_text((lact.REMOTE_CODE / name).read_text())
+    initialize(device="cpu")
+    import_from_hf(tmp / "authors", tmp / "imported")
+    model = _megatron_model(tmp / "imported")
+    assert model.config.no_v_silu
+    tokens = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))  # five chunks of 8
+    hf = _hf_model(tmp / "authors")
+    with torch.no_grad():
+        expected = hf(tokens, use_cache=False).logits
+    torch.testing.assert_close(_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
+    model.config.no_v_silu = hf.config.no_v_silu = False
+    with torch.no_grad():
+        changed = hf(tokens, use_cache=False).logits
+    torch.testing.assert_close(_logits(model, tokens), changed, atol=1e-4, rtol=1e-4)
+    assert (changed - expected).abs().max() > 1e-2
+    export_to_hf(tmp / "imported", tmp / "exported")
+    assert json.loads((tmp / "exported" / "config.json").read_text())["no_v_silu"] is True
+
+
+def test_no_v_silu_checkpoint_imports_and_matches(tmp_path):
+    spawn(_no_v_silu_imports_and_matches, 1, tmp_path)
+
+
 def test_cached_decoding_keeps_a_bounded_state(tmp_path):
     """The cache holds the window's W-1 keys and at most one chunk of pending tokens, whatever the length."""
     from megatron_refine.conversion.lact_hf.configuration_lact_swiglu import LaCTSWIGLUConfig
@@ -173,7 +205,6 @@ def test_cached_decoding_keeps_a_bounded_state(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "llama"}, r"model_type 'llama': convert-from-hf reads 'delta_net' and 'lact_swiglu'"),
-    ({"no_v_silu": True}, r"no_v_silu=True \(no SiLU on the fast-weight values\)"),
     ({"attn_qk_norm": True}, r"attn_qk_norm=True \(RMSNorm on the attention q and k\)"),
     ({"lr_dim": 2}, r"lr_dim=2 \(more than one learning rate"),
     ({"ttt_prenorm": True}, r"ttt_prenorm=True \(pre-norm test-time training\)"),
@@ -197,8 +228,8 @@ def test_shipped_code_refuses_padding_and_unsupported_options():
     from megatron_refine.conversion.lact_hf.modeling_lact_swiglu import LaCTForCausalLM
 
     base = {k: v for k, v in AUTHORS_CONFIG.items() if k not in ("model_type", "architectures")}
-    with pytest.raises(ValueError, match=r"no_v_silu=True is not implemented"):
-        LaCTForCausalLM(LaCTSWIGLUConfig(**base, no_v_silu=True))
+    with pytest.raises(ValueError, match=r"attn_qk_norm=True is not implemented"):
+        LaCTForCausalLM(LaCTSWIGLUConfig(**base, attn_qk_norm=True))
     model = LaCTForCausalLM(LaCTSWIGLUConfig(**base)).eval()
     with pytest.raises(ValueError, match=r"padded batches are not supported"):
         model(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))

@@ -59,6 +59,26 @@ def test_bad_lines_name_the_line_and_the_fix(tmp_path):
         PromptAnswerDataset.open(tmp_path / "missing.jsonl", ByteTokenizer(), 64)
 
 
+def test_empty_answers_are_counted_and_a_file_of_only_empty_answers_is_refused(tmp_path):
+    """An empty answer's SFT target is EOS alone: counted in the summary; all of them is refused (refine-post)."""
+    rows = [{"prompt": "abcdef", "answer": ""}, {"prompt": "ghijkl", "answers": ["  "]}]
+    with pytest.raises(DataError, match=r"qa.jsonl: every answer is empty.*fill in the 'answer' fields"):
+        PromptAnswerDataset.open(_write(tmp_path / "qa.jsonl", rows), ByteTokenizer(), 64)
+    data = PromptAnswerDataset.open(tmp_path / "qa.jsonl", ByteTokenizer(), 64, require_answers=False)  # stage ttt
+    assert data.empty_answers == 2
+    data = PromptAnswerDataset.open(_write(tmp_path / "qa.jsonl", [*rows, {"prompt": "mnopqr", "answer": "s"}]),
+                                    ByteTokenizer(), 64)
+    assert data.empty_answers == 2 and "; 2 empty answers (EOS only)" in data.summary()
+
+
+def test_prompts_too_short_for_refine_are_counted():
+    """A prompt of <= 2 x margin + 1 tokens leaves no REFINE position between the margins: its update is NTP alone."""
+    data = PromptAnswerDataset.from_texts(["a" * 11, "b" * 12, "c" * 30], [None] * 3, ByteTokenizer(), 64)
+    assert [data.without_refine_positions(m) for m in (5, 6, 20)] == [1, 2, 3]
+    assert "2 prompts of <= 13 tokens, too short for REFINE (refine.margin 6 at both ends)" in data.summary(6)
+    assert "REFINE" not in data.summary()
+
+
 def test_data_parallel_ranks_take_their_micro_batch_of_one_global_order_and_resume():
     prompts = [f"prompt {i:02d}" for i in range(10)]
     data = PromptAnswerDataset.from_texts(prompts, ["a"] * 10, ByteTokenizer(), 32, 4)
@@ -90,6 +110,17 @@ def test_ruler_parquet_converts_to_prompt_answer_lines(tmp_path):
     assert lines[0] == {"prompt": "Context. Question?", "answers": ["yes", "Yes"], "task": "ruler_squad"}
     data = PromptAnswerDataset.open(tmp_path / "qa.jsonl", ByteTokenizer(), 64)
     assert data.examples[1] == (list(b"Other?"), list(b"no") + [EOS])
+    # integer answers (a count, a year) are written as text, not refused with a TypeError
+    pq.write_table(pa.table({"prompt": ["How many?", "Year?"], "answer": [3, 1999]}), tmp_path / "int.parquet")
+    assert parquet_to_jsonl(tmp_path / "int.parquet", tmp_path / "int.jsonl") == 2
+    assert [json.loads(line)["answers"] for line in (tmp_path / "int.jsonl").open()] == [["3"], ["1999"]]
+    pq.write_table(pa.table({"prompt": ["Q?"], "answer": [[1, 2]]}), tmp_path / "ints.parquet")
+    parquet_to_jsonl(tmp_path / "ints.parquet", tmp_path / "ints.jsonl")
+    assert json.loads((tmp_path / "ints.jsonl").read_text())["answers"] == ["1", "2"]
+    for answer in ([[""]], [2.5]):  # an empty answer matches every prediction; a float has no one spelling
+        pq.write_table(pa.table({"prompt": ["Q?"], "answer": answer}), tmp_path / "bad.parquet")
+        with pytest.raises(DataError, match=r"bad.parquet row 0: column 'answer' holds .*non-empty strings"):
+            parquet_to_jsonl(tmp_path / "bad.parquet", tmp_path / "bad.jsonl")
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"no column\(s\) \['prompt', 'answer'\]"):
         parquet_to_jsonl(tmp_path / "bad.parquet", tmp_path / "bad.jsonl")

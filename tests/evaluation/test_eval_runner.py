@@ -74,6 +74,19 @@ def test_wilson_interval_and_summary_rows():
         ("a", 8, 1, 1.0), ("a", 16, 1, 0.0), ("a", "all", 2, 0.5), ("b", 8, 1, 0.5)]
 
 
+def test_a_task_file_takes_its_first_samples_and_never_a_negative_count(tmp_path):
+    """--samples -1 sliced the file from its end (7 of 8 scored); the parser refuses it, as does examples_for."""
+    from megatron_refine.data import ByteTokenizer
+    from megatron_refine.evaluation.runner import examples_for
+
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps({"task": "qa", "prompt": f"p{i}", "answer": "a", "metric": "exact_match",
+                                        "max_new_tokens": 2}) + "\n" for i in range(8)))
+    assert [len(examples_for([], [], n, ByteTokenizer(), 0, str(data), 100)[0]) for n in (0, 3)] == [8, 3]
+    with pytest.raises(ValueError, match=r"--samples must be >= 0 \(0: all of a task file\), got -1"):
+        examples_for([], [], -1, ByteTokenizer(), 0, str(data), 100)
+
+
 def test_eval_command_end_to_end(tmp_path):
     from megatron_refine.data import write_builtin_corpus
 

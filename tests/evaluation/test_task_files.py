@@ -89,6 +89,9 @@ GOOD = {"task": "narrativeqa", "prompt": "p", "answer": "a"}
     ({"task": "narrativeqa", "prompt": "p"}, r"tasks.jsonl:2: missing field 'answers'"),
     ({"task": "narrativeqa", "prompt": "p", "answers": []}, r":2: missing field 'answers'"),
     ({"task": "narrativeqa", "prompt": "p", "answers": [1]}, r":2: missing field 'answers'"),
+    # "" is a substring of every prediction: it scored 100%
+    ({"task": "narrativeqa", "prompt": "p", "answers": [""]}, r"tasks.jsonl:2: an empty answer in \[''\]"),
+    ({"task": "ruler_squad", "prompt": "p", "answers": ["a", " "]}, r":2: an empty answer in \['a', ' '\]"),
     ({"task": "my_task", "prompt": "p", "answer": "a"},
      r":2: unknown task 'my_task' and no 'metric' field: add a 'metric' field .*or use a known task name.*narrativeqa"),
     ({"task": "my_task", "prompt": "p", "answer": "a", "metric": "qa_f1"}, r":2: .*add 'max_new_tokens'"),

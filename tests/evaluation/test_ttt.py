@@ -50,11 +50,34 @@ def test_ttt_on_a_batch_equals_train_stage_ttt_then_eval(pretrained, tmp_path):
     from megatron_refine.evaluation.runner import run
 
     data = write_qa(tmp_path / "qa.jsonl", n=8)
+    lines = open(data).readlines()  # one prompt too short for a rollout (margin 5): NTP alone, counted
+    open(data, "w").writelines([json.dumps({**json.loads(lines[0]), "prompt": "abc def ?"}) + "\n", *lines[1:]])
     spawn(run, 1, _args(pretrained, data, tmp_path / "ttt"))
     spawn(_train_then_eval, 1, pretrained, data, tmp_path)
     assert _predictions(tmp_path / "ttt") == _predictions(tmp_path / "eval")
+    assert json.loads((tmp_path / "ttt" / "results.json").read_text())["config"]["ttt_prompts_without_refine"] == 1
     no_ttt = _predictions(tmp_path / "ttt" / "no-ttt")
     assert no_ttt != _predictions(tmp_path / "ttt")  # TTT at lr 1e-3 changed the answers
+
+
+def test_ttt_refine_refuses_prompts_all_too_short_for_a_rollout(pretrained, tmp_path):
+    """They got reward 0 and PG 0, an NTP update labelled "TTT refine"; the table says how many, when some are."""
+    from megatron_refine.data import ByteTokenizer
+    from megatron_refine.evaluation.examples import EvalExample
+    from megatron_refine.evaluation.ttt import ttt_config, write_ttt_results
+
+    def example(prompt):
+        return EvalExample(task="qa", prompt=prompt, answers=["a"], max_new_tokens=4, metric="exact_match")
+
+    args = _args(pretrained, None, tmp_path)
+    with pytest.raises(ValueError, match=r"every prompt is at most 11 tokens, too short for a REFINE rollout "
+                                         r"\(refine.margin=5 .*use --ttt ntp, or --set refine.margin=M"):
+        ttt_config(args, [example("abc def ?")] * 8, ByteTokenizer())
+    ttt_config(args, [example("abc def ?")] * 7 + [example("a longer prompt of 24 ?")], ByteTokenizer())
+    rows = [{"task": "qa", "length": None, "score": 1.0}]
+    table = write_ttt_results(tmp_path, rows, rows, {"ttt": "refine", "ttt_reset": "batch",
+                                                     "ttt_prompts_without_refine": 7})
+    assert "TTT refine (reset batch, 7 NTP only)" in table
 
 
 def _reset_policies(load, data, root):

@@ -1,6 +1,11 @@
 """The multi-process launcher and the parallel-layout checks."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +77,73 @@ def test_a_dying_rank_is_reported():
 def test_a_hanging_rank_times_out():
     with pytest.raises(RankFailed, match=r"timed out after 3s waiting for ranks \[1\]"):
         spawn(_hang_on_rank_one, 2, timeout=3)
+
+
+# A launcher of two ranks that each wait for SIGTERM (writing their pids first), twice.
+_LAUNCHER = """
+import os, signal, sys, time
+from megatron_refine.runtime import launch, spawn
+
+launch.preload_modules = lambda: ("torch",)  # these ranks need no model: start faster
+
+def until_sigterm(folder, round):
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    path = os.path.join(folder, round + os.environ["RANK"])
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    while not stop:
+        time.sleep(0.05)
+    return "stopped"
+
+if __name__ == "__main__":
+    with open(os.path.join(sys.argv[1], "a.out"), "w") as f:
+        f.write(repr(spawn(until_sigterm, 2, sys.argv[1], "a")))
+    spawn(until_sigterm, 2, sys.argv[1], "b")
+"""
+
+
+def _rank_pids(folder, round, launcher, log):
+    deadline = time.monotonic() + 120
+    while not all((folder / f"{round}{rank}").exists() for rank in range(2)):
+        assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return [int((folder / f"{round}{rank}").read_text()) for rank in range(2)]
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"  # a zombie has exited
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
+def test_sigterm_reaches_the_ranks_and_killing_the_launcher_ends_them(tmp_path):
+    """Slurm's SIGTERM to the launcher is forwarded to the ranks (as torchrun does); kill -9 of the launcher takes
+    its ranks with it instead of leaving them training and writing checkpoints."""
+    (tmp_path / "launcher.py").write_text(_LAUNCHER)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        launcher = subprocess.Popen([sys.executable, str(tmp_path / "launcher.py"), str(tmp_path)], stderr=stderr)
+    pids = []
+    try:
+        pids = _rank_pids(tmp_path, "a", launcher, log)
+        launcher.send_signal(signal.SIGTERM)
+        pids = _rank_pids(tmp_path, "b", launcher, log)  # the launcher lived on, its ranks returned
+        assert (tmp_path / "a.out").read_text() == "['stopped', 'stopped']"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while any(map(_running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_running, pids))
+    finally:
+        launcher.kill()
+        launcher.wait()
+        for pid in filter(_running, pids):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,14 @@ def test_a_value_of_the_wrong_type_names_the_key_and_what_it_takes(item, message
     (["logging.log_interval=0"], "logging.log_interval must be >= 1, got 0"),
     (["device=tpu"], "device must be cuda or cpu .* got 'tpu'"),
     (["stage=post"], r"stage must be one of \('pretrain', 'refine-mid', 'refine-post', 'ttt'\), got 'post'"),
+    # Megatron's scheduler would assert deep in a rank, or take the value silently (-1 turned clipping off).
+    (["optimizer.min_lr=1e-3", "optimizer.lr=1e-4"], r"optimizer.min_lr \(0.001\) is above optimizer.lr \(0.0001\)"),
+    (["optimizer.warmup_steps=-1"], "optimizer.warmup_steps must be >= 0, got -1"),
+    (["optimizer.clip_grad=-1"], r"optimizer.clip_grad must be >= 0 \(0: no clipping\), got -1.0"),
+    (["optimizer.adam_beta2=1"], r"optimizer.adam_beta2 must be in \[0, 1\), got 1.0"),
+    (["optimizer.lr_decay_style=cosin"], r"optimizer.lr_decay_style must be one of \('cosine', 'linear', 'constant'\)"),
+    (["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size must be >= 1, got 0"),
+    (["parallel.pipeline_model_parallel_size=-2"], "parallel.pipeline_model_parallel_size must be >= 1, got -2"),
 ])
 def test_out_of_range_values_fail_at_load_time(items, message):
     with pytest.raises(ValueError, match=message):
@@ -75,6 +83,18 @@ def test_a_yaml_file_is_checked_like_overrides(tmp_path):
     path.write_text("train_steps: 2.5\n")
     with pytest.raises(ValueError, match="train_steps expects an integer, got 2.5"):
         load_config(str(path))
+
+
+def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  config: deltanet_tiny\n optimizer: {lr: 1}\n")  # one space short on line 3
+    with pytest.raises(ValueError, match=rf"^{path}: line 3 column 2: not valid YAML \(expected <block end>"):
+        load_config(str(path))
+    path.write_text("- model\n")
+    with pytest.raises(ValueError, match=rf"^{path} holds a list, not a config"):
+        load_config(str(path))
+    with pytest.raises(ValueError, match=r"^--set optimizer.lr=\[1,: not valid YAML"):
+        load_config(None, ["optimizer.lr=[1,"])
 
 
 def test_the_defaults_and_the_named_configs_are_valid():

@@ -8,9 +8,9 @@ sliding window's keys and values. `generate` then runs one token a step; the aut
 A layer: qkv = Linear(h, 3h), shared by
   - sliding-window causal attention (RoPE, window `window_size`, the query included), and
   - the fast-weight SwiGLU memory f(x) = w1 (silu(w0 x) * (w2 x)) per fast-weight head: q, k rescaled per
-    channel (qk_scale, qk_offset), SiLU on q, k, v, L2-normalised q, k, RoPE; per large chunk of
-    `lact_chunk_size` tokens, apply then update: the chunk's queries read the weights the previous chunks left,
-    then one gradient step on sum_t lr_t <f(k_t), v_t> (rates softplus(lr_proj(x) + b), per weight), with
+    channel (qk_scale, qk_offset), SiLU on q, k, v (q, k only with no_v_silu), L2-normalised q, k, RoPE; per large
+    chunk of `lact_chunk_size` tokens, apply then update: the chunk's queries read the weights the previous chunks
+    left, then one gradient step on sum_t lr_t <f(k_t), v_t> (rates softplus(lr_proj(x) + b), per weight), with
     momentum (the chunk's mean sigmoid(momentum_proj(x))), Muon (Newton-Schulz-5) and each row rescaled to its
     initial norm; output ttt_norm(f(q)) * silu(ttt_scale_proj(x)).
 The two are summed and projected by o_proj. Fast-weight math runs in fp32. Rows of a batch must be unpadded
@@ -34,7 +34,7 @@ NS_COEFFICIENTS = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418
                    (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
 BASE_LR = 1e-3  # softplus(lr_proj(x) + inv_softplus(BASE_LR)): the authors' "mamba" parameterisation
 # Config options of the authors' code this implementation leaves out: (field, the only value supported).
-SUPPORTED_ONLY = (("no_v_silu", False), ("attn_qk_norm", False), ("qkv_bias", False), ("lr_dim", 1),
+SUPPORTED_ONLY = (("attn_qk_norm", False), ("qkv_bias", False), ("lr_dim", 1),
                   ("lr_parameterization", "mamba"), ("ttt_prenorm", False), ("ttt_loss_type", "dot_product"))
 
 
@@ -237,8 +237,9 @@ class LaCTSWIGLULayer(nn.Module):
         fk = k * self.qk_scale[:, 1] + self.qk_offset[:, 1]
         fw = lambda y: y.reshape(B, T, H, d)  # noqa: E731
         fq, fk, fv = fw(fq), fw(fk), fw(v)
-        if cfg.qkv_silu:
-            fq, fk, fv = F.silu(fq), F.silu(fk), F.silu(fv)
+        if cfg.qkv_silu:  # no_v_silu: on q and k only
+            fq, fk = F.silu(fq), F.silu(fk)
+            fv = fv if cfg.no_v_silu else F.silu(fv)
         fq, fk = l2_norm(fq, cfg.ttt_l2_norm), l2_norm(fk, cfg.ttt_l2_norm)
         if not cfg.ttt_nope:  # the attention heads' RoPE on the fast-weight q, k (head dims nest)
             fq = fw(rotary(heads(fq.reshape(B, T, h)), positions, cfg.rope_theta))
