@@ -54,15 +54,14 @@ VARIANTS = {
 def _model(load: str):
     from megatron.core import dist_checkpointing
 
-    from megatron_refine.models import build_model, get_config
+    from megatron_refine.models import build_model, get_config, get_mixer
     from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration, load_checkpoint
 
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(load, latest_iteration(load))))
     args = common["config"]["model"]
     config = get_config(args["config"], use_cpu_initialization=True, perform_initialization=False, **args["overrides"])
-    if config.mixer != "lact" or not config.use_muon:
-        raise ValueError(f"{load} holds a {config.mixer} model{'' if config.mixer != 'lact' else ' without Muon'}: "
-                         "pass a LaCT checkpoint with use_muon")
+    if not get_mixer(config.mixer).uses_muon(config):
+        raise ValueError(f"{load} holds a {config.mixer} model without Muon: pass a LaCT checkpoint with use_muon")
     model = build_model(config, common["vocab_size"])
     load_checkpoint(load, model)
     return model.eval()

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from megatron_refine.demo import (
-    CORPUS_SEED, RECALL_SEED, DemoConfig, continuation_overrides, read_recall_tasks, resolve_devices, train_and_score)
+    CORPUS_SEED, RECALL_SEED, DemoConfig, continuation, read_recall_tasks, refine_mid, resolve_devices, train_and_score)
 from megatron_refine.runtime import spawn
 
 METHODS = {"ntp": "NTP", "refine": "REFINE"}
@@ -39,12 +39,16 @@ def _seed_runs(cfg: DemoConfig, out: Path, data: Path, task_file: Path, seed: in
     import torch
 
     examples = read_recall_tasks(cfg, task_file)
-    seeded = [f"seed={seed}", f"data.seed={seed}", f"refine.seed={seed}", f"data.path={data}"]
+
+    def seeded(config):
+        return replace(config, seed=seed, data=replace(config.data, seed=seed, path=str(data)),
+                       refine=replace(config.refine, seed=seed))
+
     rows = []
 
-    def run(name, budget, method, *extra):
+    def run(name, budget, method, *changes):
         start = time.perf_counter()
-        _, summary = train_and_score(cfg, out, name, task_file, examples, *seeded, *extra)
+        _, summary = train_and_score(cfg, out, name, task_file, examples, seeded, *changes)
         rows.extend({"seed": seed, "budget": budget, "method": method, "task": r["task"], "n": r["n"],
                      "score": r["score"]} for r in summary)
         if torch.distributed.get_rank() == 0:
@@ -52,9 +56,9 @@ def _seed_runs(cfg: DemoConfig, out: Path, data: Path, task_file: Path, seed: in
 
     run("ntp", 0, "pretrained")
     for budget in budgets:
-        continued = continuation_overrides(cfg, out, budget)
-        run(f"refine-{budget}", budget, "refine", *continued, "stage=refine-mid", "refine.every=2")
-        run(f"ntp-{budget}", budget, "ntp", *continued)
+        continued = continuation(cfg, out, budget)
+        run(f"refine-{budget}", budget, "refine", continued, refine_mid)
+        run(f"ntp-{budget}", budget, "ntp", continued)
     return rows
 
 

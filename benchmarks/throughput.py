@@ -132,10 +132,10 @@ def fla_config(name: str):
     """fla's DeltaNetConfig with the fields of our preset (the layout is the same: architectures.md)."""
     from fla.models import DeltaNetConfig
 
-    from megatron_refine.models import PUBLISHED_VOCAB_SIZE, get_config
+    from megatron_refine.models import PUBLISHED_VOCAB_SIZE, get_config, get_mixer
 
     c = get_config(name)
-    if c.mixer != "deltanet":
+    if get_mixer(c.mixer).fla_layer != "DeltaNet":
         raise ValueError(f"--config {name} is a {c.mixer} model; fla's side of this benchmark is DeltaNet only")
     return DeltaNetConfig(
         hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_heads=c.num_attention_heads,
@@ -179,18 +179,18 @@ def _hidden_states(args, hidden: int, device: torch.device, seq_first: bool) -> 
 
 
 def megatron_layer(args, device: str = "cuda") -> dict:
-    """One process: the DeltaNet mixer of one layer of `--config`, as the model's layer spec builds it. `device="cpu"`
+    """One process: the token mixer of one layer of `--config`, as the model's layer spec builds it. `device="cpu"`
     runs it on gloo (a check without a GPU)."""
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_refine.models import get_config
-    from megatron_refine.models.specs import get_deltanet_layer_spec, te_available
+    from megatron_refine.models.specs import get_layer_spec, te_available
     from megatron_refine.runtime import initialize
 
     device = initialize(seed=0, device=device).device
     config = get_config(args.config, params_dtype=torch.bfloat16, bf16=True, num_layers=1,
                         use_cpu_initialization=device.type != "cuda")
-    spec = get_deltanet_layer_spec().submodules.self_attention
+    spec = get_layer_spec(config.mixer).submodules.self_attention
     mixer = build_module(spec, config=config, layer_number=1).to(device)
     x, dy = _hidden_states(args, config.hidden_size, device, seq_first=True)  # [T, B, h]
 
@@ -202,7 +202,7 @@ def megatron_layer(args, device: str = "cuda") -> dict:
 
     times = _timed_steps(step, [None] * (args.warmup + args.steps), args.warmup, device)
     linears = "Transformer Engine" if te_available() else "megatron-core local"
-    return _result("megatron", mixer, 0, times, device, f"DeltaNetMixer, {linears} linears")
+    return _result("megatron", mixer, 0, times, device, f"{type(mixer).__name__}, {linears} linears")
 
 
 def fla_layer(args, device: str = "cuda") -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 # other exception is a bug and keeps its traceback. By qualified name: a rank's error arrives as names
 # (RankFailed.error_bases), and telling them apart imports nothing (checkpointing pulls in megatron-core,
 # seconds before a preprocess error would show).
-KNOWN_ERRORS = ("ValueError", "FileNotFoundError", "megatron_refine.training.checkpointing.CheckpointError",
+KNOWN_ERRORS = ("ValueError", "FileNotFoundError", "megatron_refine.training.checkpoint_format.CheckpointError",
                 "megatron_refine.training.trainer.TrainingDivergedError")
 DEBUG_HELP = "show the full traceback of an error (default: its message, one line)"
 
@@ -156,27 +156,25 @@ def _dry_run(cfg) -> None:
 def _eval(args: argparse.Namespace) -> None:
     """Runs in this process under torchrun; `--nproc N` starts N local ranks itself."""
     from megatron_refine.evaluation.runner import EvalArgs, run
+    from megatron_refine.evaluation.ttt import ttt_fields
     from megatron_refine.runtime import spawn
     from megatron_refine.training import load_config
 
     known = ("parallel.tensor_model_parallel_size", "parallel.sequence_parallel", "device")
-    layout_sets = [item for item in args.set if item.split("=", 1)[0].strip() in known]
-    ttt_sets = [item for item in args.set if item not in layout_sets]
+    ttt_sets = [item for item in args.set if item.split("=", 1)[0].strip() not in known]
     if ttt_sets and args.ttt == "none":
         raise ValueError(f"eval takes --set {', '.join(known)} only, got {ttt_sets}; other keys set the test-time "
                          "training config (with --ttt refine or ntp)")
-    layout = load_config(None, layout_sets)  # the same parsing and checks as train's
-    if args.ttt != "none":
-        load_config(f"ttt-{args.ttt}", ttt_sets)  # a bad TTT key fails here, before any rank starts
+    # --set parsed here once, with train's parsing and checks: a bad key fails before any rank starts
+    ttt = ttt_fields(args.ttt, args.set) if args.ttt != "none" else {"ttt": "none"}
+    parsed = ttt.get("ttt_config") or load_config(None, args.set)
     split = lambda text, kind: [kind(x) for x in text.split(",") if x] if text else []  # noqa: E731
     options = EvalArgs(
         load=args.load, tasks=split(args.tasks, str), lengths=split(args.lengths, int) or [4096],
         samples=args.samples, data=args.data, max_prompt_tokens=args.max_prompt_tokens, haystack=args.haystack,
         tokenizer=args.tokenizer, seed=args.seed, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-        out_dir=args.out_dir,
-        tensor_model_parallel_size=layout.parallel.tensor_model_parallel_size,
-        sequence_parallel=layout.parallel.sequence_parallel, device=layout.device, ttt=args.ttt,
-        ttt_reset=args.ttt_reset, ttt_overrides=ttt_sets)
+        out_dir=args.out_dir, tensor_model_parallel_size=parsed.parallel.tensor_model_parallel_size,
+        sequence_parallel=parsed.parallel.sequence_parallel, device=parsed.device, ttt_reset=args.ttt_reset, **ttt)
     if args.nproc > 1 and "RANK" not in os.environ:
         spawn(run, args.nproc, options, timeout=7 * 24 * 3600)
     else:

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -65,23 +66,30 @@ def _global_batch(cfg: DemoConfig) -> int:
     return cfg.micro_batch_size * max(2, cfg.nproc)
 
 
-def train_config(cfg: DemoConfig, out: Path, name: str, *extra: str):
-    """The demo's training config for run `name` (checkpoints and TensorBoard under `out`), plus `extra` overrides."""
+def train_config(cfg: DemoConfig, out: Path, name: str, *changes: Callable):
+    """The demo's training config for run `name` (checkpoints and TensorBoard under `out`), then `changes` in order:
+    each takes a TrainConfig and returns it changed (`dataclasses.replace`)."""
     from megatron_refine.training import load_config
 
-    return load_config("tiny-deltanet", [
-        f"data.path={out / 'data'}", f"data.seq_length={cfg.seq_length}",
-        f"data.micro_batch_size={cfg.micro_batch_size}", f"data.global_batch_size={_global_batch(cfg)}",
-        f"device={cfg.device}",
-        f"model.overrides.hidden_size={cfg.hidden_size}", f"model.overrides.num_layers={cfg.num_layers}",
-        "model.overrides.num_attention_heads=4", f"model.overrides.ffn_hidden_size={3 * cfg.hidden_size}",
-        "model.overrides.delta_rule_chunk_size=64", f"model.overrides.init_method_std={cfg.init_method_std}",
-        f"optimizer.lr={cfg.lr}", f"optimizer.min_lr={cfg.lr / 10}", f"optimizer.warmup_steps={max(1, cfg.steps // 12)}",
-        "optimizer.weight_decay=0.01", f"train_steps={cfg.steps}", f"logging.log_interval={max(1, cfg.steps // 12)}",
-        f"logging.tensorboard_dir={out / 'tensorboard' / name}", f"checkpoint.save={out / 'checkpoints' / name}",
-        "checkpoint.overwrite=true",  # a re-run of the demo regenerates its outputs
-        *extra,
-    ])
+    base = load_config("tiny-deltanet")
+    config = replace(
+        base, device=cfg.device, train_steps=cfg.steps,
+        data=replace(base.data, path=str(out / "data"), seq_length=cfg.seq_length,
+                     micro_batch_size=cfg.micro_batch_size, global_batch_size=_global_batch(cfg)),
+        model=replace(base.model, overrides={
+            **base.model.overrides, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
+            "num_attention_heads": 4, "ffn_hidden_size": 3 * cfg.hidden_size, "delta_rule_chunk_size": 64,
+            "init_method_std": cfg.init_method_std}),
+        optimizer=replace(base.optimizer, lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=max(1, cfg.steps // 12),
+                          weight_decay=0.01),
+        logging=replace(base.logging, log_interval=max(1, cfg.steps // 12),
+                        tensorboard_dir=str(out / "tensorboard" / name)),
+        checkpoint=replace(base.checkpoint, save=str(out / "checkpoints" / name),
+                           overwrite=True))  # a re-run of the demo regenerates its outputs
+    for change in changes:
+        config = change(config)
+    config.validate()
+    return config
 
 
 def _greedy(model, prompts: list[list[int]]) -> list[list[int]]:
@@ -98,10 +106,18 @@ def _greedy(model, prompts: list[list[int]]) -> list[list[int]]:
     return tokens
 
 
-def continuation_overrides(cfg: DemoConfig, out: Path, steps: int) -> list[str]:
+def continuation(cfg: DemoConfig, out: Path, steps: int) -> Callable:
     """A continuation of `steps` steps from the weights of out's NTP checkpoint, at a third of the learning rate."""
-    return [f"checkpoint.load={out / 'checkpoints' / 'ntp'}", "checkpoint.finetune=true", f"train_steps={steps}",
-            "optimizer.warmup_steps=1", f"optimizer.lr={cfg.lr / 3}", f"logging.log_interval={max(1, steps // 4)}"]
+    return lambda config: replace(
+        config, train_steps=steps,
+        checkpoint=replace(config.checkpoint, load=str(out / "checkpoints" / "ntp"), finetune=True),
+        optimizer=replace(config.optimizer, warmup_steps=1, lr=cfg.lr / 3),
+        logging=replace(config.logging, log_interval=max(1, steps // 4)))
+
+
+def refine_mid(config):
+    """REFINE mid-training with NTP steps between the REFINE steps."""
+    return replace(config, stage="refine-mid", refine=replace(config.refine, every=2))
 
 
 def read_recall_tasks(cfg: DemoConfig, task_file: Path) -> list:
@@ -114,16 +130,16 @@ def read_recall_tasks(cfg: DemoConfig, task_file: Path) -> list:
     return examples
 
 
-def train_and_score(cfg: DemoConfig, out: Path, name: str, task_file: Path, examples: list, *extra: str):
+def train_and_score(cfg: DemoConfig, out: Path, name: str, task_file: Path, examples: list, *changes: Callable):
     """Train run `name`, score its model on the recall examples as `megatron-refine eval` does, and write
     out/eval/<name>/results.json and results.csv (rank 0). Returns the training result and the summary rows."""
     import torch
 
     from megatron_refine.data import ByteTokenizer
-    from megatron_refine.evaluation.runner import evaluate, summarize, write_results
+    from megatron_refine.evaluation.scoring import evaluate, summarize, write_results
     from megatron_refine.training import train
 
-    result = train(train_config(cfg, out, name, *extra))
+    result = train(train_config(cfg, out, name, *changes))
     results = evaluate(result.model, ByteTokenizer(), examples, progress=False)
     summary = summarize(results)
     if torch.distributed.get_rank() == 0:
@@ -131,13 +147,16 @@ def train_and_score(cfg: DemoConfig, out: Path, name: str, task_file: Path, exam
     return result, summary
 
 
-def post_training_overrides(cfg: DemoConfig, out: Path, update: str) -> list[str]:
+def post_training(cfg: DemoConfig, out: Path, update: str) -> Callable:
     """Post-training (stage refine-post, `prompt_update`) from out's REFINE checkpoint on the QA training file."""
-    return ["stage=refine-post", "data.layout=prompt_answer", f"data.path={out / 'post' / 'qa_train.jsonl'}",
-            "data.tokenizer=byte", "data.max_answer_tokens=8", f"prompt_update={update}",
-            f"checkpoint.load={out / 'checkpoints' / 'refine-mid'}", "checkpoint.finetune=true",
-            f"train_steps={cfg.post_steps}", "optimizer.warmup_steps=1", f"optimizer.lr={cfg.lr / 3}",
-            f"logging.log_interval={max(1, cfg.post_steps // 3)}", "refine.reward=hybrid", "refine.ppo_coef=0.2"]
+    return lambda config: replace(
+        config, stage="refine-post", prompt_update=update, train_steps=cfg.post_steps,
+        data=replace(config.data, layout="prompt_answer", path=str(out / "post" / "qa_train.jsonl"), tokenizer="byte",
+                     max_answer_tokens=8),
+        checkpoint=replace(config.checkpoint, load=str(out / "checkpoints" / "refine-mid"), finetune=True),
+        optimizer=replace(config.optimizer, warmup_steps=1, lr=cfg.lr / 3),
+        logging=replace(config.logging, log_interval=max(1, cfg.post_steps // 3)),
+        refine=replace(config.refine, reward="hybrid", ppo_coef=0.2))
 
 
 def _post_train_and_ttt(cfg: DemoConfig, out: Path, qa_test: list, refined) -> dict:
@@ -146,10 +165,11 @@ def _post_train_and_ttt(cfg: DemoConfig, out: Path, qa_test: list, refined) -> d
     import yaml
 
     from megatron_refine.data import ByteTokenizer
-    from megatron_refine.evaluation.runner import EvalArgs, evaluate, summarize, write_results
+    from megatron_refine.evaluation.runner import EvalArgs
+    from megatron_refine.evaluation.scoring import evaluate, summarize, write_results
     from megatron_refine.evaluation.ttt import run_test_time_training
     from megatron_refine.runtime import initialize
-    from megatron_refine.training import train
+    from megatron_refine.training import load_config, train
 
     tokenizer, summaries, losses = ByteTokenizer(), {}, {}
 
@@ -160,16 +180,19 @@ def _post_train_and_ttt(cfg: DemoConfig, out: Path, qa_test: list, refined) -> d
 
     score("refine-mid", evaluate(refined, tokenizer, qa_test, progress=False))
     for name, update in (("sft", "none"), ("refine-post", "refine")):
-        config = train_config(cfg, out, name, *post_training_overrides(cfg, out, update))
+        config = train_config(cfg, out, name, post_training(cfg, out, update))
         if torch.distributed.get_rank() == 0:  # the run again: megatron-refine train --config out/post/NAME.yaml
             (out / "post" / f"{name}.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         result = train(config)
         losses[name] = result.losses
         if name == "sft":
             score(name, evaluate(result.model, tokenizer, qa_test, progress=False))
+    preset = load_config("ttt-refine")
+    ttt_config = replace(preset, optimizer=replace(preset.optimizer, lr=cfg.lr / 3),
+                         data=replace(preset.data, max_answer_tokens=8),
+                         logging=replace(preset.logging, log_interval=100000))
     args = EvalArgs(load=str(out / "checkpoints" / "refine-post"), device=cfg.device, ttt="refine", batch_size=8,
-                    ttt_overrides=[f"optimizer.lr={cfg.lr / 3}", "data.max_answer_tokens=8",
-                                   "logging.log_interval=100000"])
+                    ttt_config=ttt_config, ttt_log_per_batch=False)
     ttt = run_test_time_training(args, qa_test, tokenizer, initialize(device=cfg.device, seed=1234))
     score("refine-post", ttt.baseline)  # the post-trained model as loaded: eval without TTT
     score("ttt", ttt.results)
@@ -187,20 +210,20 @@ def _run_rank(cfg: DemoConfig, out: Path, task_file: Path) -> dict:
                               max_prompt_tokens=cfg.seq_length)
     runs = {}
 
-    def run(name, *extra):
-        result, summary = train_and_score(cfg, out, name, task_file, examples, *extra)
+    def run(name, *changes):
+        result, summary = train_and_score(cfg, out, name, task_file, examples, *changes)
         runs[name] = {"losses": result.losses, "tokens_per_s": result.tokens_per_s, "checkpoint": result.checkpoint,
                       "eval": summary, "refine": result.refine_history}
         return result
 
     pretrained = run("ntp")
-    continued = continuation_overrides(cfg, out, cfg.continue_steps)
-    refined = run("refine-mid", *continued, "stage=refine-mid", "refine.every=2")  # NTP steps between REFINE steps
+    continued = continuation(cfg, out, cfg.continue_steps)
+    refined = run("refine-mid", continued, refine_mid)
     spread = examples[:: max(1, len(examples) // EXPORT_PROMPTS)][:EXPORT_PROMPTS]  # every task's prompts
     prompts = [tokenizer.encode(ex.prompt) for ex in spread]
     reference = _greedy(refined.model, prompts) if torch.distributed.get_rank() == 0 else None
     post = _post_train_and_ttt(cfg, out, qa_test, refined.model)
-    run("ntp-continued", *continued)
+    run("ntp-continued", continued)
     return {"runs": runs, "post": post, "parameters": sum(p.numel() for p in pretrained.model.parameters()),
             "world": torch.distributed.get_world_size(), "backend": torch.distributed.get_backend(),
             "export_prompts": prompts, "export_reference": reference}
@@ -328,7 +351,7 @@ def resolve_devices(cfg: DemoConfig) -> DemoConfig:
 def run(cfg: DemoConfig) -> dict:
     from megatron_refine.data import write_builtin_corpus
     from megatron_refine.evaluation.recall_tasks import qa_examples, recall_examples, write_task_file
-    from megatron_refine.evaluation.runner import format_comparison
+    from megatron_refine.evaluation.scoring import format_comparison
 
     cfg = resolve_devices(cfg)
     start = time.perf_counter()

@@ -12,10 +12,12 @@ as megatron-core's save would, then written group by group: each group's HF tens
 safetensors files (plain reads, no memory map), mapped to Megatron's, padded vocabulary rows zeroed, and appended
 to the checkpoint's data file; the model config is written beside it (`model_config.yaml`). Peak memory: about one
 layer (or the embedding) a few times.
+The Megatron side is read and written through `training/checkpoint_format.py`, the one owner of that format.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_refine.conversion import deltanet, lact
+from megatron_refine.models.mixers import MIXERS, get_mixer
 
 WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
@@ -33,7 +35,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # A Hugging Face tokenizer's files (AutoTokenizer reads those present): carried by import and export alike.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
-FORMATS = {"deltanet": deltanet, "lact": lact}  # by mixer
+FORMATS = {name: importlib.import_module(get_mixer(name).hf_module) for name in MIXERS if get_mixer(name).hf_module}
 MODEL_TYPES = {fmt.MODEL_TYPE: fmt for fmt in FORMATS.values()}
 
 
@@ -85,16 +87,17 @@ def _replacing(save: str | Path, overwrite: bool, source: Path):
 
 
 def _checkpoint_folder(load: str | Path, iteration: int | None) -> Path:
-    from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration
+    from megatron_refine.training.checkpoint_format import (
+        MARKER, checkpoint_dir, is_checkpoint_folder, latest_iteration)
 
     load = Path(load)
-    if (load / "metadata.json").is_file() and iteration is None:
-        return load  # an iter_NNNNNNN folder itself
+    if is_checkpoint_folder(load) and iteration is None:
+        return load
     if not load.is_dir():
         raise FileNotFoundError(f"checkpoint folder {load} not found: check --load")
     iteration = latest_iteration(load) if iteration is None else iteration
     if iteration is None:
-        raise FileNotFoundError(f"no checkpoint in {load} (no latest_checkpointed_iteration.txt): pass --iteration N")
+        raise FileNotFoundError(f"no checkpoint in {load} (no {MARKER}): pass --iteration N")
     path = checkpoint_dir(load, iteration)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} not found: check --iteration")
@@ -113,149 +116,6 @@ def _build(name: str, overrides: dict, vocab_size: int, dtype: torch.dtype, meta
                                  "params_dtype": dtype, "bf16": dtype == torch.bfloat16})
     with torch.device("meta") if meta else nullcontext():
         return build_model(config, vocab_size, pre_process=True, post_process=True, use_te=False)
-
-
-def _group_loader(sharded: dict, path: Path):
-    """`load(prefix)`: the checkpoint's tensors whose state dict key starts with `prefix` (one layer, the
-    embedding, ...), as a {key: whole TP=1 tensor} dict. Only that group's entries of the (meta) model's sharded
-    state dict get real CPU buffers, and only their chunks of the checkpoint are read: torch.distributed.checkpoint
-    with a planner asking for each ShardedTensor's own chunk (a layer of a layer-stacked tensor; megatron-core's
-    load cannot ask for a part of a stacked tensor in one process), which reshards any saved TP / PP layout. The
-    fused projections' factories are built and merged as dist_checkpointing.load does."""
-    from dataclasses import replace
-
-    from megatron.core.dist_checkpointing.dict_utils import (
-        dict_list_map_inplace, extract_matching_values, nested_values)
-    from megatron.core.dist_checkpointing.mapping import (
-        ShardedTensor, ShardedTensorFactory, apply_factories, apply_factory_merges)
-
-    from megatron_refine.training.checkpointing import CheckpointError
-
-    try:
-        reader = _ChunkReader(path)
-    except Exception as e:  # noqa: BLE001 - an unreadable index: the checkpoint is unusable
-        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {str(e).strip()[:300]})") from e
-
-    def load(prefix: str) -> dict[str, torch.Tensor]:
-        template = {}
-        for key, value in sharded.items():
-            if not key.startswith(prefix):
-                continue
-            if isinstance(value, ShardedTensor):
-                template[key] = replace(value, data=torch.empty(value.local_shape, dtype=value.dtype))
-            elif isinstance(value, ShardedTensorFactory):
-                template[key] = replace(value, data=torch.empty(value.data.shape, dtype=value.data.dtype))
-            # ShardedObjects (_extra_state) carry no weights
-        factories, _ = extract_matching_values(template, lambda x: isinstance(x, ShardedTensorFactory),
-                                               return_lists_as_dicts=True)
-        apply_factories(template)
-        reader.read([t for t in nested_values(template) if isinstance(t, ShardedTensor)])
-        dict_list_map_inplace(lambda t: t.data if isinstance(t, ShardedTensor) else t, template)
-        loaded = apply_factory_merges(template, factories)
-        nonfinite = [k for k, t in loaded.items() if not _finite(t)]
-        if nonfinite:
-            raise CheckpointError(f"{path} holds non-finite weights (NaN/Inf: {', '.join(nonfinite[:3])})")
-        return loaded
-
-    return load
-
-
-def _finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
-    """No NaN / Inf in `t`, checked a block at a time: isfinite over a whole embedding table takes temporaries
-    of nearly twice its size."""
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + block]).all()) for i in range(0, flat.numel(), block))
-
-
-class _ChunkReader:
-    """Reads megatron-core ShardedTensors (their `data` filled in place) from a torch_dist checkpoint folder."""
-
-    def __init__(self, path: Path):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        self.path = path
-        self.metadata = FileSystemReader(str(path)).read_metadata()
-
-    def read(self, tensors: list) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-        from megatron_refine.training.checkpointing import CheckpointError
-
-        saved = self.metadata.state_dict_metadata
-        absent = sorted({t.key for t in tensors if t.key not in saved or tuple(getattr(saved[t.key], "size", ()))
-                         != tuple(t.global_shape)})
-        if absent:  # a missing tensor, or one of another shape: its chunks would not cover the buffer
-            raise ValueError(f"{self.path} lacks {absent[:5]} (or holds them in another shape: a different model "
-                             "config?): check the checkpoint's model config")
-        tensors = self._read_whole_chunks(tensors)
-        # Each ShardedTensor's place in its global tensor (prepended axes, e.g. the layer, included).
-        targets = {}
-        for t in tensors:
-            sizes = (1,) * t.prepend_axis_num + tuple(t.local_shape)
-            targets[(t.key, tuple(t.global_offset))] = (t.data.view(sizes), sizes)
-        metadata = self.metadata
-
-        class Planner(DefaultLoadPlanner):
-            def create_local_plan(self) -> LoadPlan:
-                items = []
-                for (key, offsets), (_, sizes) in targets.items():
-                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-                    items += create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk])
-                return LoadPlan(items)
-
-            def lookup_tensor(self, index):
-                return targets[(index.fqn, tuple(index.offset))][0]
-
-        if not targets:
-            return
-        try:
-            dcp.load({key: target for (key, _), (target, _) in targets.items()},
-                     storage_reader=dcp.FileSystemReader(str(self.path)),
-                     planner=Planner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=True)
-        except Exception as e:  # noqa: BLE001 - a file that cannot be read or decoded: the checkpoint is unusable
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise CheckpointError(f"{self.path} could not be read ({type(e).__name__}: {first})") from e
-        finally:
-            targets.clear()  # the Planner class lives on until a cyclic collection: let it hold no tensors
-
-    def _read_whole_chunks(self, tensors: list) -> list:
-        """Read the tensors that are exactly one saved chunk (a layout saved at the same TP as this one's, e.g. every
-        tensor of a TP=1 checkpoint) straight from their file into their `data`; return the others. torch DCP would
-        load the chunk and copy it into the target, holding both at once: for the 1.3B preset's embedding table
-        that is 0.5 GiB instead of 0.25."""
-        from torch.distributed.checkpoint.filesystem import _create_file_view
-        from torch.distributed.checkpoint.metadata import MetadataIndex
-
-        from megatron_refine.training.checkpointing import CheckpointError
-
-        rest = []
-        for t in tensors:
-            offsets = torch.Size(t.global_offset)
-            sizes = torch.Size((1,) * t.prepend_axis_num + tuple(t.local_shape))
-            info = self.metadata.storage_data.get(MetadataIndex(t.key, offsets))
-            whole = info is not None and info.transform_descriptors is None and any(
-                c.offsets == offsets and c.sizes == sizes for c in self.metadata.state_dict_metadata[t.key].chunks)
-            if not whole:
-                rest.append(t)
-                continue
-            try:
-                with open(self.path / info.relative_path, "rb") as f:
-                    chunk = torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu",
-                                       weights_only=True)
-            except Exception as e:  # noqa: BLE001 - bytes that do not decode: the file is damaged
-                raise CheckpointError(f"{self.path / info.relative_path} could not be read ({type(e).__name__} in "
-                                      f"{t.key}'s bytes): a damaged checkpoint; export another (--iteration N)") from e
-            if chunk.dtype != t.data.dtype or chunk.shape != sizes:
-                rest.append(t)  # not what the index promised: let DCP's own checks report it
-                continue
-            if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
-                chunk = chunk.clone()  # a view saved with its whole storage: keep the chunk's bytes only
-            t.data = chunk.view(t.local_shape)
-        return rest
 
 
 def _hf_tensors(cfg, vocab: int, load, out_dtype: torch.dtype, progress: bool = True):
@@ -344,7 +204,7 @@ def _imported_token_ids(common: dict, hops: int = 8) -> dict | None:
     state, and a run fine-tuned from it names it in its config's checkpoint.load (followed back `hops` times)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration
+    from megatron_refine.training.checkpoint_format import checkpoint_dir, latest_iteration
 
     while hops and not common.get("hf_token_ids"):
         parent = ((common.get("config") or {}).get("checkpoint") or {}).get("load")
@@ -422,7 +282,7 @@ def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = 
     progress bar. A `save` folder that holds anything is refused unless `overwrite` (then replaced whole)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_refine.training.checkpointing import CheckpointError, verify_files
+    from megatron_refine.training.checkpoint_format import CheckpointError, group_loader, verify_files
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -451,7 +311,7 @@ def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = 
             for k, v in group.items()]
     with _replacing(save, overwrite, Path(load)) as out:
         writer = _ShardWriter(out, max_shard_bytes, plan)
-        for group in _hf_tensors(cfg, vocab, _group_loader(model.sharded_state_dict(), path), out_dtype, progress):
+        for group in _hf_tensors(cfg, vocab, group_loader(model.sharded_state_dict(), path), out_dtype, progress):
             writer.add(group)
             del group  # or the loop variable holds this group while the next one is read
         files = writer.close()
@@ -544,7 +404,8 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
     (then replaced whole). Returns the checkpoint folder. Needs a single-process runtime
     (`megatron_refine.runtime.initialize(device="cpu")`)."""
     from megatron_refine.models import get_config
-    from megatron_refine.training.checkpointing import MARKER, _write_checksums, checkpoint_dir, model_identity
+    from megatron_refine.training import checkpoint_format
+    from megatron_refine.training.checkpointing import model_identity
 
     load, save = Path(load), Path(save)
     if not (load / "config.json").is_file():
@@ -613,9 +474,7 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
 
     model_args = {"config": name, "overrides": overrides}
     with _replacing(save, overwrite, load) as out:
-        folder = checkpoint_dir(out, 0)
-        folder.mkdir()
-        _save_streamed(model.sharded_state_dict(), {
+        checkpoint_format.save_streamed_checkpoint(out, 0, model.sharded_state_dict(), {
             "iteration": 0,
             "layout": {"tp": 1, "pp": 1, "dp": 1},
             "vocab_size": vocab,
@@ -623,83 +482,10 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
             "tokenizer_hash": None,
             "hf_token_ids": fmt.token_ids(config),
             "config": {"model": model_args},
-        }, groups(), folder)
-        _write_checksums(folder)  # what a training save records, so a load verifies the import's files too
-        (out / MARKER).write_text("0")
+        }, groups())
         (out / "model_config.yaml").write_text(yaml.safe_dump({"model": model_args}, sort_keys=False))
         for file in TOKENIZER_FILES:
             if (load / file).is_file():
                 shutil.copyfile(load / file, out / file)
-    return checkpoint_dir(save, 0)
+    return checkpoint_format.checkpoint_dir(save, 0)
 
-
-def _save_streamed(sharded: dict, common: dict, groups, folder: Path) -> None:
-    """What `dist_checkpointing.save({"model": sharded, **common}, folder)` writes (torch_dist: metadata.json,
-    the DCP `.metadata` and its `.distcp` data, the common state in common.pt, and on megatron-core 0.19 inside
-    the DCP files too: as save_checkpoint leaves it on every release), with the (meta) model's `sharded` state dict's
-    weights given group by group: `groups` yields {state dict key: whole TP=1 tensor} dicts, each held only while
-    its tensors are written. The plan and the index are megatron-core's and torch's, made once from the meta
-    shapes (every ShardedTensor, the fused projections' factory pieces, the ShardedObjects); each group's chunks are
-    then appended to one `.distcp` file with torch's own item writer, and the index names each one's byte range."""
-    from dataclasses import replace
-
-    import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
-    from torch.distributed.checkpoint.filesystem import _write_item
-    from torch.distributed.checkpoint.planner import WriteItemType
-
-    from megatron_refine.megatron_compat import COMMON_STATE_KEY, common_state_object, write_common_state_file
-
-    strategy = get_default_save_sharded_strategy()
-    # dist_checkpointing.save's own preprocessing (factories applied, sharding validated) on the meta tensors
-    meta_part, common_state = save_preprocess({"model": dict(sharded), **common})
-    write_common_state_file(folder, common_state)  # what save_checkpoint leaves on every release
-    if (embedded := common_state_object(common_state)) is not None:
-        meta_part[COMMON_STATE_KEY] = embedded
-    meta_part, _, _ = _replace_state_dict_keys_with_sharded_keys(meta_part, strategy.keep_only_main_replica)
-    planner = MCoreSavePlanner(dedup_replicated_tensors=not strategy.keep_only_main_replica, flatten_state_dict=False)
-    writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=False, thread_count=1)
-    writer.set_up_storage_writer(True)
-    planner.set_up_planner(mcore_to_pyt_state_dict(meta_part, False), writer.storage_meta(), True)
-    local_plan = writer.prepare_local_plan(planner.create_local_plan())
-    global_plans, metadata = planner.create_global_plan([local_plan])
-    metadata.all_local_plans = [local_plan]  # as megatron-core's saver records it
-    plan = planner.finish_plan(writer.prepare_global_plan(global_plans)[0])
-
-    file_name = f"{plan.storage_data.prefix}0.distcp"
-    pending = {(item.index.fqn, tuple(item.index.offset)): item for item in plan.items
-               if item.type != WriteItemType.BYTE_IO}
-    results = []
-    with open(folder / file_name, "wb") as stream:  # noqa: SIM115 - closed below
-        for item in plan.items:  # ShardedObjects (the layers' empty _extra_state): no weights, known up front
-            if item.type == WriteItemType.BYTE_IO:
-                results.append(_write_item(writer.transforms, stream, planner.resolve_data(item), item, file_name,
-                                           writer.serialization_format))
-        for group in groups:
-            template = {}
-            for key, value in group.items():
-                meta = sharded.get(key)
-                if not isinstance(meta, (ShardedTensor, ShardedTensorFactory)):
-                    raise RuntimeError(f"import produced {key}, which the model does not save")
-                template[key] = replace(meta, data=value)
-            apply_factories(template)
-            for t in nested_values(template):
-                item = pending.pop((t.key, tuple(t.global_offset)), None)
-                if item is None:
-                    raise RuntimeError(f"import wrote {t.key} at {tuple(t.global_offset)} twice, or it is not planned")
-                data = t.data.reshape(item.tensor_data.chunk.sizes)
-                if data.untyped_storage().nbytes() != data.numel() * data.element_size():
-                    data = data.clone()  # torch.save writes a view's whole storage: write the chunk's bytes only
-                results.append(_write_item(writer.transforms, stream, data, item, file_name,
-                                           writer.serialization_format))
-            del template, group
-    if pending:
-        raise RuntimeError(f"import wrote no {sorted(k for k, _ in pending)[:3]}")
-    writer.finish(metadata, [results])
-    save_config(CheckpointingConfig(strategy.backend, strategy.version), folder)

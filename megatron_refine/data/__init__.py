@@ -1,6 +1,7 @@
 """Data: tokenizers, the built-in synthetic corpus, tokenized webdataset shards, the packed and per-document loaders,
 and prompt / answer data for post-training and test-time training."""
 
+from megatron_refine.data.batch import Batch
 from megatron_refine.data.corpus import generate_documents
 from megatron_refine.data.loader import DocumentLoader, DocumentLoaderState, LoaderState, PackedLoader
 from megatron_refine.data.preprocess import preprocess, write_builtin_corpus
@@ -9,6 +10,7 @@ from megatron_refine.data.shards import DataError, ShardedDataset
 from megatron_refine.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_from_metadata
 
 __all__ = [
+    "Batch",
     "ByteTokenizer",
     "DataError",
     "DocumentLoader",

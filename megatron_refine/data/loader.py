@@ -6,14 +6,16 @@ seq_length + 1 tokens: inputs are the first seq_length, labels the last seq_leng
 
 `PackedLoader` (data.layout: packed) concatenates the documents (each already ends with EOS) into one token
 stream cut into samples (consecutive samples overlap by one token). Each batch also carries the document starts
-of its rows as `cu_seqlens` over the B * T input tokens (row-major, every row start included): the model
-restarts its fast-weight state there (`models/packing.py`). A document's EOS belongs to it; the next document
-starts on the token after.
+of its rows as `cu_seqlens` over the B * T input tokens (row-major, every row start included; None without
+reset_at_document_boundaries): the model restarts its fast-weight state there (`models/packing.py`). A
+document's EOS belongs to it; the next document starts on the token after; with `eod_mask_loss` its label (the
+next document's first token) gets no loss.
 
 `DocumentLoader` (data.layout: documents) gives each row one document from its first token, truncated to
 seq_length + 1 tokens, as REFINE's mid-training does: a row holds no document boundary, so a GRPO group is
 one document's rollouts. Documents shorter than `min_document_tokens` are skipped (and counted); shorter than
 seq_length + 1 but long enough, they are right-padded with EOS, with no loss on the padding.
+Both yield `Batch`es (data/batch.py) that say what to train on.
 
 The loader's position (epoch, shard, document; packed: leftover tokens and where documents start in them) is
 a small dict that checkpoints save, so a resumed run sees exactly the batches it would have.
@@ -29,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from megatron_refine.data.batch import Batch
 from megatron_refine.data.shards import DataError, ShardedDataset, describe_lengths, merge_length_stats
 
 
@@ -64,6 +67,7 @@ class DocumentStream:
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 0,
+        eod_mask_loss: bool = False,
     ):
         self.dataset = dataset if isinstance(dataset, ShardedDataset) else ShardedDataset.open(dataset)
         names = self.dataset.shard_names
@@ -76,6 +80,7 @@ class DocumentStream:
             )
         self.my_shards = names[dp_rank::dp_size]
         self.seq_length, self.micro_batch_size, self.seed = seq_length, micro_batch_size, seed
+        self.eod_mask_loss = eod_mask_loss  # Megatron's: no loss on the labels past a document's EOS
         self.state = self.State()
         self._documents = None  # iterator over the current shard, positioned at state.document
 
@@ -122,6 +127,11 @@ class DocumentStream:
 class PackedLoader(DocumentStream):
     layout, State = "packed", LoaderState
 
+    def __init__(self, dataset: ShardedDataset | str, seq_length: int, micro_batch_size: int, *,
+                 reset_at_document_boundaries: bool = True, **kwargs):
+        super().__init__(dataset, seq_length, micro_batch_size, **kwargs)
+        self.reset_at_document_boundaries = reset_at_document_boundaries
+
     def next_sample(self) -> tuple[np.ndarray, list[int]]:
         """seq_length + 1 consecutive tokens of the stream, and the indices in them where documents start."""
         need = self.seq_length + 1
@@ -134,9 +144,8 @@ class PackedLoader(DocumentStream):
         self.state.leftover_starts = [i - (need - 1) for i in starts if i >= need - 1]
         return np.asarray(tokens[:need], dtype=np.int64), [i for i in starts if i < need]
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        """{'tokens', 'labels', 'loss_mask': [micro_batch, seq_length], 'cu_seqlens': [documents + 1] over the
-        flattened tokens}"""
+    def next_batch(self) -> Batch:
+        """Rows of the stream; cu_seqlens [documents + 1] over the flattened tokens."""
         samples, cu_seqlens = [], [0]
         for b in range(self.micro_batch_size):
             sample, starts = self.next_sample()
@@ -145,13 +154,12 @@ class PackedLoader(DocumentStream):
             cu_seqlens += [row + i for i in starts if 0 < i < self.seq_length] + [row + self.seq_length]
         batch = torch.from_numpy(np.stack(samples))
         tokens = batch[:, :-1].contiguous()
-        return {
-            "tokens": tokens,
-            "labels": batch[:, 1:].contiguous(),
-            "cu_seqlens": torch.tensor(cu_seqlens, dtype=torch.int64),
-            # 0 where the input is an EOS: its label is the next document's first token (Megatron's eod_mask_loss)
-            "loss_mask": (tokens != self.dataset.eos_id).float(),
-        }
+        return Batch(
+            tokens, batch[:, 1:].contiguous(),
+            # 0 where the input is an EOS: its label is the next document's first token
+            loss_mask=(tokens != self.dataset.eos_id).float() if self.eod_mask_loss else None,
+            cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int64) if self.reset_at_document_boundaries else None,
+        )
 
 
 class DocumentLoader(DocumentStream):
@@ -159,8 +167,10 @@ class DocumentLoader(DocumentStream):
 
     def __init__(self, dataset: ShardedDataset | str, seq_length: int, micro_batch_size: int, *,
                  min_document_tokens: int | None = None, pad_short_documents: bool = False, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0):
-        super().__init__(dataset, seq_length, micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+                 dp_size: int = 1, seed: int = 0, eod_mask_loss: bool = False):
+        super().__init__(dataset, seq_length, micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
+                         eod_mask_loss=eod_mask_loss)
+        self.pad_short_documents = pad_short_documents
         need = seq_length + 1
         self.min_document_tokens = need if min_document_tokens is None else min_document_tokens
         if self.min_document_tokens < 2:
@@ -205,9 +215,8 @@ class DocumentLoader(DocumentStream):
             self.state.skipped += 1
         raise DataError(self._none_long_enough(None))
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        """{'tokens', 'labels', 'loss_mask': [micro_batch, seq_length], 'cu_seqlens': the row starts (one document
-        per row, so no boundary inside one)}"""
+    def next_batch(self) -> Batch:
+        """One document a row, so no cu_seqlens: no boundary inside a row, the padding only trails it."""
         B, T = self.micro_batch_size, self.seq_length
         rows = np.full((B, T + 1), self.dataset.eos_id, dtype=np.int64)  # EOS past a short document's end
         lengths = torch.empty(B, dtype=torch.int64)
@@ -215,9 +224,8 @@ class DocumentLoader(DocumentStream):
             document = self.next_sample()
             rows[b, : document.size], lengths[b] = document, document.size
         batch = torch.from_numpy(rows)
-        return {
-            "tokens": batch[:, :-1].contiguous(),
-            "labels": batch[:, 1:].contiguous(),
-            "cu_seqlens": torch.arange(0, (B + 1) * T, T, dtype=torch.int64),
-            "loss_mask": (torch.arange(T)[None] < lengths[:, None] - 1).float(),  # 0 where the label is padding
-        }
+        real = (torch.arange(T)[None] < lengths[:, None] - 1).float()  # 0 where the label is padding
+        # Without padding every label is real: the mask is kept only where eod_mask_loss asks for it.
+        return Batch(batch[:, :-1].contiguous(), batch[:, 1:].contiguous(),
+                     loss_mask=real if self.eod_mask_loss or self.pad_short_documents else None,
+                     branch_lengths=real.sum(1).long() if self.pad_short_documents else None)

@@ -8,11 +8,12 @@ left (its end kept: the question) or the right, an answer (EOS included) to max_
 has no EOS: it goes on past the cut); both are counted.
 
 Rows are [prompt][answer EOS][EOS padding] of seq_length + 1 tokens, labels shifted by one, so prompts of any
-lengths share a batch: `prompt_mask` marks the labels inside the prompt (the update on the prompt: REFINE or NTP),
-`loss_mask` the answer's labels (the SFT step), and `prompt_lengths` [B] counts each row's prompt labels, which
-bound where REFINE branches (`refine.step.select`). The loader shards a global order over data-parallel ranks as
-Megatron's sampler does (rank r takes the r-th micro-batch of every mini-batch), shuffled each epoch or in file
-order (test-time training reads the test stream as it comes), and wraps around; its position is one integer.
+lengths share a batch (`Batch`, data/batch.py): `update_mask` marks the labels inside the prompt (the update on the
+prompt: REFINE or NTP), `loss_mask` the answer's labels (the SFT step), and `branch_lengths` [B] counts each row's
+prompt labels, which bound where REFINE branches (`refine.step.select`); both losses are means over the step.
+The loader shards a global order over data-parallel ranks as Megatron's sampler does (rank r takes the r-th
+micro-batch of every mini-batch), shuffled each epoch or in file order (test-time training reads the test stream
+as it comes), and wraps around; its position is one integer.
 `parquet_to_jsonl` converts the REFINE release's RULER parquet files (columns `prompt`, `answer`).
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_refine.data.batch import Batch
 from megatron_refine.data.jsonl import jsonl_rows
 from megatron_refine.data.shards import DataError
 from megatron_refine.data.tokenizers import Tokenizer
@@ -177,9 +179,8 @@ class PromptAnswerLoader:
             i = self._order[1][i]
         return self.dataset.examples[i]
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        """{'tokens', 'labels', 'loss_mask' (answer labels), 'prompt_mask': [B, T], 'prompt_lengths': [B],
-        'cu_seqlens': the row starts}"""
+    def next_batch(self) -> Batch:
+        """One example a row (module docstring)."""
         B, T = self.micro_batch_size, self.seq_length
         first = self.state.consumed + self.dp_rank * B
         rows = np.full((B, T + 1), self.dataset.eos_id, dtype=np.int64)
@@ -192,14 +193,10 @@ class PromptAnswerLoader:
         self.state.consumed += B * self.dp_size
         batch = torch.from_numpy(rows)
         label = torch.arange(T)[None]
-        return {
-            "tokens": batch[:, :-1].contiguous(),
-            "labels": batch[:, 1:].contiguous(),
-            "prompt_mask": (label < prompt_lengths[:, None]).float(),
-            "loss_mask": ((label >= prompt_lengths[:, None]) & (label < ends[:, None])).float(),
-            "prompt_lengths": prompt_lengths,
-            "cu_seqlens": torch.arange(0, (B + 1) * T, T, dtype=torch.int64),
-        }
+        return Batch(batch[:, :-1].contiguous(), batch[:, 1:].contiguous(),
+                     loss_mask=((label >= prompt_lengths[:, None]) & (label < ends[:, None])).float(),
+                     update_mask=(label < prompt_lengths[:, None]).float(), branch_lengths=prompt_lengths,
+                     mean_over_step=True)
 
     def state_dict(self) -> dict:
         return asdict(self.state)

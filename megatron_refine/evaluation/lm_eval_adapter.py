@@ -52,7 +52,7 @@ class MegatronRefineLM(TemplateLM):
         super().__init__()
         from megatron.core import parallel_state
 
-        from megatron_refine.evaluation.runner import load_model
+        from megatron_refine.training.model_loading import load_model
         from megatron_refine.runtime import initialize
 
         if not torch.distributed.is_initialized():
@@ -136,7 +136,7 @@ class MegatronRefineLM(TemplateLM):
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from megatron_refine.evaluation.runner import generate_packed
+        from megatron_refine.evaluation.scoring import generate_packed
 
         results = []
         for start in tqdm(range(0, len(requests), self.batch_size), disable=disable_tqdm, desc="generate_until"):

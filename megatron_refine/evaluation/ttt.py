@@ -16,14 +16,14 @@ The model as loaded is scored first on every example, in the same dtype, for the
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from megatron_refine.data.prompt_answer import PromptAnswerDataset, PromptAnswerLoader
 from megatron_refine.evaluation.examples import EvalExample
+from megatron_refine.evaluation.scoring import evaluate, format_comparison, summarize, write_results
 
 def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     """The torch optimizers under Megatron's wrappers (one per chained optimizer): their params are the main weights."""
@@ -68,38 +68,49 @@ class TrainingState:
         trainer.scheduler.num_steps = self.scheduler_steps
 
 
+def ttt_fields(ttt: str, sets: list[str]) -> dict:
+    """EvalArgs' test-time training fields from `--set key=value` strings (the CLI and recipe edge): the preset
+    ttt-refine / ttt-ntp with the overrides, checked as train checks them. Rows are sized to the prompts, and the
+    log has a line a batch, unless `sets` name data.seq_length / logging.log_interval."""
+    from megatron_refine.training import load_config
+
+    keys = {item.split("=", 1)[0].strip() for item in sets}
+    return {"ttt": ttt, "ttt_config": load_config(f"ttt-{ttt}", sets), "ttt_fit_rows": "data.seq_length" not in keys,
+            "ttt_log_per_batch": "logging.log_interval" not in keys}
+
+
 def ttt_config(args, examples: list[EvalExample], tokenizer):
-    """The stage-ttt training config of `--ttt`: the preset ttt-refine / ttt-ntp, the checkpoint's model, eval's
-    parallel layout, then `--set` overrides; rows long enough for the longest prompt and an answer budget, unless
-    `--set data.seq_length` says otherwise. One round (refine.mini_batches steps) per batch of --batch-size."""
-    from megatron_refine.evaluation.runner import checkpoint_bf16, checkpoint_model
+    """The stage-ttt training config of `--ttt`: `args.ttt_config` (default the preset ttt-refine / ttt-ntp) on the
+    checkpoint's model and eval's parallel layout; rows long enough for the longest prompt and an answer budget,
+    unless `args.ttt_fit_rows` is off. One round (refine.mini_batches steps) per batch of --batch-size."""
     from megatron_refine.refine import min_sequence_length
     from megatron_refine.training import load_config
+    from megatron_refine.training.model_loading import checkpoint_bf16, checkpoint_model
 
     common, model = checkpoint_model(args.load)
     cuda = args.device == "cuda" if args.device else torch.cuda.is_available()
-    fixed = [f"bf16={str(checkpoint_bf16(common, cuda)).lower()}",  # as plain eval loads it: the no-TTT column's
-             f"model.config={model['config']}", f"model.overrides={json.dumps(model.get('overrides', {}))}",
-             f"checkpoint.load={args.load}", "checkpoint.finetune=true",
-             f"parallel.tensor_model_parallel_size={args.tensor_model_parallel_size}",
-             f"parallel.sequence_parallel={str(args.sequence_parallel).lower()}",
-             *([f"device={args.device}"] if args.device else [])]
-    cfg = load_config(f"ttt-{args.ttt}", [*fixed, *args.ttt_overrides])
+    cfg = args.ttt_config or load_config(f"ttt-{args.ttt}")
     per_step = cfg.data.global_batch_size
     if args.batch_size < 1 or args.batch_size % per_step:
         raise ValueError(f"--batch-size {args.batch_size} must be a positive multiple of data.global_batch_size "
                          f"({per_step}, the prompts of one TTT optimizer step)")
     steps = args.batch_size // per_step
     batches = -(-len(examples) // args.batch_size)
-    cfg.train_steps = steps * batches
-    if not any(item.startswith("logging.log_interval=") for item in args.ttt_overrides):
-        cfg.logging.log_interval = steps  # a line a batch
-    if cfg.prompt_update == "refine":
-        cfg.refine.mini_batches = steps  # one rollout round over the batch
-    if not any(item.startswith("data.seq_length=") for item in args.ttt_overrides):
+    refine = replace(cfg.refine, mini_batches=steps) if cfg.prompt_update == "refine" else cfg.refine  # a round a batch
+    seq_length = cfg.data.seq_length
+    if args.ttt_fit_rows:
         longest = max(len(tokenizer.encode(ex.prompt)) for ex in examples) + cfg.data.max_answer_tokens
-        shortest = min_sequence_length(cfg.refine.n_chunks, cfg.refine.margin)
-        cfg.data.seq_length = max(shortest, -(-longest // 64) * 64)
+        seq_length = max(min_sequence_length(refine.n_chunks, refine.margin), -(-longest // 64) * 64)
+    cfg = replace(
+        cfg, train_steps=steps * batches, refine=refine, device=args.device or cfg.device,
+        bf16=checkpoint_bf16(common, cuda) if cfg.bf16 is None else cfg.bf16,  # as plain eval loads it (no-TTT column)
+        model=replace(cfg.model, config=model["config"],
+                      overrides={**model.get("overrides", {}), **cfg.model.overrides}),
+        checkpoint=replace(cfg.checkpoint, load=cfg.checkpoint.load or args.load, finetune=True),
+        parallel=replace(cfg.parallel, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                         sequence_parallel=args.sequence_parallel),
+        data=replace(cfg.data, seq_length=seq_length),
+        logging=replace(cfg.logging, log_interval=steps) if args.ttt_log_per_batch else cfg.logging)
     cfg.validate()
     if examples and prompts_without_refine(cfg, examples, tokenizer) == len(examples):
         margin = cfg.refine.margin
@@ -144,7 +155,6 @@ class TTTRun:
 
 def run_test_time_training(args, examples: list[EvalExample], tokenizer, runtime) -> TTTRun:
     """The examples' results without TTT and with it (in the examples' order, on every rank)."""
-    from megatron_refine.evaluation.runner import evaluate
     from megatron_refine.training.logger import MetricsLogger
     from megatron_refine.training.trainer import TrainResult, run_steps, setup
 
@@ -182,8 +192,6 @@ def run_test_time_training(args, examples: list[EvalExample], tokenizer, runtime
 
 def write_ttt_results(out_dir: str | Path, baseline: list[dict], results: list[dict], config: dict) -> str:
     """results.json / .csv of TTT in out_dir and of the model as loaded in out_dir/no-ttt; the side-by-side table."""
-    from megatron_refine.evaluation.runner import format_comparison, summarize, write_results
-
     rows, base_rows = summarize(results), summarize(baseline)
     write_results(out_dir, results, rows, config)
     write_results(Path(out_dir) / "no-ttt", baseline, base_rows, {**config, "ttt": "none"})
@@ -193,4 +201,4 @@ def write_ttt_results(out_dir: str | Path, baseline: list[dict], results: list[d
 
 
 __all__ = ["TTTRun", "TrainingState", "batch_loader", "prompts_without_refine", "run_test_time_training",
-           "ttt_config", "write_ttt_results"]
+           "ttt_config", "ttt_fields", "write_ttt_results"]

@@ -5,6 +5,7 @@ from megatron_refine.models.deltanet import DeltaNetCache, DeltaNetMixer, DeltaN
 from megatron_refine.models.generation import generate, sample_tokens, sampling_logits
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, InferenceCache
 from megatron_refine.models.lact import LaCTCache, LaCTMixer, LaCTSubmodules
+from megatron_refine.models.mixers import MIXERS, MixerSpec, get_mixer
 from megatron_refine.models.model import (
     BranchOutput,
     FastWeightGPTModel,
@@ -14,7 +15,7 @@ from megatron_refine.models.model import (
     padded_vocab_size,
 )
 from megatron_refine.models.packing import Packing, packed_seq_params
-from megatron_refine.models.specs import get_block_spec, get_deltanet_layer_spec, get_lact_layer_spec
+from megatron_refine.models.specs import get_block_spec, get_layer_spec
 
 __all__ = [
     "PRESETS",
@@ -32,14 +33,16 @@ __all__ = [
     "LaCTCache",
     "LaCTMixer",
     "LaCTSubmodules",
+    "MIXERS",
+    "MixerSpec",
     "Packing",
     "build_model",
     "frozen_copy",
     "generate",
     "get_block_spec",
     "get_config",
-    "get_deltanet_layer_spec",
-    "get_lact_layer_spec",
+    "get_layer_spec",
+    "get_mixer",
     "mask_padded_vocab",
     "packed_seq_params",
     "padded_vocab_size",

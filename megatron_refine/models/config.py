@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-MIXERS = ("deltanet", "lact")
-TTT_L2_NORMS = ("lact", "fla")
+from megatron_refine.models.mixers import get_mixer
 
 
 def fla_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
@@ -89,8 +88,7 @@ class FastWeightConfig(TransformerConfig):
         if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype  # the dtype of activations sent between stages
         tp = self.tensor_model_parallel_size
-        if self.mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        mixer = get_mixer(self.mixer)  # an unknown name first: the message lists the known ones
         heads = self.num_attention_heads
         if heads < 1 or self.hidden_size < 1 or self.num_layers < 1:
             raise ValueError("num_layers, hidden_size and num_attention_heads must be set (>= 1)")
@@ -99,50 +97,8 @@ class FastWeightConfig(TransformerConfig):
                 f"num_attention_heads ({heads}) must be divisible by tensor_model_parallel_size ({tp}): "
                 f"use a TP size that divides {heads}, or change the head count"
             )
-        if self.mixer == "deltanet":
-            self._check_deltanet()
-        else:
-            self._check_lact()
+        mixer.check_config(self)
         super().__post_init__()
-
-    def _check_deltanet(self) -> None:
-        for name, dim in (("key", self.key_dim), ("value", self.value_dim)):
-            if dim % self.num_attention_heads != 0:
-                raise ValueError(
-                    f"DeltaNet {name} dim hidden_size * expand_{name[0]} = {dim} must be divisible by "
-                    f"num_attention_heads ({self.num_attention_heads})"
-                )
-        if self.qk_norm not in ("l2", "sum"):
-            raise ValueError(f"qk_norm must be 'l2' or 'sum', got {self.qk_norm!r}")
-        if self.qk_activation not in ("silu", "relu", "elu", "identity"):
-            raise ValueError(f"qk_activation must be silu, relu, elu or identity, got {self.qk_activation!r}")
-        if self.use_short_conv and self.conv_size < 1:
-            raise ValueError(f"conv_size must be >= 1 with use_short_conv, got {self.conv_size}")
-
-    def _check_lact(self) -> None:
-        tp, h = self.tensor_model_parallel_size, self.hidden_size
-        if self.num_lact_heads % tp != 0:
-            raise ValueError(
-                f"num_lact_heads ({self.num_lact_heads}) must be divisible by tensor_model_parallel_size "
-                f"({tp}): LaCT's fast-weight heads are split across TP ranks"
-            )
-        for name, n in (("num_attention_heads", self.num_attention_heads), ("num_lact_heads", self.num_lact_heads)):
-            if h % n != 0:
-                raise ValueError(f"hidden_size ({h}) must be divisible by {name} ({n})")
-        if self.lact_head_dim % self.attention_head_dim != 0:
-            raise ValueError(
-                f"the LaCT head dim ({self.lact_head_dim}) must be a multiple of the attention head dim "
-                f"({self.attention_head_dim}): RoPE is applied to the fast path per attention-head slice"
-            )
-        if self.lact_chunk_size < 1 or self.window_size < 1:
-            raise ValueError("lact_chunk_size and window_size must be >= 1")
-        if self.ttt_l2_norm not in TTT_L2_NORMS:
-            raise ValueError(
-                f"ttt_l2_norm must be one of {TTT_L2_NORMS} (the LaCT authors' x / (||x|| + 1e-5), or fla's "
-                f"x * rsqrt(||x||^2 + 1e-6)), got {self.ttt_l2_norm!r}"
-            )
-        if not self.ttt_norm_eps > 0:
-            raise ValueError(f"ttt_norm_eps must be > 0 (the authors' value is 1e-5), got {self.ttt_norm_eps}")
 
     @property
     def key_dim(self) -> int:

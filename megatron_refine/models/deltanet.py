@@ -28,6 +28,7 @@ from megatron_refine.kernels.utils import compute_dtype
 from megatron_refine.models.common import causal_conv1d, l2_norm, mixer_sharded_state_dict, param_device, split_fused
 from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window
+from megatron_refine.models.mixers import MixerSpec
 from megatron_refine.models.norm import HeadRMSNorm
 from megatron_refine.models.packing import Packing
 
@@ -87,7 +88,8 @@ class DeltaNetMixer(MegatronModule):
             init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
             skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
         )
-        self.request: BranchRequest | PrefillRequest | DecodeRequest | ContinueRequest | None = None  # one call's
+        # The model sets it for one call (why not an argument: models/inference.py)
+        self.request: BranchRequest | PrefillRequest | DecodeRequest | ContinueRequest | None = None
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **kwargs):
         """[s(/t), b, h] -> ([s(/t), b, h], bias). In decoding the rows are the sequence dim: [N(/t), 1, h].
@@ -177,3 +179,70 @@ def _at_sequence_ends(final_state: torch.Tensor, positions: torch.Tensor) -> tor
     """A prefill's states_after: positions [B, 1] (or [1, N] packed) are every sequence's last token, whose states
     are the kernel's final states [B or N, H, K, V]."""
     return final_state.view(*positions.shape, *final_state.shape[1:])
+
+
+def check_deltanet_config(config: FastWeightConfig) -> None:
+    for name, dim in (("key", config.key_dim), ("value", config.value_dim)):
+        if dim % config.num_attention_heads != 0:
+            raise ValueError(
+                f"DeltaNet {name} dim hidden_size * expand_{name[0]} = {dim} must be divisible by "
+                f"num_attention_heads ({config.num_attention_heads})"
+            )
+    if config.qk_norm not in ("l2", "sum"):
+        raise ValueError(f"qk_norm must be 'l2' or 'sum', got {config.qk_norm!r}")
+    if config.qk_activation not in ("silu", "relu", "elu", "identity"):
+        raise ValueError(f"qk_activation must be silu, relu, elu or identity, got {config.qk_activation!r}")
+    if config.use_short_conv and config.conv_size < 1:
+        raise ValueError(f"conv_size must be >= 1 with use_short_conv, got {config.conv_size}")
+
+
+def deltanet_parameter_count(config: FastWeightConfig) -> int:
+    c, h = config, config.hidden_size
+    heads, k, v = c.num_attention_heads, c.key_dim, c.value_dim
+    count = h * (2 * k + v + heads * c.use_beta + v * c.use_gate) + v * h
+    return count + (2 * k + v) * c.conv_size * c.use_short_conv + (v // heads) * c.use_output_norm
+
+
+def deltanet_state_values(config: FastWeightConfig) -> int:
+    """A DeltaNet layer's fast-weight state: H x dk x dv values."""
+    heads = config.num_attention_heads
+    return heads * (config.key_dim // heads) * (config.value_dim // heads)
+
+
+def deltanet_activation_bytes(config: FastWeightConfig) -> float:
+    """fla's chunk kernel (the NTP forward on CUDA): from the tensors it saves (training/estimate.py)."""
+    c, h = config, config.hidden_size
+    heads, k, v = c.num_attention_heads, c.key_dim, c.value_dim
+    proj = 2 * k + v + heads
+    states = deltanet_state_values(c) / c.delta_rule_chunk_size  # chunk-start states
+    return 2 * (2 * h + proj + (2 * k + v) * 2 + heads + states + 3 * v)  # norm, in_proj, conv, o, o_norm
+
+
+def deltanet_reference_bytes(config: FastWeightConfig) -> float:
+    """Bytes DeltaNet's PyTorch chunked path (the REFINE forward that keeps branch states) keeps per token of a
+    layer's mixer: fp32, measured on a CPU with saved-tensor hooks (h 512-1024, T 1024): about 88 h, plus the
+    fp32 chunk-start states (the hand-written backward of `kernels/delta_rule/chunk.py` keeps less than autograd
+    did: 112 h before)."""
+    return 88 * config.hidden_size + 4 * deltanet_state_values(config) / config.delta_rule_chunk_size
+
+
+def deltanet_branch_bytes(config: FastWeightConfig) -> float:
+    """Bytes a token of a layer's mixer keeps for REFINE's branch states on fla's kernel (on CUDA): the chained
+    kernel's bf16 copies of k, v and beta and fla's saved A [T, H, 64] (its q is k: no copy). From the tensors
+    `chunk_delta_rule` saves (fla 0.6), not measured: fla's kernels do not run on a CPU outside the interpreter."""
+    heads = config.num_attention_heads
+    return 2 * (config.key_dim + config.value_dim + heads + 64 * heads)
+
+
+MIXER = MixerSpec(
+    name="deltanet",
+    module_spec=lambda column, row: ModuleSpec(
+        module=DeltaNetMixer, submodules=DeltaNetSubmodules(in_proj=column, out_proj=row)),
+    check_config=check_deltanet_config,
+    parameter_count=deltanet_parameter_count,
+    activation_bytes=deltanet_activation_bytes,
+    branch_bytes=deltanet_branch_bytes,
+    state_values=deltanet_state_values,
+    hf_module="megatron_refine.conversion.deltanet",
+    fla_layer="DeltaNet",
+)

@@ -12,6 +12,11 @@ A mixer runs in one of five ways, chosen by the request the model sets on it for
 - `ContinueRequest(cache)`: the training forward over [N, L] new tokens, each row starting from the cache's
   state (the chunked kernels with initial states, not the decode step). The cache is left as it was.
 Every cache tensor has the rows as its first dimension, so caches can be indexed and repeated per row.
+
+Why an attribute (`mixer.request`, set by `FastWeightGPTModel._request` for one call and cleared after), not an
+argument: the mixers are called by megatron-core's TransformerBlock and TransformerLayer, whose only inference
+argument, `inference_context`, they read themselves as megatron-core's `BaseInferenceContext` (static or dynamic
+batching, CUDA graphs, KV offsets); passing a request through them would mean replacing both classes.
 """
 
 from __future__ import annotations

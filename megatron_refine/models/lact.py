@@ -47,6 +47,7 @@ from megatron_refine.models.common import (
 )
 from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window
+from megatron_refine.models.mixers import MixerSpec
 from megatron_refine.models.norm import HeadRMSNorm
 from megatron_refine.models.packing import Packing
 
@@ -145,6 +146,7 @@ class LaCTMixer(MegatronModule):
             submodules.out_proj, h, h, config=config, init_method=config.output_layer_init_method, bias=False,
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
         )
+        # The model sets it for one call (why not an argument: models/inference.py)
         self.request: BranchRequest | PrefillRequest | DecodeRequest | ContinueRequest | None = None
 
     def initial_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -272,3 +274,65 @@ class LaCTMixer(MegatronModule):
         split_fused_into(state, prefix, "in_proj.weight", weights, self.tp)
         split_fused_into(state, prefix, "rate_bias", [(f"{n}.bias", rows) for n, rows in rates], self.tp)
         return state
+
+
+def check_lact_config(config: FastWeightConfig) -> None:
+    tp, h = config.tensor_model_parallel_size, config.hidden_size
+    if config.num_lact_heads % tp != 0:
+        raise ValueError(
+            f"num_lact_heads ({config.num_lact_heads}) must be divisible by tensor_model_parallel_size "
+            f"({tp}): LaCT's fast-weight heads are split across TP ranks"
+        )
+    for name, n in (("num_attention_heads", config.num_attention_heads), ("num_lact_heads", config.num_lact_heads)):
+        if h % n != 0:
+            raise ValueError(f"hidden_size ({h}) must be divisible by {name} ({n})")
+    if config.lact_head_dim % config.attention_head_dim != 0:
+        raise ValueError(
+            f"the LaCT head dim ({config.lact_head_dim}) must be a multiple of the attention head dim "
+            f"({config.attention_head_dim}): RoPE is applied to the fast path per attention-head slice"
+        )
+    if config.lact_chunk_size < 1 or config.window_size < 1:
+        raise ValueError("lact_chunk_size and window_size must be >= 1")
+    if config.ttt_l2_norm not in L2_NORMS:
+        raise ValueError(
+            f"ttt_l2_norm must be one of {tuple(L2_NORMS)} (the LaCT authors' x / (||x|| + 1e-5), or fla's "
+            f"x * rsqrt(||x||^2 + 1e-6)), got {config.ttt_l2_norm!r}"
+        )
+    if not config.ttt_norm_eps > 0:
+        raise ValueError(f"ttt_norm_eps must be > 0 (the authors' value is 1e-5), got {config.ttt_norm_eps}")
+
+
+def lact_parameter_count(config: FastWeightConfig) -> int:
+    c, h = config, config.hidden_size
+    fw, dim = c.num_lact_heads, c.lact_head_dim
+    hidden = int(dim * c.inter_multi)
+    count = 3 * h * h + h * h + (h + 1) * 3 * fw + 4 * h + fw * dim * hidden + dim
+    count += (h + 1) * fw * (c.use_momentum + c.learnable_ttt_scale)
+    rank = c.w0_w2_low_rank
+    return count + 2 * fw * (hidden * rank + rank * dim if rank > 0 else hidden * dim)
+
+
+def lact_state_values(config: FastWeightConfig) -> int:
+    """A LaCT layer's fast weights w0, w1, w2: 3 x F x D x D * inter_multi values."""
+    dim = config.lact_head_dim
+    return 3 * config.num_lact_heads * dim * int(dim * config.inter_multi)
+
+
+def lact_activation_bytes(config: FastWeightConfig) -> float:
+    """The PyTorch chunked path (LaCT's only), fp32 fast-weight math, measured on a CPU (h 512-1024, T 1024-2048,
+    chunks 128-512): about (60 + 300 dk / chunk) h bytes, the CPU's T x T masked attention taken out."""
+    return config.hidden_size * (60 + 300 * config.lact_head_dim / config.lact_chunk_size)
+
+
+MIXER = MixerSpec(
+    name="lact",
+    module_spec=lambda column, row: ModuleSpec(module=LaCTMixer, submodules=LaCTSubmodules(in_proj=column, out_proj=row)),
+    check_config=check_lact_config,
+    parameter_count=lact_parameter_count,
+    activation_bytes=lact_activation_bytes,
+    branch_bytes=lambda config: 0.0,  # REFINE runs the same PyTorch path: the activations hold its branch states
+    state_values=lact_state_values,
+    hf_module="megatron_refine.conversion.lact",
+    parameter_order_changed=True,  # four input projections, fused into in_proj since
+    uses_muon=lambda config: config.use_muon,
+)

@@ -1,4 +1,4 @@
-"""Megatron layer specs for the fast-weight stacks: DeltaNet or LaCT mixer + SwiGLU MLP, pre-RMSNorm.
+"""Megatron layer specs for the fast-weight stacks: a token mixer (models/mixers.py) + SwiGLU MLP, pre-RMSNorm.
 
 Local megatron-core parallel linears by default; Transformer-Engine modules (TEColumnParallelLinear,
 TERowParallelLinear, TENorm) when the runtime is on CUDA and megatron-core's TE extension imports, unless
@@ -16,8 +16,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_refine.megatron_compat import mlp_submodule
 from megatron_refine.models.config import FastWeightConfig
-from megatron_refine.models.deltanet import DeltaNetMixer, DeltaNetSubmodules
-from megatron_refine.models.lact import LaCTMixer, LaCTSubmodules
+from megatron_refine.models.mixers import get_mixer
 from megatron_refine.models.norm import RMSNorm
 from megatron_refine.runtime import current_device
 
@@ -60,20 +59,14 @@ def _layer_spec(mixer: ModuleSpec, column, row, norm) -> ModuleSpec:
     )
 
 
-def get_deltanet_layer_spec(use_te: bool | None = None) -> ModuleSpec:
+def get_layer_spec(mixer: str, use_te: bool | None = None) -> ModuleSpec:
+    """One layer of the named mixer (see models/mixers.py) with the backend's linears and norms."""
     column, row, norm = _modules(use_te)
-    mixer = ModuleSpec(module=DeltaNetMixer, submodules=DeltaNetSubmodules(in_proj=column, out_proj=row))
-    return _layer_spec(mixer, column, row, norm)
-
-
-def get_lact_layer_spec(use_te: bool | None = None) -> ModuleSpec:
-    column, row, norm = _modules(use_te)
-    mixer = ModuleSpec(module=LaCTMixer, submodules=LaCTSubmodules(in_proj=column, out_proj=row))
-    return _layer_spec(mixer, column, row, norm)
+    return _layer_spec(get_mixer(mixer).module_spec(column, row), column, row, norm)
 
 
 def get_block_spec(config: FastWeightConfig, use_te: bool | None = None, vp_stage: int | None = None) -> TransformerBlockSubmodules:
     """The layers this pipeline stage builds, plus the final norm."""
-    layer = get_deltanet_layer_spec(use_te) if config.mixer == "deltanet" else get_lact_layer_spec(use_te)
+    layer = get_layer_spec(config.mixer, use_te)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=_modules(use_te)[2])

@@ -1,4 +1,5 @@
-"""Checkpoints: megatron-core dist_checkpointing, written atomically, with everything a resume needs.
+"""Checkpoints: megatron-core dist_checkpointing, written atomically, with everything a resume needs. The folder
+layout, marker and checksums below are `checkpoint_format.py`'s, which this module and the converters call.
 
 Layout of a save folder:
     iter_0000100/                 a complete checkpoint (model, optimizer, scheduler, RNG, data position, config)
@@ -27,7 +28,6 @@ metadata, is skipped where the checkpoint lacks it).
 from __future__ import annotations
 
 import errno
-import hashlib
 import multiprocessing as mp
 import os
 import random
@@ -43,140 +43,18 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_refine.megatron_compat import COMMON_STATE_FILE, COMMON_STATE_KEY, write_common_state_file
+from megatron_refine.megatron_compat import COMMON_STATE_FILE, write_common_state_file
+from megatron_refine.models.mixers import get_mixer
 from megatron_refine.runtime import current_device
+from megatron_refine.training.checkpoint_format import (
+    MARKER, CheckpointError, abandon_write, begin_write, checkpoint_dir, latest_iteration, prune, publish,
+    saved_iterations, staging_dir, verify_files, write_checksums)
 
-MARKER = "latest_checkpointed_iteration.txt"
-CHECKSUMS = "checksums.sha256"
 LOCK = "checkpoint.lock"
 # The distributed optimizer's format: one ShardedTensor per contiguous buffer shard, fully parallel save and
 # load with no gather, reshardable across DP sizes (megatron-core's default, fully_sharded_model_space, builds
 # flattened_range ShardedTensors that dist_checkpointing 0.16 refuses). Plain optimizers ignore it.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def checkpoint_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (a missing, corrupt or unreadable file, non-finite weights), or a save
-    folder that cannot take one (locked by another run, not writable, full)."""
-
-
-def latest_iteration(root: str | Path) -> int | None:
-    """The iteration the marker names; without a marker (removed, or a crash between a checkpoint's rename and
-    the marker's), the newest complete checkpoint's; None when there is none."""
-    marker = Path(root) / MARKER
-    if not marker.is_file():
-        return next((i for i in reversed(saved_iterations(root)) if _complete(checkpoint_dir(root, i))), None)
-    text = marker.read_text().strip()
-    if not text.isdigit() or not checkpoint_dir(root, int(text)).is_dir():
-        raise CheckpointError(f"{marker} says {text!r}, which is not a complete checkpoint in {root}: fix or remove the "
-                              "marker (without it the newest complete checkpoint is used)")
-    return int(text)
-
-
-def saved_iterations(root: str | Path) -> list[int]:
-    """The iterations of the checkpoint folders in `root` (renamed into place: written in full), ascending."""
-    return sorted(int(p.name[5:]) for p in Path(root).glob("iter_???????") if p.is_dir() and p.name[5:].isdigit())
-
-
-def _complete(path: Path) -> bool:
-    try:
-        verify_files(path, checksums=False)
-    except CheckpointError:
-        return False
-    return True
-
-
-def _prune(root: Path, iteration: int, keep_last: int) -> None:
-    """After `iteration` was saved (and the marker names it): keep it and the `keep_last - 1` highest complete
-    iterations below it; remove the rest below it, and every checkpoint above it: those are a run's this one
-    overwrote (or fell back past), which a resume must never mistake for its own."""
-    older = [i for i in saved_iterations(root) if i < iteration]
-    kept = [i for i in reversed(older) if _complete(checkpoint_dir(root, i))][: keep_last - 1]
-    above = [i for i in saved_iterations(root) if i > iteration]
-    for i in [i for i in older if i not in kept] + above:
-        shutil.rmtree(checkpoint_dir(root, i))
-    if above:
-        print(f"removed {', '.join(checkpoint_dir(root, i).name for i in above)} from {root}: checkpoints above "
-              f"iter {iteration}, the one just saved, left by a run this one overwrote", flush=True)
-
-
-def _sha256(file: Path) -> str:
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _my_files(names: list[str], rank: int, world: int) -> list[str]:
-    """This rank's share of a checkpoint's files to hash: the `__R_I.distcp` files rank R wrote (still in its page
-    cache after a save), the rest on rank 0."""
-    def owner(name: str) -> int:
-        head = name.split("_")[2] if name.startswith("__") and name.count("_") >= 3 else ""
-        return int(head) % world if head.isdigit() else 0
-    return [n for n in names if owner(n) == rank]
-
-
-def _write_checksums(tmp: Path) -> None:
-    """Collective: each rank hashes its share of the files in `tmp`, rank 0 writes CHECKSUMS. sha256 (as the data
-    shards'), streamed from the files just written (page cache): 1-2 s a GB, the ranks in parallel."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != CHECKSUMS)
-    mine = {n: _sha256(tmp / n) for n in _my_files(names, rank, world)}
-    every = [None] * world
-    torch.distributed.all_gather_object(every, mine)
-    if rank == 0:
-        digests = {n: d for part in every for n, d in part.items()}
-        (tmp / CHECKSUMS).write_text("".join(f"{digests[n]}  {n}\n" for n in sorted(digests)))
-
-
-def _read_checksums(path: Path) -> dict[str, str] | None:
-    """{file name: sha256} as CHECKSUMS records it; None for a checkpoint written before checksums."""
-    file = path / CHECKSUMS
-    if not file.is_file():
-        return None
-    digests = {}
-    for line in file.read_text().splitlines():
-        digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name:
-            raise CheckpointError(f"{file} is unreadable (line {line[:80]!r})")
-        digests[name] = digest
-    return digests
-
-
-def verify_files(path: Path, checksums: bool = True, rank: int = 0, world: int = 1) -> None:
-    """Every file the checkpoint's index names is there and holds the bytes it should: else a CheckpointError
-    naming the file (the torch_dist format: `.metadata` maps each tensor to a byte range of a `.distcp` file).
-    With `checksums`, this rank's share (of `world`) of the files CHECKSUMS lists must match their sha256."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    for name in ("metadata.json", ".metadata"):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name} is missing")
-    try:
-        index = FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any failure to parse the index means it is unreadable
-        raise CheckpointError(f"{path / '.metadata'} is unreadable ({type(e).__name__})") from None
-    if not (path / COMMON_STATE_FILE).is_file() and not any(
-            key.startswith(COMMON_STATE_KEY) for key in index.state_dict_metadata):
-        raise CheckpointError(f"{path / COMMON_STATE_FILE} is missing")
-    needed: dict[str, int] = {}
-    for info in (index.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        if file.stat().st_size < size:
-            raise CheckpointError(f"{file} is truncated ({file.stat().st_size} of {size} bytes)")
-    digests = _read_checksums(path) if checksums else None
-    for name in _my_files(sorted(digests or {}), rank, world):
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        if _sha256(file) != digests[name]:
-            raise CheckpointError(f"{file} is corrupt: its sha256 differs from the one {CHECKSUMS} recorded at save")
 
 
 # save folder -> (pid, its lock file's descriptor) while that process holds the lock (a forked child inherits the
@@ -335,7 +213,7 @@ def _check_parameter_order(path: Path, common: dict, model) -> None:
     """The distributed optimizer's state resumes only onto the parameters it was saved from, in the same order.
     Checkpoints before this record: LaCT's then had four input projections where it now has one (`in_proj`)."""
     saved = common.get("parameter_names")
-    if saved == parameter_names(model) or (saved is None and model.config.mixer != "lact"):
+    if saved == parameter_names(model) or (saved is None and not get_mixer(model.config.mixer).parameter_order_changed):
         return
     why = ("was saved before LaCT's input projections were fused" if saved is None
            else "holds the optimizer state of other parameters (or another order)")
@@ -355,11 +233,9 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
         raise ValueError(f"checkpoint.keep_last must be >= 1 (the checkpoint just written is always kept), got {keep_last}")
     start_write_results_queue()
     root = Path(root)
-    final, tmp = checkpoint_dir(root, iteration), checkpoint_dir(root, iteration).with_suffix(".tmp")
+    final, tmp = checkpoint_dir(root, iteration), staging_dir(root, iteration)
     if torch.distributed.get_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        begin_write(root, iteration)
     torch.distributed.barrier()
     model_state = model.sharded_state_dict()
     state = {
@@ -385,16 +261,12 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
         torch.distributed.barrier()
         if main:
             write_common_state_file(tmp, state)
-        _write_checksums(tmp)
+        write_checksums(tmp)
         if main:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            marker_tmp = root / (MARKER + ".tmp")
-            marker_tmp.write_text(str(iteration))
-            os.replace(marker_tmp, root / MARKER)
+            publish(root, iteration)
     except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)  # the space it took; the older checkpoints and marker stay
+            abandon_write(root, iteration)
         if _no_space(e):
             raise CheckpointError(
                 f"saving {final.name} into {root} failed: no space left on device (ENOSPC; "
@@ -402,7 +274,7 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
                 "as they were; free some space (or lower checkpoint.keep_last), then resume") from e
         raise
     if main:
-        _prune(root, iteration, keep_last)
+        prune(root, iteration, keep_last)
     torch.distributed.barrier()
     return final
 

@@ -7,8 +7,9 @@ parameter, sharded over DP):
 
     weights 2 P / (TP PP) + gradients 4 P / (TP PP) + optimizer 12 P / (TP PP DP)
 
-Activations are the tensors a layer's backward keeps per token (`layer_activation_bytes`), divided by TP under
-sequence parallelism: the SwiGLU MLP's as megatron-core keeps them (counted with saved-tensor hooks on a CPU);
+Activations are the tensors a layer's backward keeps per token (`layer_activation_bytes`; a mixer's share, its REFINE
+branch bytes and its decoding state come from its entry in `models/mixers.py`), divided by TP under sequence
+parallelism: the SwiGLU MLP's as megatron-core keeps them (counted with saved-tensor hooks on a CPU);
 DeltaNet's NTP forward on fla's chunk kernel, counted from the tensors it saves (bf16 inputs of the norm,
 projections and convolution, q / k / v / beta, the chunk-start states, the output and its norm: an estimate, fla
 is not measurable on a CPU); LaCT's PyTorch chunked path, the same on every device, as measured on a CPU in fp32
@@ -33,6 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_refine.models.config import FastWeightConfig
+from megatron_refine.models.deltanet import deltanet_branch_bytes, deltanet_reference_bytes  # named in docs/scaling.md
+from megatron_refine.models.mixers import get_mixer
 
 GIB = 1024**3
 H100_BF16_FLOPS = 989e12  # dense
@@ -46,28 +49,12 @@ def parameter_count(config: FastWeightConfig, vocab_size: int) -> dict[str, int]
     """{'total', 'embedding', 'output_layer', 'per_layer', 'non_embedding'} of the model at TP=1, PP=1."""
     c, h = config, config.hidden_size
     norms_and_mlp = 2 * h + h * 2 * c.ffn_hidden_size + c.ffn_hidden_size * h  # SwiGLU fc1 fuses gate and up
-    if c.mixer == "deltanet":
-        heads, k, v = c.num_attention_heads, c.key_dim, c.value_dim
-        mixer = h * (2 * k + v + heads * c.use_beta + v * c.use_gate) + v * h
-        mixer += (2 * k + v) * c.conv_size * c.use_short_conv + (v // heads) * c.use_output_norm
-    else:
-        fw, dim = c.num_lact_heads, c.lact_head_dim
-        hidden = int(dim * c.inter_multi)
-        mixer = 3 * h * h + h * h + (h + 1) * 3 * fw + 4 * h + fw * dim * hidden + dim
-        mixer += (h + 1) * fw * (c.use_momentum + c.learnable_ttt_scale)
-        rank = c.w0_w2_low_rank
-        mixer += 2 * fw * (hidden * rank + rank * dim if rank > 0 else hidden * dim)
+    mixer = get_mixer(c.mixer).parameter_count(c)
     per_layer = mixer + norms_and_mlp
     embedding = output = vocab_size * h
     non_embedding = c.num_layers * per_layer + h
     return {"total": non_embedding + embedding + output * (not c.tie_word_embeddings), "embedding": embedding,
             "output_layer": output * (not c.tie_word_embeddings), "per_layer": per_layer, "non_embedding": non_embedding}
-
-
-def deltanet_state_values(config: FastWeightConfig) -> int:
-    """A DeltaNet layer's fast-weight state: H x dk x dv values."""
-    heads = config.num_attention_heads
-    return heads * (config.key_dim // heads) * (config.value_dim // heads)
 
 
 def layer_activation_bytes(config: FastWeightConfig, seq_length: int) -> float:
@@ -76,31 +63,7 @@ def layer_activation_bytes(config: FastWeightConfig, seq_length: int) -> float:
     # bf16: the norm's input, fc1's input, fc1's output (gate, up), SiLU's input, the product's two inputs, fc2's
     # input (2h + 6 ffn values: what megatron-core's SwiGLU MLP keeps, counted with saved-tensor hooks on a CPU).
     mlp = 2 * (2 * h + 6 * ffn)
-    if c.mixer == "deltanet":  # fla's chunk kernel (the NTP forward on CUDA): from the tensors it saves
-        heads, k, v = c.num_attention_heads, c.key_dim, c.value_dim
-        proj = 2 * k + v + heads
-        states = deltanet_state_values(c) / c.delta_rule_chunk_size  # chunk-start states
-        mixer = 2 * (2 * h + proj + (2 * k + v) * 2 + heads + states + 3 * v)  # norm, in_proj, conv, o, o_norm
-    else:  # the PyTorch chunked path (LaCT's only), fp32 fast-weight math, measured on a CPU (h 512-1024, T 1024-2048,
-        # chunks 128-512): about (60 + 300 dk / chunk) h bytes, the CPU's T x T masked attention taken out
-        mixer = h * (60 + 300 * c.lact_head_dim / c.lact_chunk_size)
-    return mixer + mlp
-
-
-def deltanet_reference_bytes(config: FastWeightConfig) -> float:
-    """Bytes DeltaNet's PyTorch chunked path (the REFINE forward that keeps branch states) keeps per token of a
-    layer's mixer: fp32, measured on a CPU with saved-tensor hooks (h 512-1024, T 1024): about 88 h, plus the
-    fp32 chunk-start states (the hand-written backward of `kernels/delta_rule/chunk.py` keeps less than autograd
-    did: 112 h before)."""
-    return 88 * config.hidden_size + 4 * deltanet_state_values(config) / config.delta_rule_chunk_size
-
-
-def deltanet_branch_bytes(config: FastWeightConfig) -> float:
-    """Bytes a token of a layer's mixer keeps for REFINE's branch states on fla's kernel (on CUDA): the chained
-    kernel's bf16 copies of k, v and beta and fla's saved A [T, H, 64] (its q is k: no copy). From the tensors
-    `chunk_delta_rule` saves (fla 0.6), not measured: fla's kernels do not run on a CPU outside the interpreter."""
-    heads = config.num_attention_heads
-    return 2 * (config.key_dim + config.value_dim + heads + 64 * heads)
+    return get_mixer(c.mixer).activation_bytes(c) + mlp
 
 
 @dataclass
@@ -147,12 +110,9 @@ def estimate(config: FastWeightConfig, vocab_size: int, layout: Layout, mfu: flo
         "refine": 0.0,
     }
     if layout.refine:
-        if config.mixer == "deltanet":
-            state = deltanet_state_values(config)
-            branch = layers * tokens * deltanet_branch_bytes(config) / tp  # the chain over (about) the whole row
-        else:  # LaCT runs the same PyTorch path either way: the activations above hold it
-            state = 3 * config.num_lact_heads * config.lact_head_dim * int(config.lact_head_dim * config.inter_multi)
-            branch = 0.0
+        mixer = get_mixer(config.mixer)
+        branch = layers * tokens * mixer.branch_bytes(config) / tp  # the chain over (about) the whole row
+        state = mixer.state_values(config)
         decode = layers * layout.micro_batch_size * layout.n_chunks * layout.rollouts * state * 4 / tp
         out["refine"] = (branch + decode) / GIB
     out["total"] = sum(out[k] for k in ("weights", "gradients", "optimizer", "activations", "refine"))

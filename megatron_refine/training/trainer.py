@@ -1,7 +1,8 @@
 """NTP pretraining with megatron-core: read top to bottom.
 
 setup: process groups -> data -> model (GPTModel over the fast-weight stack) -> DDP -> optimizer ->
-scheduler -> loader -> optional checkpoint load. Each step: `num_microbatches` packed micro-batches through
+scheduler -> loader (chosen once by data.layout; its `Batch`es say what to train on, data/batch.py) -> optional
+checkpoint load. Each step: `num_microbatches` packed micro-batches through
 Megatron's forward-backward schedule (pipeline schedules when PP > 1), a DP-averaged loss, a skipped step
 when it is NaN/Inf, else the optimizer and scheduler step. bf16 and the distributed optimizer on GPU, fp32
 and Megatron's plain optimizer on CPU by default (`bf16`, `optimizer.use_distributed_optimizer` override).
@@ -29,7 +30,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_refine.data import DocumentLoader, PackedLoader, ShardedDataset
+from megatron_refine.data import Batch, DocumentLoader, PackedLoader, ShardedDataset
 from megatron_refine.data.prompt_answer import PromptAnswerDataset, PromptAnswerLoader
 from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config, packed_seq_params
 from megatron_refine.refine import (
@@ -119,12 +120,14 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswe
             f"global_batch_size {data.global_batch_size} must be a multiple of micro_batch_size x data-parallel size "
             f"= {data.micro_batch_size} x {dp}"
         )
-    # Built before the model, so data that cannot fill a row fails at once.
+    # Built before the model, so data that cannot fill a row fails at once. The one place that reads the layout's
+    # flags: the loader's batches say what to train on (data/batch.py).
     sharding = dict(dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp, seed=data.seed)
     if data.layout == "documents":
         loader = DocumentLoader(dataset, data.seq_length, data.micro_batch_size,
                                 min_document_tokens=data.min_document_tokens,
-                                pad_short_documents=data.pad_short_documents, **sharding)
+                                pad_short_documents=data.pad_short_documents, eod_mask_loss=data.eod_mask_loss,
+                                **sharding)
         if rt.is_main:
             print(loader.summary(), flush=True)
     elif data.layout == "prompt_answer":  # test-time training reads the test stream in its order
@@ -133,7 +136,8 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswe
         if rt.is_main:
             print(dataset.summary(cfg.refine.margin if cfg.uses_refine else None), flush=True)
     else:
-        loader = PackedLoader(dataset, data.seq_length, data.micro_batch_size, **sharding)
+        loader = PackedLoader(dataset, data.seq_length, data.micro_batch_size, eod_mask_loss=data.eod_mask_loss,
+                              reset_at_document_boundaries=data.reset_at_document_boundaries, **sharding)
     decay_steps = opt.lr_decay_steps or cfg.train_steps
     if opt.warmup_steps >= decay_steps:
         raise ValueError(
@@ -307,66 +311,33 @@ def checkpoint_start(ckpt: CheckpointArgs, is_main: bool = True) -> str | None:
     return None
 
 
-def _packed_seq_params(cfg: TrainConfig, batch: dict, device: torch.device):
-    """The loader's document starts as megatron-core's PackedSeqParams, or None without document resets or with
-    one document or prompt per row (data.layout documents, prompt_answer: each row is its own sequence, its padding
-    only trails it)."""
-    if not cfg.data.reset_at_document_boundaries or cfg.data.layout != "packed":
-        return None
-    return packed_seq_params(batch["cu_seqlens"].to(device))
+def _packing(batch: Batch):
+    """The batch's document starts as megatron-core's PackedSeqParams; None: each row is one sequence."""
+    return None if batch.cu_seqlens is None else packed_seq_params(batch.cu_seqlens)
 
 
-def _loss_mask(cfg: TrainConfig, batch: dict, device: torch.device) -> torch.Tensor | None:
-    """The loader's loss mask where the config asks for one: no loss after a document's EOS (packed rows with
-    eod_mask_loss), or on padding (data.pad_short_documents)."""
-    return batch["loss_mask"].to(device) if cfg.data.eod_mask_loss or cfg.data.pad_short_documents else None
-
-
-def _update_masks(cfg: TrainConfig, batch: dict, device: torch.device) -> dict:
-    """What the update on a batch trains on: its NTP loss mask, each row's real labels (`lengths` [B], where REFINE
-    may branch: None when every label is real) and the step's token count the loss is a mean over (`ntp_tokens`,
-    see `_count_tokens`; None: each micro-batch's own mean). Prompt / answer rows: the prompt tokens; padded
-    document rows: the document."""
-    if cfg.data.layout == "prompt_answer":
-        return {"loss_mask": batch["prompt_mask"].to(device), "lengths": _branch_lengths(cfg, batch, device),
-                "ntp_tokens": batch["prompt_tokens"].to(device)}
-    return {"loss_mask": _loss_mask(cfg, batch, device), "lengths": _branch_lengths(cfg, batch, device),
-            "ntp_tokens": None}
-
-
-def _branch_lengths(cfg: TrainConfig, batch: dict, device: torch.device) -> torch.Tensor | None:
-    """Each row's labels REFINE may branch in [B] (a prompt's, a padded document's), None when all of them."""
-    if cfg.data.layout == "prompt_answer":
-        return batch["prompt_lengths"].to(device)
-    return batch["loss_mask"].sum(1).long().to(device) if cfg.data.pad_short_documents else None
-
-
-def _count_tokens(batches: list[dict], device: torch.device) -> None:
-    """Prompt / answer micro-batches: the step's prompt and answer label counts over every DP rank, divided by the
-    number of micro-batches, stored in each (`prompt_tokens`, `answer_tokens`) for `mean_loss`."""
-    counts = torch.stack([sum(b[key].sum() for b in batches) for key in ("prompt_mask", "loss_mask")]).float()
+def _count_tokens(batches: list[Batch], device: torch.device) -> None:
+    """Batches whose losses are means over the step (`Batch.mean_over_step`): the step's update and loss label
+    counts over every DP rank, divided by the number of micro-batches, stored in each for `mean_loss`."""
+    counts = torch.stack([sum(mask.sum() for mask in masks) for masks in
+                          ([b.update_loss_mask for b in batches], [b.loss_mask for b in batches])]).float()
     counts = counts.to(device)
     torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     for b in batches:
-        b["prompt_tokens"], b["answer_tokens"] = counts / len(batches)
+        b.update_tokens, b.loss_tokens = counts / len(batches)
 
 
 def _ntp_forward_step(trainer: Trainer, answers: bool = False):
-    """NTP on the batch's update tokens (`_update_masks`), or with `answers` refine-post's SFT step: the answer
-    tokens given the prompt, a mean over the step's answer tokens."""
+    """NTP on the batch's update labels (`Batch.update_loss_mask`), or with `answers` refine-post's SFT step: the
+    answer labels (`loss_mask`) given the prompt, a mean over the step's answer labels."""
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        device = next(model.parameters()).device
-        output = model(batch["tokens"].to(device), None, None, labels=batch["labels"].to(device),
-                       packed_seq_params=_packed_seq_params(trainer.cfg, batch, device))
+        batch = next(data_iterator).to(next(model.parameters()).device)
+        output = model(batch.tokens, None, None, labels=batch.labels, packed_seq_params=_packing(batch))
 
         def loss_func(per_token_loss):  # called on the last pipeline stage only
-            if answers:
-                loss = mean_loss(per_token_loss, batch["loss_mask"].to(per_token_loss.device),
-                                 batch["answer_tokens"].to(per_token_loss.device))
-            else:
-                masks = _update_masks(trainer.cfg, batch, per_token_loss.device)
-                loss = mean_loss(per_token_loss, masks["loss_mask"], masks["ntp_tokens"])
+            b = batch.to(per_token_loss.device)
+            loss = (mean_loss(per_token_loss, b.loss_mask, b.loss_tokens) if answers else
+                    mean_loss(per_token_loss, b.update_loss_mask, b.update_tokens))
             # A copy: the schedule divides the returned loss in place by the number of micro-batches.
             return loss, {"lm loss": loss.detach().clone()}
 
@@ -377,12 +348,11 @@ def _ntp_forward_step(trainer: Trainer, answers: bool = False):
 
 def _refine_forward_step(trainer: Trainer, generator: torch.Generator):
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        device = next(model.parameters()).device
-        loss, metrics = refine_loss(model.module, batch["tokens"].to(device), batch["labels"].to(device),
-                                    trainer.cfg.refine, generator, trainer.reference,
-                                    _packed_seq_params(trainer.cfg, batch, device),
-                                    eos_id=trainer.loader.dataset.eos_id, **_update_masks(trainer.cfg, batch, device))
+        batch = next(data_iterator).to(next(model.parameters()).device)
+        loss, metrics = refine_loss(model.module, batch.tokens, batch.labels, trainer.cfg.refine, generator,
+                                    trainer.reference, _packing(batch), loss_mask=batch.update_loss_mask,
+                                    eos_id=trainer.loader.dataset.eos_id, lengths=batch.branch_lengths,
+                                    ntp_tokens=batch.update_tokens)
         return loss, lambda output: (output, {"lm loss": metrics.pop("ntp_loss"), **metrics})
 
     return forward_step
@@ -392,12 +362,10 @@ def _ppo_update_forward_step(trainer: Trainer):
     """PPO mini-batches: the data iterator yields (batch, its stored rollouts) pairs."""
     def forward_step(data_iterator, model):
         batch, stored = next(data_iterator)
-        device = next(model.parameters()).device
-        masks = _update_masks(trainer.cfg, batch, device)
-        loss, metrics = ppo_update_loss(model.module, batch["tokens"].to(device), batch["labels"].to(device), stored,
-                                        trainer.cfg.refine, trainer.reference,
-                                        _packed_seq_params(trainer.cfg, batch, device), masks["loss_mask"],
-                                        masks["ntp_tokens"])
+        batch = batch.to(next(model.parameters()).device)
+        loss, metrics = ppo_update_loss(model.module, batch.tokens, batch.labels, stored, trainer.cfg.refine,
+                                        trainer.reference, _packing(batch), batch.update_loss_mask,
+                                        batch.update_tokens)
         return loss, lambda output: (output, {"lm loss": metrics.pop("ntp_loss"), **metrics})
 
     return forward_step
@@ -410,7 +378,7 @@ def _refine_generator(trainer: Trainer, step: int) -> torch.Generator:
     return torch.Generator(trainer.runtime.device).manual_seed(seed)
 
 
-def collect_rollout_round(trainer: Trainer, step: int) -> list[tuple[list[dict], list[StoredRollouts]]]:
+def collect_rollout_round(trainer: Trainer, step: int) -> list[tuple[list[Batch], list[StoredRollouts]]]:
     """The batches of the next `refine.mini_batches` steps, each micro-batch rolled out by the current policy
     (`rollout_round`): one (batches, stored rollouts) pair per step. The round's select / rollout time is
     reported on its first step (per micro-batch, as an on-policy step reports it), zero on the others."""
@@ -420,11 +388,10 @@ def collect_rollout_round(trainer: Trainer, step: int) -> list[tuple[list[dict],
     steps = []
     for _ in range(cfg.refine.mini_batches):
         batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
-        steps.append((batches, [rollout_round(module, b["tokens"].to(device), b["labels"].to(device), cfg.refine,
-                                              generator, _packed_seq_params(cfg, b, device),
-                                              eos_id=trainer.loader.dataset.eos_id,
-                                              lengths=_branch_lengths(cfg, b, device))
-                               for b in batches]))
+        on_device = [b.to(device) for b in batches]
+        steps.append((batches, [rollout_round(module, b.tokens, b.labels, cfg.refine, generator, _packing(b),
+                                              eos_id=trainer.loader.dataset.eos_id, lengths=b.branch_lengths)
+                               for b in on_device]))
     for name in (f"time_{phase}" for phase in STEP_PHASES):
         total = sum(s.metrics[name] for _, stored in steps for s in stored)
         for i, (_, stored) in enumerate(steps):
@@ -464,7 +431,7 @@ def is_refine_step(cfg: TrainConfig, step: int) -> bool:
     return cfg.uses_refine
 
 
-def _update(trainer: Trainer, batches: list[dict], step: int, stored: list[StoredRollouts] | None):
+def _update(trainer: Trainer, batches: list[Batch], step: int, stored: list[StoredRollouts] | None):
     """The forward step and data of the step's update: NTP, on-policy REFINE, or a PPO update on stored rollouts."""
     if stored is not None:
         return _ppo_update_forward_step(trainer), list(zip(batches, stored))
@@ -473,14 +440,14 @@ def _update(trainer: Trainer, batches: list[dict], step: int, stored: list[Store
     return _ntp_forward_step(trainer), batches
 
 
-def _optimizer_step(trainer: Trainer, forward_step, data: list, batches: list[dict], schedule: bool = True
+def _optimizer_step(trainer: Trainer, forward_step, data: list, batches: list[Batch], schedule: bool = True
                     ) -> StepResult:
     """Megatron's forward-backward schedule over the micro-batches `data`, then the optimizer (and with `schedule`
     the scheduler) step, or a skipped step when the DP-averaged loss is NaN/Inf."""
     model, optimizer = trainer.model, trainer.optimizer
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    tokens = batches[0]["tokens"]
+    tokens = batches[0].tokens
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(data), model=[model], num_microbatches=len(batches),
         seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=False,
@@ -497,12 +464,12 @@ def _optimizer_step(trainer: Trainer, forward_step, data: list, batches: list[di
     return StepResult(loss, grad_norm, skipped=not ok, refine=metrics)
 
 
-def train_step(trainer: Trainer, batches: list[dict], step: int = 1, stored: list[StoredRollouts] | None = None
+def train_step(trainer: Trainer, batches: list[Batch], step: int = 1, stored: list[StoredRollouts] | None = None
                ) -> StepResult:
     """One step on `batches` (micro-batches): NTP, on-policy REFINE, or with `stored` rollouts (one per
     micro-batch, from `collect_rollout_round`) a PPO update of a rollout round. Stage refine-post: the update on
     the prompts (`prompt_update`), then the SFT step on the answers; two optimizer steps, one scheduler step."""
-    if trainer.cfg.data.layout == "prompt_answer":
+    if batches[0].mean_over_step:
         _count_tokens(batches, next(trainer.model.parameters()).device)
     if trainer.cfg.stage != "refine-post":
         return _optimizer_step(trainer, *_update(trainer, batches, step, stored), batches)

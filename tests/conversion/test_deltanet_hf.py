@@ -35,7 +35,8 @@ def _megatron_model(root):
     from megatron.core import dist_checkpointing
 
     from megatron_refine.models import build_model, get_config
-    from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration, load_checkpoint
+    from megatron_refine.training.checkpoint_format import checkpoint_dir, latest_iteration
+    from megatron_refine.training.checkpointing import load_checkpoint
 
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(root, latest_iteration(root))))
     model_args = common["config"]["model"]

@@ -10,10 +10,11 @@ def _streamed_export_reads_one_group_at_a_time(tmp):
     from megatron.core import dist_checkpointing
     from safetensors import safe_open
 
-    from megatron_refine.conversion import deltanet, export_to_hf, hf
+    from megatron_refine.conversion import deltanet, export_to_hf
     from megatron_refine.models import build_model, get_config
-    from megatron_refine.training.checkpointing import (
-        MARKER, checkpoint_dir, load_model_weights, model_identity, start_write_results_queue)
+    from megatron_refine.training import checkpoint_format
+    from megatron_refine.training.checkpoint_format import MARKER, checkpoint_dir
+    from megatron_refine.training.checkpointing import load_model_weights, model_identity, start_write_results_queue
 
     initialize(device="cpu")
     config = get_config("deltanet_tiny", num_layers=3, use_cpu_initialization=True, perform_initialization=False)
@@ -30,17 +31,17 @@ def _streamed_export_reads_one_group_at_a_time(tmp):
                             str(folder))
     (tmp / "ckpt" / MARKER).write_text("0")
 
-    reads, read = [], hf._ChunkReader.read
+    reads, read = [], checkpoint_format.ChunkReader.read
 
     def recording(self, tensors):
         reads.append(({t.key for t in tensors}, sum(t.data.numel() for t in tensors)))
         return read(self, tensors)
 
-    hf._ChunkReader.read = recording
+    checkpoint_format.ChunkReader.read = recording
     try:
         export_to_hf(tmp / "ckpt", tmp / "hf")
     finally:
-        hf._ChunkReader.read = read
+        checkpoint_format.ChunkReader.read = read
     total = sum(p.numel() for p in model.parameters())
     layer = sum(p.numel() for p in model.decoder.layers[0].parameters())
     assert len(reads) == 3 + config.num_layers  # embedding, each layer, final norm, output layer

@@ -52,8 +52,9 @@ def _folders_and_tokenizers(tmp):
     from transformers import AutoTokenizer
 
     from megatron_refine.cli import _error_line
-    from megatron_refine.conversion import export_to_hf, hf, import_from_hf
-    from megatron_refine.training.checkpointing import MARKER, CheckpointError
+    from megatron_refine.conversion import export_to_hf, import_from_hf
+    from megatron_refine.training import checkpoint_format
+    from megatron_refine.training.checkpoint_format import MARKER, CheckpointError
 
     initialize(device="cpu")
     fla, old = _fla_folder(tmp / "fla"), _fla_folder(tmp / "fla_old", fused_mlp=True)
@@ -83,13 +84,13 @@ def _folders_and_tokenizers(tmp):
         run.join()
     assert (ck / MARKER).read_text() == "4"
     # a failed overwrite leaves the folder as it was, and no temporary folder beside it
-    save = hf._save_streamed
-    hf._save_streamed = lambda *args: (_ for _ in ()).throw(RuntimeError("killed mid-write"))
+    save = checkpoint_format.save_streamed
+    checkpoint_format.save_streamed = lambda *args: (_ for _ in ()).throw(RuntimeError("killed mid-write"))
     try:
         with pytest.raises(RuntimeError, match="killed mid-write"):
             import_from_hf(old, ck, overwrite=True)
     finally:
-        hf._save_streamed = save
+        checkpoint_format.save_streamed = save
     assert (ck / MARKER).read_text() == "4" and sorted(os.listdir(tmp)) == ["ck", "fla", "fla_old"]
     # overwrite replaces it whole; fla's fused MLP layout imports as the split one (the export equals fla's tensors)
     import_from_hf(old, ck, overwrite=True)

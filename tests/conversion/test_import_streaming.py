@@ -21,9 +21,10 @@ def _reference_and_import(tmp):
     """A random TP=1 checkpoint saved whole (`ref`), exported to fla (`hf`) and imported back (`imported`)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_refine.conversion import export_to_hf, hf, import_from_hf
-    from megatron_refine.training.checkpointing import (
-        MARKER, checkpoint_dir, model_identity, start_write_results_queue)
+    from megatron_refine.conversion import export_to_hf, import_from_hf
+    from megatron_refine.training import checkpoint_format
+    from megatron_refine.training.checkpoint_format import MARKER, checkpoint_dir
+    from megatron_refine.training.checkpointing import model_identity, start_write_results_queue
 
     model = _model()
     with torch.no_grad():
@@ -42,7 +43,7 @@ def _reference_and_import(tmp):
     (tmp / "ref" / MARKER).write_text("0")
     export_to_hf(tmp / "ref", tmp / "hf")
 
-    groups, save = [], hf._save_streamed
+    groups, save = [], checkpoint_format.save_streamed
 
     def recording(sharded, common, stream, path):
         def counted():
@@ -51,11 +52,11 @@ def _reference_and_import(tmp):
                 yield group
         return save(sharded, common, counted(), path)
 
-    hf._save_streamed = recording
+    checkpoint_format.save_streamed = recording
     try:
         imported = import_from_hf(tmp / "hf", tmp / "imported")
     finally:
-        hf._save_streamed = save
+        checkpoint_format.save_streamed = save
     return model, folder, imported, groups
 
 
@@ -63,7 +64,8 @@ def _imports_what_a_whole_save_writes(tmp):
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint import FileSystemReader
 
-    from megatron_refine.training.checkpointing import load_model_weights, verify_files
+    from megatron_refine.training.checkpoint_format import verify_files
+    from megatron_refine.training.checkpointing import load_model_weights
 
     initialize(device="cpu")
     model, ref, imported, groups = _reference_and_import(tmp)

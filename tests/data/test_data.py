@@ -136,33 +136,33 @@ def test_dp_sharding_covers_every_document_once_per_epoch(numbered_docs):
 def test_loader_is_deterministic_packs_with_eos_and_resumes_exactly(numbered_docs):
     a = PackedLoader(numbered_docs, 16, 2, seed=5)
     batches = [a.next_batch() for _ in range(3)]
-    assert (batches[0]["labels"][:, :-1] == batches[0]["tokens"][:, 1:]).all()
-    assert (batches[0]["tokens"] == ByteTokenizer.eos_id).any()  # documents are EOS-separated
+    assert (batches[0].labels[:, :-1] == batches[0].tokens[:, 1:]).all()
+    assert (batches[0].tokens == ByteTokenizer.eos_id).any()  # documents are EOS-separated
     state = json.loads(json.dumps(a.state_dict()))  # it travels through a checkpoint as plain data
     after = [a.next_batch() for _ in range(12)]  # crosses into the next epoch
     b = PackedLoader(numbered_docs, 16, 2, seed=5)
-    assert all((x["tokens"] == y["tokens"]).all() for x, y in zip(batches, (b.next_batch() for _ in range(3))))
+    assert all((x.tokens == y.tokens).all() for x, y in zip(batches, (b.next_batch() for _ in range(3))))
     c = PackedLoader(numbered_docs, 16, 2, seed=5)
     c.load_state_dict(state)
     for x in after:
         y = c.next_batch()
-        assert (x["tokens"] == y["tokens"]).all() and (x["labels"] == y["labels"]).all()
-        assert (x["cu_seqlens"] == y["cu_seqlens"]).all()
+        assert (x.tokens == y.tokens).all() and (x.labels == y.labels).all()
+        assert (x.cu_seqlens == y.cu_seqlens).all()
     assert c.state.epoch >= 1
 
 
 def test_loader_marks_every_document_start(numbered_docs):
     """cu_seqlens (over the flattened rows) starts a document exactly on each token after an EOS, and at
     every row start."""
-    loader = PackedLoader(numbered_docs, 16, 2, seed=5)
+    loader = PackedLoader(numbered_docs, 16, 2, seed=5, eod_mask_loss=True)
     eos = ByteTokenizer.eos_id
     for _ in range(10):
         batch = loader.next_batch()
-        flat, cu = batch["tokens"].flatten(), batch["cu_seqlens"].tolist()
+        flat, cu = batch.tokens.flatten(), batch.cu_seqlens.tolist()
         assert cu[0] == 0 and cu[-1] == flat.numel() and cu == sorted(set(cu))
         expected = {i for i in range(1, flat.numel()) if flat[i - 1] == eos} | {0, 16, 32}
         assert set(cu) == expected
-        assert torch.equal(batch["loss_mask"], (batch["tokens"] != eos).float())  # for data.eod_mask_loss
+        assert torch.equal(batch.loss_mask, (batch.tokens != eos).float())  # for data.eod_mask_loss
 
 
 def test_more_dp_ranks_than_shards_is_an_error_that_names_the_fix(numbered_docs):

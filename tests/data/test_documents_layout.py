@@ -38,7 +38,7 @@ def varied_docs(tmp_path):
 
 def _rows(batch):
     """The SEQ + 1 tokens of each row: its inputs and the last label."""
-    return torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1).numpy()
+    return torch.cat([batch.tokens, batch.labels[:, -1:]], dim=1).numpy()
 
 
 def _name(row):
@@ -51,13 +51,13 @@ def test_each_row_is_one_document_from_its_first_token_truncated_and_short_ones_
     the others exactly."""
     path, source = varied_docs
     stream = PackedLoader(path, SEQ, 1, seed=3)
-    loader = DocumentLoader(path, SEQ, 2, seed=3)
+    loader = DocumentLoader(path, SEQ, 2, seed=3, eod_mask_loss=True)  # eod_mask_loss: the mask though all ones
     skipped, truncated = 0, 0
     for _ in range(20):  # 40 rows: more than one epoch holds
         batch = loader.next_batch()
-        assert (batch["labels"][:, :-1] == batch["tokens"][:, 1:]).all()
-        assert batch["cu_seqlens"].tolist() == [0, SEQ, 2 * SEQ]  # no document boundary inside a row
-        assert (batch["loss_mask"] == 1).all()  # nothing padded
+        assert (batch.labels[:, :-1] == batch.tokens[:, 1:]).all()
+        assert batch.cu_seqlens is None  # no document boundary inside a row
+        assert (batch.loss_mask == 1).all()  # nothing padded
         for row in _rows(batch):
             document = stream._next_document()
             while document.size < SEQ + 1:
@@ -71,16 +71,17 @@ def test_each_row_is_one_document_from_its_first_token_truncated_and_short_ones_
 
 def test_resumes_exactly_from_its_state(varied_docs):
     path, _ = varied_docs
-    a = DocumentLoader(path, SEQ, 2, seed=5)
+    a = DocumentLoader(path, SEQ, 2, seed=5, eod_mask_loss=True)
     for _ in range(3):
         a.next_batch()
     state = json.loads(json.dumps(a.state_dict()))  # it travels through a checkpoint as plain data
     after = [a.next_batch() for _ in range(12)]  # crosses into the next epoch
-    b = DocumentLoader(path, SEQ, 2, seed=5)
+    b = DocumentLoader(path, SEQ, 2, seed=5, eod_mask_loss=True)
     b.load_state_dict(state)
     for x in after:
         y = b.next_batch()
-        assert all(torch.equal(x[k], y[k]) for k in ("tokens", "labels", "loss_mask", "cu_seqlens"))
+        assert all(torch.equal(getattr(x, k), getattr(y, k)) for k in ("tokens", "labels", "loss_mask"))
+        assert x.cu_seqlens is y.cu_seqlens is None
     assert b.state == a.state and b.state.epoch >= 1
     with pytest.raises(ValueError, match="resume with the data.layout the checkpoint was trained with"):
         DocumentLoader(path, SEQ, 2).load_state_dict(PackedLoader(path, SEQ, 2).state_dict())
@@ -110,7 +111,7 @@ def test_short_documents_are_padded_with_no_loss_on_the_padding(varied_docs):
     padded = 0
     for _ in range(20):
         batch = loader.next_batch()
-        for row, labels, mask in zip(_rows(batch), batch["labels"], batch["loss_mask"]):
+        for row, labels, mask in zip(_rows(batch), batch.labels, batch.loss_mask):
             document = source[_name(row)]
             n = min(document.size, SEQ + 1)
             assert document.size >= 12
@@ -186,15 +187,15 @@ def _padded_step(corpus):
 
     trainer = setup(_config(corpus, "data.min_document_tokens=170", "data.pad_short_documents=true"))
     batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
-    while not any((b["loss_mask"] == 0).any() for b in batches):  # a padded row in this step
+    while not any((b.loss_mask == 0).any() for b in batches):  # a padded row in this step
         batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
     with torch.no_grad():  # at initialisation every token's loss is about log V: spread them so the mask matters
         trainer.module.output_layer.weight.normal_(0, 1)
     expected, unmasked = [], []
     with torch.no_grad():
         for b in batches:
-            per_token = trainer.module(b["tokens"], None, None, labels=b["labels"])
-            expected.append(((per_token * b["loss_mask"]).sum() / b["loss_mask"].sum()).item())
+            per_token = trainer.module(b.tokens, None, None, labels=b.labels)
+            expected.append(((per_token * b.loss_mask).sum() / b.loss_mask.sum()).item())
             unmasked.append(per_token.mean().item())
     result = train_step(trainer, batches)
     return result.loss, sum(expected) / len(expected), sum(unmasked) / len(unmasked), trainer.loader.state.skipped

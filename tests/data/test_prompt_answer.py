@@ -22,16 +22,16 @@ def test_rows_mark_prompt_and_answer_labels(tmp_path):
                                           {"prompt": "0123456789", "answers": ["Z", "W"]}])
     data = PromptAnswerDataset.open(path, ByteTokenizer(), seq_length=16, max_answer_tokens=4)
     batch = PromptAnswerLoader(data, 16, 2, shuffle=False).next_batch()
-    row = torch.cat([batch["tokens"], batch["labels"][:, -1:]], 1)
+    row = torch.cat([batch.tokens, batch.labels[:, -1:]], 1)
     assert row[0, :9].tolist() == list(b"abcdef") + list(b"XY") + [EOS]  # the answer ends with EOS
     assert row[1, :12].tolist() == list(b"0123456789") + list(b"Z") + [EOS]  # the first answer is the target
     assert (row[0, 9:] == EOS).all()
-    assert batch["prompt_lengths"].tolist() == [5, 9]  # labels inside the prompt
+    assert batch.branch_lengths.tolist() == [5, 9]  # labels inside the prompt
     for b, (prompt, answer) in enumerate([("abcdef", "XY"), ("0123456789", "Z")]):
-        labels = batch["labels"][b]
-        assert labels[batch["prompt_mask"][b].bool()].tolist() == list(prompt.encode())[1:]
-        assert labels[batch["loss_mask"][b].bool()].tolist() == list(answer.encode()) + [EOS]
-    assert not (batch["prompt_mask"].bool() & batch["loss_mask"].bool()).any()
+        labels = batch.labels[b]
+        assert labels[batch.update_mask[b].bool()].tolist() == list(prompt.encode())[1:]
+        assert labels[batch.loss_mask[b].bool()].tolist() == list(answer.encode()) + [EOS]
+    assert not (batch.update_mask.bool() & batch.loss_mask.bool()).any()
 
 
 def test_prompts_and_answers_are_cut_to_fit_and_counted():
@@ -82,7 +82,7 @@ def test_prompts_too_short_for_refine_are_counted():
 def test_data_parallel_ranks_take_their_micro_batch_of_one_global_order_and_resume():
     prompts = [f"prompt {i:02d}" for i in range(10)]
     data = PromptAnswerDataset.from_texts(prompts, ["a"] * 10, ByteTokenizer(), 32, 4)
-    first = lambda batch: [bytes(r[:9].tolist()).decode() for r in batch["tokens"]]  # noqa: E731
+    first = lambda batch: [bytes(r[:9].tolist()).decode() for r in batch.tokens]  # noqa: E731
     one = PromptAnswerLoader(data, 32, 4, seed=3)
     ranks = [PromptAnswerLoader(data, 32, 2, dp_rank=r, dp_size=2, seed=3) for r in range(2)]
     for _ in range(4):  # past the end of an epoch: the next epoch's order follows

@@ -10,7 +10,7 @@ import pytest
 import torch
 from megatron_modules import tiny_fast_weight_model
 
-from megatron_refine.evaluation.runner import confidence_interval, generate_packed, summarize
+from megatron_refine.evaluation.scoring import confidence_interval, generate_packed, summarize
 from megatron_refine.runtime import initialize, spawn
 
 EOS = 5  # a frequent id of the tiny random model, so some rows stop early
@@ -111,7 +111,7 @@ def test_eval_command_end_to_end(tmp_path):
 def test_eval_takes_the_checkpoints_training_dtype_on_cuda():
     """On CUDA eval loads the model in bf16 when it trained so (the default there), as `eval --ttt`'s trainer does;
     on a CPU in fp32."""
-    from megatron_refine.evaluation.runner import checkpoint_bf16
+    from megatron_refine.training.model_loading import checkpoint_bf16
 
     for saved, on_cuda in ((None, True), (True, True), (False, False)):
         common = {"config": {"bf16": saved}}

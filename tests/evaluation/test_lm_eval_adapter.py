@@ -58,7 +58,7 @@ def _evaluate_and_recompute(load: str, tasks: str, out: str) -> None:
     from lm_eval.tasks import TaskManager
 
     from megatron_refine.evaluation.lm_eval_adapter import MegatronRefineLM
-    from megatron_refine.evaluation.runner import generate_packed
+    from megatron_refine.evaluation.scoring import generate_packed
 
     lm = MegatronRefineLM(load=load, max_length=MAX_LENGTH, batch_size=2, device="cpu")
     model, tok, vocab = lm.model, lm.tokenizer, lm.model.tokenizer_vocab_size

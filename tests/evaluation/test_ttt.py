@@ -24,10 +24,11 @@ def pretrained(tmp_path_factory):
 
 def _args(load, data, out, *sets, ttt="refine", reset="batch", tp=1):
     from megatron_refine.evaluation.runner import EvalArgs
+    from megatron_refine.evaluation.ttt import ttt_fields
 
-    return EvalArgs(load=load, data=data, samples=0, out_dir=str(out), device="cpu", ttt=ttt, ttt_reset=reset,
+    return EvalArgs(load=load, data=data, samples=0, out_dir=str(out), device="cpu", ttt_reset=reset,
                     tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
-                    ttt_overrides=[*SMALL, f"data.seq_length={SEQ}", *sets])
+                    **ttt_fields(ttt, [*SMALL, f"data.seq_length={SEQ}", *sets]))
 
 
 def _predictions(out):
@@ -78,6 +79,27 @@ def test_ttt_refine_refuses_prompts_all_too_short_for_a_rollout(pretrained, tmp_
     table = write_ttt_results(tmp_path, rows, rows, {"ttt": "refine", "ttt_reset": "batch",
                                                      "ttt_prompts_without_refine": 7})
     assert "TTT refine (reset batch, 7 NTP only)" in table
+
+
+def test_ttt_config_is_the_typed_config_on_the_checkpoints_model(pretrained, tmp_path):
+    """`--set` is parsed once at the edge; inside, the given config keeps its values, takes the checkpoint's model
+    and eval's layout, and sizes rows to the prompts only when data.seq_length was not given."""
+    from dataclasses import replace
+
+    from megatron_refine.data import ByteTokenizer
+    from megatron_refine.evaluation.examples import EvalExample
+    from megatron_refine.evaluation.ttt import ttt_config
+
+    examples = [EvalExample(task="qa", prompt="x" * 100 + " ?", answers=["a"], max_new_tokens=4, metric="exact_match")]
+    args = _args(pretrained, None, tmp_path, "optimizer.lr=2e-3", "model.config=lact_tiny", "prompt_update=ntp")
+    cfg = ttt_config(args, examples * 8, ByteTokenizer())
+    assert (cfg.optimizer.lr, cfg.data.seq_length, cfg.logging.log_interval, cfg.train_steps) == (2e-3, SEQ, 100, 2)
+    assert (cfg.model.config, cfg.checkpoint.load, cfg.checkpoint.finetune) == ("deltanet_tiny", pretrained, True)
+    sized = ttt_config(replace(args, ttt_fit_rows=False, ttt_log_per_batch=True), examples * 8, ByteTokenizer())
+    assert (sized.data.seq_length, sized.logging.log_interval) == (SEQ, 2)
+    fitted = ttt_config(replace(args, ttt_fit_rows=True), examples * 8, ByteTokenizer())
+    assert fitted.data.seq_length == 192  # 102 prompt tokens + 32 answer tokens, rounded up to 64
+    assert args.ttt_config.data.seq_length == SEQ  # the given config is replaced, never changed in place
 
 
 def _reset_policies(load, data, root):

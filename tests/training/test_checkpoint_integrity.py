@@ -13,8 +13,8 @@ from test_restarts import _config
 
 from megatron_refine.runtime import RankFailed, spawn
 from megatron_refine.training import save_checkpoint, setup, train
-from megatron_refine.training.checkpointing import (
-    CHECKSUMS, LOCK, MARKER, _lock, checkpoint_dir, latest_iteration, saved_iterations, unlock_save_folder)
+from megatron_refine.training.checkpoint_format import CHECKSUMS, MARKER, checkpoint_dir, latest_iteration, saved_iterations
+from megatron_refine.training.checkpointing import LOCK, _lock, unlock_save_folder
 
 def _train(corpus, *extra):
     return len(train(_config(corpus, *extra)).losses)

@@ -4,6 +4,7 @@ optimizer steps a batch (one with the plain-SFT baseline), DP=2 and TP=2 equal o
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,20 +34,21 @@ def post_config(load, data, *extra):
 
 def _masked_tokens_do_not_matter(load, data):
     from megatron_refine.refine import select
-    from megatron_refine.training.trainer import _count_tokens, _ntp_forward_step, _refine_forward_step, _update_masks
+    from megatron_refine.training.trainer import _count_tokens, _ntp_forward_step, _refine_forward_step
 
     trainer = setup(post_config(load, data))
     batch = trainer.loader.next_batch()
     _count_tokens([batch], torch.device("cpu"))  # the step's token counts, as train_step takes them
-    prompt, answer = batch["prompt_mask"].bool(), batch["loss_mask"].bool()
+    prompt, answer = batch.update_mask.bool(), batch.loss_mask.bool()
     rand = lambda shape: torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(7))  # noqa: E731
     past_prompt = torch.cat([torch.zeros_like(prompt[:, :1]), prompt[:, :-1]], 1) | prompt  # inputs of the prompt
-    changed = {"prompt": dict(batch), "answer": dict(batch)}
-    # everything after the prompt (answer, padding) rewritten: inputs past the prompt, labels past its labels
-    changed["prompt"]["tokens"] = torch.where(past_prompt, batch["tokens"], rand(prompt.shape))
-    changed["prompt"]["labels"] = torch.where(prompt, batch["labels"], rand(prompt.shape))
-    # labels outside the answer rewritten (the SFT step's inputs stay: the answer is given the prompt)
-    changed["answer"]["labels"] = torch.where(answer, batch["labels"], rand(prompt.shape))
+    changed = {
+        # everything after the prompt (answer, padding) rewritten: inputs past the prompt, labels past its labels
+        "prompt": replace(batch, tokens=torch.where(past_prompt, batch.tokens, rand(prompt.shape)),
+                          labels=torch.where(prompt, batch.labels, rand(prompt.shape))),
+        # labels outside the answer rewritten (the SFT step's inputs stay: the answer is given the prompt)
+        "answer": replace(batch, labels=torch.where(answer, batch.labels, rand(prompt.shape))),
+    }
 
     def loss_and_grads(step, b):
         trainer.model.zero_grad_buffer()
@@ -59,11 +61,11 @@ def _masked_tokens_do_not_matter(load, data):
     for name, step in (("prompt", lambda: _refine_forward_step(trainer, torch.Generator().manual_seed(0))),
                        ("answer", lambda: _ntp_forward_step(trainer, answers=True))):
         out[name] = loss_and_grads(step(), batch), loss_and_grads(step(), changed[name])
-    masks = _update_masks(trainer.cfg, batch, torch.device("cpu"))
     with torch.no_grad():
-        logits = trainer.module(batch["tokens"], None, None)
-    positions, _, valid = select(logits, trainer.cfg.refine, torch.Generator().manual_seed(0), lengths=masks["lengths"])
-    return out, positions, valid, masks["lengths"]
+        logits = trainer.module(batch.tokens, None, None)
+    positions, _, valid = select(logits, trainer.cfg.refine, torch.Generator().manual_seed(0),
+                                 lengths=batch.branch_lengths)
+    return out, positions, valid, batch.branch_lengths
 
 
 def test_prompt_update_reads_prompt_tokens_only_and_sft_answer_tokens_only(pretrained, tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 from megatron_refine.runtime import RankFailed, spawn
 from megatron_refine.training import load_config, save_checkpoint, setup, train
-from megatron_refine.training.checkpointing import checkpoint_dir, latest_iteration, saved_iterations
+from megatron_refine.training.checkpoint_format import checkpoint_dir, latest_iteration, saved_iterations
 
 SEQ = 32
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_refine.data import Batch
 from megatron_refine.runtime import RankFailed, spawn
 from megatron_refine.training import load_config, save_checkpoint, setup, train, train_step
 from megatron_refine.training.checkpointing import MARKER, latest_iteration
@@ -31,8 +32,7 @@ def _my_micro_batches(trainer, global_batch):
     dp, rank = trainer.runtime.layout.data_parallel_size, torch.distributed.get_rank() // (
         trainer.runtime.world_size // trainer.runtime.layout.data_parallel_size)
     mine = global_batch.chunk(dp)[rank]
-    return [{"tokens": m[:, :-1], "labels": m[:, 1:], "cu_seqlens": _documents(m.shape[0])}
-            for m in mine.chunk(trainer.num_microbatches)]
+    return [Batch(m[:, :-1], m[:, 1:], cu_seqlens=_documents(m.shape[0])) for m in mine.chunk(trainer.num_microbatches)]
 
 
 def _documents(rows):
@@ -272,16 +272,16 @@ def _eod_masked_loss(corpus):
 
     trainer = setup(_config(corpus, "data.eod_mask_loss=true"))
     batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
-    while not any((b["loss_mask"] == 0).any() for b in batches):  # a document ends in this step's batches
+    while not any((b.loss_mask == 0).any() for b in batches):  # a document ends in this step's batches
         batches = [trainer.loader.next_batch() for _ in range(trainer.num_microbatches)]
     with torch.no_grad():  # at initialisation every token's loss is about log V: spread them so the mask matters
         trainer.module.output_layer.weight.normal_(0, 1)
     expected, unmasked = [], []
     with torch.no_grad():
         for b in batches:
-            per_token = trainer.module(b["tokens"], None, None, labels=b["labels"],
-                                       packed_seq_params=packed_seq_params(b["cu_seqlens"]))
-            expected.append(((per_token * b["loss_mask"]).sum() / b["loss_mask"].sum()).item())
+            per_token = trainer.module(b.tokens, None, None, labels=b.labels,
+                                       packed_seq_params=packed_seq_params(b.cu_seqlens))
+            expected.append(((per_token * b.loss_mask).sum() / b.loss_mask.sum()).item())
             unmasked.append(per_token.mean().item())
     loss = train_step(trainer, batches).loss
     return loss, sum(expected) / len(expected), sum(unmasked) / len(unmasked)

@@ -1,0 +1,50 @@
+"""The table of token mixers: everything the rest of the code needs to know about a mixer, by its name.
+
+As torchtitan's train-spec registry: each mixer's module defines its `MIXER = MixerSpec(...)` beside the mixer
+(`deltanet.py`, `lact.py`), and `MIXER_MODULES` below lists those modules. Nothing else branches on a mixer's name:
+the layer spec, the config checks, the estimator and the Hugging Face converter all ask `get_mixer(name)`. Adding
+a mixer: its module (the `MegatronModule`, its `MIXER` entry), its fields and a preset in `config.py`, its HF
+mapping in `conversion/` (optional), and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # the mixer modules import the config, which checks itself through this table
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_refine.models.config import FastWeightConfig
+
+MIXER_MODULES = {"deltanet": "megatron_refine.models.deltanet", "lact": "megatron_refine.models.lact"}
+MIXERS = tuple(MIXER_MODULES)
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    name: str
+    # (column-parallel linear, row-parallel linear) of the backend (local or TE) -> the mixer's ModuleSpec
+    module_spec: Callable[[type, type], ModuleSpec]
+    check_config: Callable[[FastWeightConfig], None]  # raises ValueError naming the fix
+    parameter_count: Callable[[FastWeightConfig], int]  # one layer's mixer at TP=1
+    activation_bytes: Callable[[FastWeightConfig], float]  # what a layer's mixer keeps for its backward, per token
+    branch_bytes: Callable[[FastWeightConfig], float]  # what REFINE's branch states add to that, per token
+    state_values: Callable[[FastWeightConfig], int]  # the fast-weight values of one row of a layer's decoding state
+    hf_module: str | None  # the module of megatron_refine.conversion that maps it to a Hugging Face format
+    # Checkpoints without a record of the parameter order (before it was saved) hold another order than the
+    # current one: their distributed-optimizer state cannot resume.
+    parameter_order_changed: bool = False
+    uses_muon: Callable[[FastWeightConfig], bool] = lambda config: False  # fast-weight updates with Newton-Schulz
+    fla_layer: str | None = None  # the fla layer it reproduces: the parity tests' and benchmarks' reference
+
+
+def get_mixer(name: str) -> MixerSpec:
+    """The table's entry for a mixer name (FastWeightConfig.mixer)."""
+    if name not in MIXER_MODULES:
+        raise ValueError(f"mixer must be one of {MIXERS}, got {name!r} (megatron_refine/models/mixers.py lists them)")
+    return importlib.import_module(MIXER_MODULES[name]).MIXER
+
+
+__all__ = ["MIXERS", "MIXER_MODULES", "MixerSpec", "get_mixer"]
