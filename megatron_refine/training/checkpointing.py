@@ -267,7 +267,7 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
     except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
         if main:
             abandon_write(root, iteration)
-        if _no_space(e):
+        if _no_space(e) or (_writer_os_error(e) and _disk_full(root)):
             raise CheckpointError(
                 f"saving {final.name} into {root} failed: no space left on device (ENOSPC; "
                 f"{shutil.disk_usage(root).free / 2**30:.2f} GiB free there): the older checkpoints and {MARKER} are "
@@ -277,6 +277,27 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
         prune(root, iteration, keep_last)
     torch.distributed.barrier()
     return final
+
+
+def _writer_os_error(error: BaseException) -> bool:
+    """megatron-core >= 0.17's writer reports an OSError of its own as an assertion on its type ("<class
+    'OSError'>"): the errno is gone, so `_disk_full` asks the disk."""
+    return "<class 'OSError'>" in str(error)
+
+
+def _disk_full(root: Path) -> bool:
+    """Whether writing 1 MiB into `root` fails for want of space (ENOSPC / EDQUOT)."""
+    probe = root / f".space-probe.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(2**20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
 
 
 def _no_space(error: BaseException) -> bool:
@@ -362,6 +383,31 @@ def _restore_adam_steps(optimizer, loaded: dict) -> None:
         for param_state in opt.optimizer.state.values():
             if "step" in param_state:  # torch Adam's; fused Adams (TE, apex) keep none per parameter
                 param_state["step"] = param_state["step"].new_full((), step)
+
+
+# The param-group fields an OptimizerParamScheduler sets from the config (the rest name what a group is).
+_SCHEDULE_FIELDS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _match_param_groups(state, optimizer) -> None:
+    """Give the saved param groups the optimizer's schedule fields. megatron-core >= 0.17 matches saved groups to
+    the optimizer's by a key that includes max_lr / min_lr / wd, so a resume with another optimizer.lr would find
+    no group; the values a resumed run uses come from its scheduler after the load (`trainer.resume_schedule`)."""
+    def identity(group: dict) -> tuple:
+        return tuple(sorted((k, repr(v)) for k, v in group.items() if k not in _SCHEDULE_FIELDS + ("params", "lr",
+                                                                                                   "weight_decay")))
+    current = {identity(g): {k: g[k] for k in _SCHEDULE_FIELDS if k in g} for g in optimizer.param_groups}
+    stack = [state]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            groups = node.get("param_groups")
+            if isinstance(groups, list) and all(isinstance(g, dict) for g in groups):
+                for group in groups:
+                    group.update(current.get(identity(group), {}))
+            stack.extend(v for k, v in node.items() if k != "param_groups")
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def _agree(failure: str | None) -> str | None:
@@ -503,6 +549,7 @@ def _load_one(path: Path, model, optimizer, scheduler, loader, dataset, allow_to
     loaded = _load(template, path)
     _set_weights(model, loaded["model"], path)
     with torch.no_grad():  # the distributed optimizer copies into fp32 main shards that view the parameters
+        _match_param_groups(loaded["optimizer"], optimizer)
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])

@@ -237,8 +237,8 @@ def resume_schedule(scheduler: OptimizerParamScheduler, configured: dict, use_ch
             changes[key] = f"{key} {saved} -> {configured[attr]}"
             if not use_checkpoint:
                 setattr(scheduler, attr, configured[attr])
-    if changes and not use_checkpoint:
-        # Megatron's param groups carry their own max_lr / min_lr, and the optimizer's state restored the saved ones.
+    if changes:
+        # Megatron's param groups carry their own max_lr / min_lr (the load gave them the config's): the scheduler's.
         for group in scheduler.optimizer.param_groups:
             group.update({k: getattr(scheduler, k) for k in ("max_lr", "min_lr") if k in group})
         scheduler.step(increment=0)  # the learning rate and weight decay of the resumed step, by the new schedule

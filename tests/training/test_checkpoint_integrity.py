@@ -121,11 +121,15 @@ def _save_on_a_full_disk(corpus, root):
     trainer = setup(_config(corpus))
     state = trainer.module, trainer.optimizer, trainer.scheduler, trainer.loader, {}
     save_checkpoint(root, 1, *state)
-    filesystem_async.open = _FullDisk  # the writer processes' files (forked: they see this)
+    from megatron_refine.training import checkpointing
+
+    # the writer processes' files (forked: they see this), and ours: megatron-core >= 0.17 drops the writer's errno,
+    # so a failed save asks the disk itself whether it is full
+    filesystem_async.open = checkpointing.open = _FullDisk
     try:
         save_checkpoint(root, 2, *state)
     finally:
-        del filesystem_async.open
+        del filesystem_async.open, checkpointing.open
 
 
 def test_a_full_disk_names_enospc_and_keeps_the_older_checkpoints(corpus, tmp_path):
