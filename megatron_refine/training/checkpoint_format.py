@@ -14,13 +14,13 @@ converters, whose peak memory must stay about one layer whatever the model's siz
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from megatron_refine.data.shards import file_sha256
 from megatron_refine.megatron_compat import (
     COMMON_STATE_FILE, COMMON_STATE_KEY, common_state_object, write_common_state_file)
 
@@ -67,19 +67,14 @@ def prune(root: Path, iteration: int, keep_last: int) -> None:
     """After `iteration` was saved (and the marker names it): keep it and the `keep_last - 1` highest complete
     iterations below it; remove the rest below it, and every checkpoint above it: those are a run's this one
     overwrote (or fell back past), which a resume must never mistake for its own."""
-    older = [i for i in saved_iterations(root) if i < iteration]
+    saved = saved_iterations(root)
+    older, above = [i for i in saved if i < iteration], [i for i in saved if i > iteration]
     kept = [i for i in reversed(older) if _complete(checkpoint_dir(root, i))][: keep_last - 1]
-    above = [i for i in saved_iterations(root) if i > iteration]
     for i in [i for i in older if i not in kept] + above:
         shutil.rmtree(checkpoint_dir(root, i))
     if above:
         print(f"removed {', '.join(checkpoint_dir(root, i).name for i in above)} from {root}: checkpoints above "
               f"iter {iteration}, the one just saved, left by a run this one overwrote", flush=True)
-
-
-def _sha256(file: Path) -> str:
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _my_files(names: list[str], rank: int, world: int) -> list[str]:
@@ -96,7 +91,7 @@ def write_checksums(tmp: Path) -> None:
     shards'), streamed from the files just written (page cache): 1-2 s a GB, the ranks in parallel."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != CHECKSUMS)
-    mine = {n: _sha256(tmp / n) for n in _my_files(names, rank, world)}
+    mine = {n: file_sha256(tmp / n) for n in _my_files(names, rank, world)}
     every = [None] * world
     torch.distributed.all_gather_object(every, mine)
     if rank == 0:
@@ -148,7 +143,7 @@ def verify_files(path: Path, checksums: bool = True, rank: int = 0, world: int =
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
-        if _sha256(file) != digests[name]:
+        if file_sha256(file) != digests[name]:
             raise CheckpointError(f"{file} is corrupt: its sha256 differs from the one {CHECKSUMS} recorded at save")
 
 
