@@ -66,7 +66,7 @@ def _bench(args) -> tuple[str, list[tuple]]:
     from megatron_refine.models.generation import sample_tokens
     from megatron_refine.refine import STEP_PHASES, RefineConfig, refine_loss, select
     from megatron_refine.refine.grpo import grpo_advantages
-    from megatron_refine.refine.vocab import vocab_parallel_log_probs
+    from megatron_refine.models.losses import vocab_parallel_log_probs
     from megatron_refine.runtime import initialize
 
     device = initialize(seed=0, device=args.device).device

@@ -89,7 +89,7 @@ class MegatronRefineLM(TemplateLM):
         """(inputs, targets) rows, targets being what the inputs' last len(targets) positions predict -> (sum of
         the targets' log-probs, whether each target is the argmax), all rows packed in one forward."""
         from megatron_refine.models import packed_seq_params, sampling_logits
-        from megatron_refine.refine.vocab import vocab_parallel_log_probs
+        from megatron_refine.models.losses import vocab_parallel_log_probs
 
         ends = torch.cumsum(torch.tensor([len(inputs) for inputs, _ in rows], device=self._device), 0)
         tokens = torch.tensor([[t for inputs, _ in rows for t in inputs]], device=self._device)  # [1, T]

@@ -1,7 +1,8 @@
-"""Pieces both mixers use: parameter placement, causal short convolution, fused-projection checkpoints."""
+"""Pieces the mixers share: fla's MLP width, parameter placement, causal short convolution, fused-projection checkpoints."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -17,6 +18,11 @@ from megatron.core.transformer.utils import (
 from megatron_refine.kernels.utils import compute_dtype
 from megatron_refine.kernels.varlen import prepare_position_ids
 from megatron_refine.megatron_compat import split_tensor_factory
+
+
+def fla_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
+    """fla's default MLP width: 256 * ceil(int(h * hidden_ratio * 2/3) / 256)."""
+    return 256 * math.ceil(int(hidden_size * hidden_ratio * 2 / 3) / 256)
 
 
 def param_device(config: TransformerConfig) -> torch.device | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +26,40 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_refine.kernels import delta_rule, delta_rule_step
 from megatron_refine.kernels.utils import compute_dtype
-from megatron_refine.models.common import causal_conv1d, l2_norm, mixer_sharded_state_dict, param_device, split_fused
-from megatron_refine.models.config import FastWeightConfig
+from megatron_refine.models.common import (
+    causal_conv1d, fla_intermediate_size, l2_norm, mixer_sharded_state_dict, param_device, split_fused)
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window
 from megatron_refine.models.mixers import MixerSpec
 from megatron_refine.models.norm import HeadRMSNorm
 from megatron_refine.models.packing import Packing
+
+if TYPE_CHECKING:  # the config inherits DeltaNetFields through the mixer table
+    from megatron_refine.models.config import FastWeightConfig
+
+
+@dataclass
+class DeltaNetFields:
+    """FastWeightConfig's DeltaNet fields, in fla's DeltaNetConfig names."""
+
+    expand_k: float = 1.0
+    expand_v: float = 1.0
+    use_short_conv: bool = True
+    conv_size: int = 4
+    use_beta: bool = True
+    qk_norm: str = "l2"
+    qk_activation: str = "silu"
+    use_output_norm: bool = True
+    use_gate: bool = False
+    allow_neg_eigval: bool = False
+    delta_rule_chunk_size: int = 64
+
+    @property
+    def key_dim(self) -> int:
+        return round(self.hidden_size * self.expand_k)
+
+    @property
+    def value_dim(self) -> int:
+        return round(self.hidden_size * self.expand_v)
 
 
 @dataclass
@@ -234,6 +263,27 @@ def deltanet_branch_bytes(config: FastWeightConfig) -> float:
     return 2 * (config.key_dim + config.value_dim + heads + 64 * heads)
 
 
+# fla-hub/delta_net-1.3B-100B (architectures.md); past 1.3B (recipes/, docs/scaling.md) our layouts in the 1.3B's
+# proportions (head dim 128, fla's MLP width): no DeltaNet checkpoints of these sizes are published.
+PRESETS = {
+    "deltanet_1p3b": dict(
+        mixer="deltanet", num_layers=24, hidden_size=2048, num_attention_heads=16,
+        ffn_hidden_size=fla_intermediate_size(2048),
+    ),
+    "deltanet_2p7b": dict(
+        mixer="deltanet", num_layers=32, hidden_size=2560, num_attention_heads=20,
+        ffn_hidden_size=fla_intermediate_size(2560),
+    ),
+    "deltanet_7b": dict(
+        mixer="deltanet", num_layers=32, hidden_size=4096, num_attention_heads=32,
+        ffn_hidden_size=fla_intermediate_size(4096),
+    ),
+    "deltanet_tiny": dict(
+        mixer="deltanet", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        delta_rule_chunk_size=16,
+    ),
+}
+
 MIXER = MixerSpec(
     name="deltanet",
     module_spec=lambda column, row: ModuleSpec(
@@ -244,5 +294,7 @@ MIXER = MixerSpec(
     branch_bytes=deltanet_branch_bytes,
     state_values=deltanet_state_values,
     hf_module="megatron_refine.conversion.deltanet",
+    config_fields=DeltaNetFields,
+    presets=PRESETS,
     fla_layer="DeltaNet",
 )

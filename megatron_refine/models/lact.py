@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -39,19 +40,51 @@ from megatron_refine.models.attention import (
     window_attention_step,
 )
 from megatron_refine.models.common import (
+    fla_intermediate_size,
     l2_norm,
     l2_norm_lact,
     mixer_sharded_state_dict,
     param_device,
     split_fused_into,
 )
-from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window
 from megatron_refine.models.mixers import MixerSpec
 from megatron_refine.models.norm import HeadRMSNorm
 from megatron_refine.models.packing import Packing
 
+if TYPE_CHECKING:  # the config inherits LaCTFields through the mixer table
+    from megatron_refine.models.config import FastWeightConfig
+
 L2_NORMS = {"lact": l2_norm_lact, "fla": l2_norm}  # FastWeightConfig.ttt_l2_norm
+
+
+@dataclass
+class LaCTFields:
+    """FastWeightConfig's LaCT fields, in the authors' lact_swiglu names."""
+
+    num_lact_heads: int = 4
+    lact_chunk_size: int = 2048
+    window_size: int = 2048
+    inter_multi: float = 1.0
+    w0_w2_low_rank: int = 32  # <= 0: full-rank w0 and w2
+    use_momentum: bool = True
+    use_muon: bool = True
+    rope_theta: float = 1e6
+    learnable_ttt_scale: bool = True
+    qkv_silu: bool = True
+    no_v_silu: bool = False  # with qkv_silu: SiLU on the fast path's q and k only (the authors' fused-kernel json)
+    ttt_nope: bool = False
+    lact_base_lr: float = 1e-3
+    fw_init_gain: float = 0.5
+    # Two epsilons of the authors' code that their config.json has no field for (named here in its style):
+    # ttt_norm is fla's RMSNorm at its default eps 1e-5 (not norm_eps), and q, k of the fast path are
+    # L2-normalised as x / (||x|| + 1e-5) ("lact"), not fla's x * rsqrt(||x||^2 + 1e-6) ("fla").
+    ttt_norm_eps: float = 1e-5
+    ttt_l2_norm: str = "lact"
+
+    @property
+    def lact_head_dim(self) -> int:
+        return self.hidden_size // self.num_lact_heads
 
 
 @dataclass
@@ -324,6 +357,20 @@ def lact_activation_bytes(config: FastWeightConfig) -> float:
     return config.hidden_size * (60 + 300 * config.lact_head_dim / config.lact_chunk_size)
 
 
+# LaCT-760M's mixer settings (the authors' lact_swiglu config), which their 3B layout shares.
+_LACT = dict(mixer="lact", num_attention_heads=24, num_lact_heads=4, lact_chunk_size=2048, window_size=2048,
+             w0_w2_low_rank=32, use_momentum=True, use_muon=True, rope_theta=1e6)
+PRESETS = {
+    # LaCT-760M (lact_swiglu)
+    "lact_760m": dict(**_LACT, num_layers=24, hidden_size=1536, ffn_hidden_size=fla_intermediate_size(1536)),
+    # LaCT's 3B layout as the authors publish it (hidden 3072, 24 layers, 4 fast-weight heads), the rest as lact_760m
+    "lact_3b": dict(**_LACT, num_layers=24, hidden_size=3072, ffn_hidden_size=fla_intermediate_size(3072)),
+    "lact_tiny": dict(
+        mixer="lact", num_layers=2, hidden_size=64, num_attention_heads=4, num_lact_heads=2,
+        ffn_hidden_size=128, lact_chunk_size=16, window_size=12, w0_w2_low_rank=4,
+    ),
+}
+
 MIXER = MixerSpec(
     name="lact",
     module_spec=lambda column, row: ModuleSpec(module=LaCTMixer, submodules=LaCTSubmodules(in_proj=column, out_proj=row)),
@@ -333,6 +380,8 @@ MIXER = MixerSpec(
     branch_bytes=lambda config: 0.0,  # REFINE runs the same PyTorch path: the activations hold its branch states
     state_values=lact_state_values,
     hf_module="megatron_refine.conversion.lact",
+    config_fields=LaCTFields,
+    presets=PRESETS,
     parameter_order_changed=True,  # four input projections, fused into in_proj since
     uses_muon=lambda config: config.use_muon,
 )

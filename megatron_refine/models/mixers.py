@@ -2,15 +2,16 @@
 
 As torchtitan's train-spec registry: each mixer's module defines its `MIXER = MixerSpec(...)` beside the mixer
 (`deltanet.py`, `lact.py`), and `MIXER_MODULES` below lists those modules. Nothing else branches on a mixer's name:
-the layer spec, the config checks, the estimator and the Hugging Face converter all ask `get_mixer(name)`. Adding
-a mixer: its module (the `MegatronModule`, its `MIXER` entry), its fields and a preset in `config.py`, its HF
-mapping in `conversion/` (optional), and one line here.
+the config's fields and presets, the layer spec, the config checks, the estimator and the Hugging Face converter
+all ask `get_mixer(name)`. Adding a mixer: its module (the `MegatronModule`, its fields dataclass and presets, its
+`MIXER` entry), its HF mapping in `conversion/` (optional), and one line here.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # the mixer modules import the config, which checks itself through this table
@@ -33,6 +34,10 @@ class MixerSpec:
     branch_bytes: Callable[[FastWeightConfig], float]  # what REFINE's branch states add to that, per token
     state_values: Callable[[FastWeightConfig], int]  # the fast-weight values of one row of a layer's decoding state
     hf_module: str | None  # the module of megatron_refine.conversion that maps it to a Hugging Face format
+    # A dataclass of the mixer's own fields (defaults included), which FastWeightConfig inherits; their names are
+    # the reference implementation's, and must not clash with another mixer's or TransformerConfig's.
+    config_fields: type
+    presets: Mapping[str, dict]  # model presets (get_config's names) -> FastWeightConfig field values
     # Checkpoints without a record of the parameter order (before it was saved) hold another order than the
     # current one: their distributed-optimizer state cannot resume.
     parameter_order_changed: bool = False

@@ -18,9 +18,6 @@ from megatron_refine.refine.step import (
     branch_starts,
     check_logprob_parity,
     logprob_parity,
-    masked_mean,
-    mean_loss,
-    ntp_loss,
     policy_loss,
     ppo_update_loss,
     refine_loss,
@@ -28,7 +25,6 @@ from megatron_refine.refine.step import (
     rollout_round,
     select,
 )
-from megatron_refine.refine.vocab import vocab_parallel_entropy, vocab_parallel_log_probs
 
 __all__ = [
     "MODES",
@@ -44,9 +40,6 @@ __all__ = [
     "grpo_advantages",
     "k3_kl",
     "logprob_parity",
-    "masked_mean",
-    "mean_loss",
-    "ntp_loss",
     "min_sequence_length",
     "policy_loss",
     "ppo_clipped_loss",
@@ -58,6 +51,4 @@ __all__ = [
     "select",
     "select_positions",
     "smooth_entropy",
-    "vocab_parallel_entropy",
-    "vocab_parallel_log_probs",
 ]

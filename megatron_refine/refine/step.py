@@ -24,13 +24,13 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_refine.models.generation import same_on_tp_ranks, sample_tokens, sampling_logits
+from megatron_refine.models.losses import ntp_loss, vocab_parallel_entropy, vocab_parallel_log_probs
 from megatron_refine.models.model import BranchOutput
 from megatron_refine.models.packing import Packing
 from megatron_refine.refine.config import RefineConfig
 from megatron_refine.refine.grpo import grpo_advantages, k3_kl, ppo_clipped_loss
 from megatron_refine.refine.rewards import rollout_rewards
 from megatron_refine.refine.selection import chunks_with_candidates, eligible_positions, select_positions
-from megatron_refine.refine.vocab import vocab_parallel_entropy, vocab_parallel_log_probs
 
 
 @dataclass
@@ -119,13 +119,6 @@ def reference_log_probs(ref_model, tokens: torch.Tensor, positions: torch.Tensor
         return rollout_log_probs(ref_model, *branch_starts(out, positions, n), rollout_tokens)[0]
 
 
-def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of per-token values [B, T] under weights [B, T] (all ones when None)."""
-    if mask is None:
-        return per_token.float().mean()
-    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
-
-
 def logprob_parity(rollouts: Rollouts, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Decoder vs training forward on the same rollout tokens (mask [R]: the rollouts that count)."""
     diff = (rollouts.log_probs.detach() - rollouts.sampler_log_probs)[mask]  # [valid, k]
@@ -181,24 +174,6 @@ def token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     scale = parallel_state.get_data_parallel_world_size() / total.clamp(min=1)
     return (per_token * weights).sum() * scale
-
-
-def mean_loss(per_token: torch.Tensor, mask: torch.Tensor | None = None, tokens: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    """Per-token losses [B, T] under weights [B, T] (all ones when None): this rank's mean, or given `tokens`, the
-    step's counted tokens on every DP rank divided by its micro-batches, this micro-batch's share of the mean over
-    all of them (Megatron's schedule averages micro-batches, DDP averages DP ranks): rows of unequal lengths, such
-    as prompts and answers, then weigh by their tokens however they are split into micro-batches and ranks."""
-    if tokens is None:
-        return masked_mean(per_token, mask)
-    weights = torch.ones_like(per_token) if mask is None else mask
-    return (per_token.float() * weights).sum() * parallel_state.get_data_parallel_world_size() / tokens.clamp(min=1)
-
-
-def ntp_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
-             tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy of logits [B, T, V/t] against labels [B, T] under loss_mask [B, T] (`mean_loss`)."""
-    return mean_loss(-vocab_parallel_log_probs(logits, labels), loss_mask, tokens)
 
 
 def policy_loss(cfg: RefineConfig, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,

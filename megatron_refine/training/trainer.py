@@ -33,9 +33,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_refine.data import Batch, DocumentLoader, PackedLoader, ShardedDataset
 from megatron_refine.data.prompt_answer import PromptAnswerDataset, PromptAnswerLoader
 from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config, packed_seq_params
+from megatron_refine.models.losses import mean_loss
 from megatron_refine.refine import (
-    STEP_PHASES, StoredRollouts, check_logprob_parity, mean_loss, min_sequence_length, ppo_update_loss, refine_loss,
-    rollout_round)
+    STEP_PHASES, StoredRollouts, check_logprob_parity, min_sequence_length, ppo_update_loss, refine_loss, rollout_round)
 from megatron_refine.runtime import Runtime, initialize, set_deterministic
 from megatron_refine.runtime.signals import DistributedSignalHandler
 from megatron_refine.training.checkpointing import (

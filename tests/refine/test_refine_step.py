@@ -8,7 +8,7 @@ from megatron_modules import assert_gradients_close, tiny_fast_weight_model, tok
 
 from megatron_refine.models.packing import packed_seq_params
 from megatron_refine.refine import RefineConfig, refine_loss, roll_out
-from megatron_refine.refine.vocab import vocab_parallel_log_probs
+from megatron_refine.models.losses import vocab_parallel_log_probs
 from megatron_refine.runtime import initialize, spawn
 
 T = 64

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from megatron_modules import VOCAB, assert_gradients_close, tiny_fast_weight_model, token_batch
 
 from megatron_refine.refine import RefineConfig, branch_starts, ppo_clipped_loss, refine_loss, roll_out, smooth_entropy
-from megatron_refine.refine.vocab import vocab_parallel_log_probs
+from megatron_refine.models.losses import vocab_parallel_log_probs
 from megatron_refine.runtime import initialize, spawn
 
 T = 64
