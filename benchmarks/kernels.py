@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --device cpu --lengths 1024       # quicker
     python benchmarks/kernels.py --device cuda --cases fla --lengths 4096 16384 --heads 16 --head-dim 128
     python benchmarks/kernels.py --device cpu --lengths 1024 --json kernels.json   # the table as JSON too
+    python benchmarks/kernels.py --device cpu --cases deltanet --lengths 2048 --gated  # Gated DeltaNet's rule
 
 Cases (`--cases`, default all three):
 - deltanet: `delta_rule(..., use_reference=True)` (chunked, PyTorch) vs `recurrent_delta_rule` (the decode step
@@ -11,6 +12,8 @@ Cases (`--cases`, default all three):
 - lact: `lact_swiglu` (chunked) vs `lact_swiglu_step` looped over T, forward;
 - fla (CUDA only): fla's Triton `chunk_delta_rule` vs the PyTorch chunked path on the same inputs, forward and
   forward+backward. `--heads 16 --head-dim 128` is a DeltaNet-1.3B layer.
+`--gated`: the deltanet and fla cases run Gated DeltaNet's rule instead (`gated_delta_rule`,
+`recurrent_gated_delta_rule`, fla's `chunk_gated_delta_rule`), with fp32 log decays g.
 Inputs live on `--device`, in bf16 on CUDA (what the bf16 trainer feeds the kernels; fla's kernel takes only
 half precision) and fp32 on CPU; every timing is bracketed by a CUDA synchronize on CUDA.
 """
@@ -33,9 +36,11 @@ from megatron_refine.kernels import (
     LaCTState,
     delta_rule,
     fla_available,
+    gated_delta_rule,
     lact_swiglu,
     lact_swiglu_step,
     recurrent_delta_rule,
+    recurrent_gated_delta_rule,
 )
 
 CASES = ("deltanet", "lact", "fla")
@@ -55,13 +60,24 @@ def timeit(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def deltanet_inputs(B, T, H, K, device, dtype, requires_grad):
-    g = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)  # [B, T, H, K]
-    k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
-    v = torch.randn(B, T, H, K, generator=g)
-    beta = torch.rand(B, T, H, generator=g)  # [B, T, H]
-    return [x.to(device, dtype).requires_grad_(requires_grad) for x in (q, k, v, beta)]
+def deltanet_inputs(B, T, H, K, device, dtype, requires_grad, gated=False):
+    """q, k, v, beta; with `gated` q, k, v, g, beta, the log decays g [B, T, H] in fp32 (as a GDN layer makes
+    them), exp(g) about 0.95."""
+    gen = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)  # [B, T, H, K]
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, K, generator=gen)
+    beta = torch.rand(B, T, H, generator=gen)  # [B, T, H]
+    on = lambda x, dtype: x.to(device, dtype).requires_grad_(requires_grad)  # noqa: E731
+    gates = [on(F.logsigmoid(torch.randn(B, T, H, generator=gen) + 3), torch.float32)] if gated else []
+    return [on(x, dtype) for x in (q, k, v)] + gates + [on(beta, dtype)]
+
+
+def delta_rule_ops(gated: bool):
+    """(name, chunked op, token-by-token op) of the rule the deltanet and fla cases run."""
+    if gated:
+        return "gated deltanet", gated_delta_rule, recurrent_gated_delta_rule
+    return "deltanet", delta_rule, recurrent_delta_rule
 
 
 def forward_backward(op, inputs):
@@ -88,15 +104,16 @@ def lact_inputs(B, T, H, D, device, dtype):
 
 def deltanet_rows(T, args, device, dtype):
     B, H, K, n = args.batch, args.heads, args.head_dim, args.repeats
-    chunked = lambda *x: delta_rule(*x, use_reference=True)  # noqa: E731
-    fwd_in = deltanet_inputs(B, T, H, K, device, dtype, False)
+    name, rule, recurrent = delta_rule_ops(args.gated)
+    chunked = lambda *x: rule(*x, use_reference=True)  # noqa: E731
+    fwd_in = deltanet_inputs(B, T, H, K, device, dtype, False, args.gated)
     with torch.no_grad():
         chunk_f = timeit(lambda: chunked(*fwd_in), n, device)
-        rec_f = timeit(lambda: recurrent_delta_rule(*fwd_in), n, device)
-    bwd_in = deltanet_inputs(B, T, H, K, device, dtype, True)
+        rec_f = timeit(lambda: recurrent(*fwd_in), n, device)
+    bwd_in = deltanet_inputs(B, T, H, K, device, dtype, True, args.gated)
     chunk_fb = timeit(forward_backward(chunked, bwd_in), n, device)
-    rec_fb = timeit(forward_backward(recurrent_delta_rule, bwd_in), n, device)
-    return [(f"deltanet T={T} fwd", chunk_f, rec_f), (f"deltanet T={T} fwd+bwd", chunk_fb, rec_fb)]
+    rec_fb = timeit(forward_backward(recurrent, bwd_in), n, device)
+    return [(f"{name} T={T} fwd", chunk_f, rec_f), (f"{name} T={T} fwd+bwd", chunk_fb, rec_fb)]
 
 
 def lact_rows(T, args, device, dtype):
@@ -119,16 +136,17 @@ def lact_rows(T, args, device, dtype):
 
 def fla_rows(T, args, device):
     B, H, K, n = args.batch, args.heads, args.head_dim, args.repeats
-    chunked = lambda *x: delta_rule(*x, use_reference=True)  # noqa: E731
-    fwd_in = deltanet_inputs(B, T, H, K, device, torch.bfloat16, False)
+    name, rule, _ = delta_rule_ops(args.gated)
+    chunked = lambda *x: rule(*x, use_reference=True)  # noqa: E731
+    fwd_in = deltanet_inputs(B, T, H, K, device, torch.bfloat16, False, args.gated)
     with torch.no_grad():
-        fla_f = timeit(lambda: delta_rule(*fwd_in), n, device)  # dispatches to fla on CUDA bf16
+        fla_f = timeit(lambda: rule(*fwd_in), n, device)  # dispatches to fla on CUDA bf16
         ref_f = timeit(lambda: chunked(*fwd_in), n, device)
-    bwd_in = deltanet_inputs(B, T, H, K, device, torch.bfloat16, True)
-    fla_fb = timeit(forward_backward(delta_rule, bwd_in), n, device)
+    bwd_in = deltanet_inputs(B, T, H, K, device, torch.bfloat16, True, args.gated)
+    fla_fb = timeit(forward_backward(rule, bwd_in), n, device)
     ref_fb = timeit(forward_backward(chunked, bwd_in), n, device)
-    return [(f"deltanet T={T} fwd: fla vs PyTorch", fla_f, ref_f),
-            (f"deltanet T={T} fwd+bwd: fla vs PyTorch", fla_fb, ref_fb)]
+    return [(f"{name} T={T} fwd: fla vs PyTorch", fla_f, ref_f),
+            (f"{name} T={T} fwd+bwd: fla vs PyTorch", fla_fb, ref_fb)]
 
 
 def main() -> None:
@@ -141,6 +159,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--lact-chunk", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gated", action="store_true",
+                        help="the deltanet and fla cases run Gated DeltaNet's rule (gated_delta_rule) instead")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -171,14 +191,15 @@ def main() -> None:
     # The PyTorch chunked delta rule's training cost over its forward (target <= 3: a matmul's backward is two).
     timed = {name: fast for name, fast, _ in rows}
     ratios = {}
+    rule = delta_rule_ops(args.gated)[0]
     for T in args.lengths if "deltanet" in args.cases else ():
-        ratios[T] = timed[f"deltanet T={T} fwd+bwd"] / timed[f"deltanet T={T} fwd"]
-        print(f"chunked delta rule (PyTorch) T={T}: fwd+bwd / fwd = {ratios[T]:.2f}")
+        ratios[T] = timed[f"{rule} T={T} fwd+bwd"] / timed[f"{rule} T={T} fwd"]
+        print(f"chunked {rule} (PyTorch) T={T}: fwd+bwd / fwd = {ratios[T]:.2f}")
     if args.json:
         figures = dict(
             benchmark="kernels", device=str(device), gpu=gpu, dtype=str(dtype).removeprefix("torch."),
             torch=torch.__version__, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-            repeats=args.repeats, fla=with_fla,
+            repeats=args.repeats, fla=with_fla, gated=args.gated,
             rows=[dict(case=name, fast_ms=fast * 1e3, baseline_ms=slow * 1e3, speedup=slow / fast)
                   for name, fast, slow in rows],
             chunked_fwd_bwd_over_fwd={str(T): r for T, r in ratios.items()},

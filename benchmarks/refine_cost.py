@@ -1,7 +1,8 @@
 """What a REFINE step costs, measured in one run on a small model (CUDA when available, else CPU).
 
     python benchmarks/refine_cost.py                      # T in {256, 512, 1024}
-    python benchmarks/refine_cost.py --lengths 512 --mixer lact_tiny
+    python benchmarks/refine_cost.py --lengths 512 --mixer lact
+    python benchmarks/refine_cost.py --lengths 512 2048 --mixer gated_deltanet
     python benchmarks/refine_cost.py --device cuda --lengths 4096 16384 --hidden 1024 --layers 8 --heads 8
     python benchmarks/refine_cost.py --lengths 256 --json refine_cost.json   # the tables as JSON too
 
@@ -35,6 +36,7 @@ import time
 
 import torch
 
+from megatron_refine.models.mixers import MIXERS
 from megatron_refine.runtime import spawn
 
 
@@ -72,9 +74,13 @@ def _bench(args) -> tuple[str, list[tuple]]:
     device = initialize(seed=0, device=args.device).device
     cuda = device.type == "cuda"
     dtype = dict(params_dtype=torch.bfloat16, bf16=True) if cuda else dict(params_dtype=torch.float32)
-    config = get_config(args.mixer, use_cpu_initialization=not cuda, hidden_size=args.hidden, num_layers=args.layers,
-                        num_attention_heads=args.heads, ffn_hidden_size=3 * args.hidden, delta_rule_chunk_size=64,
-                        **dtype)
+    # The mixer's tiny preset at the benchmark's size; Gated DeltaNet's heads (megatron-core's linear_* fields,
+    # which the other mixers ignore) as DeltaNet's: `heads` key and value heads of hidden / heads channels.
+    heads = dict(linear_num_key_heads=args.heads, linear_num_value_heads=args.heads,
+                 linear_key_head_dim=args.hidden // args.heads, linear_value_head_dim=args.hidden // args.heads)
+    config = get_config(f"{args.mixer}_tiny", use_cpu_initialization=not cuda, hidden_size=args.hidden,
+                        num_layers=args.layers, num_attention_heads=args.heads, ffn_hidden_size=3 * args.hidden,
+                        delta_rule_chunk_size=64, **heads, **dtype)
     model = build_model(config, 257).to(device)
     cfg = RefineConfig()
     rows = []
@@ -142,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
-    parser.add_argument("--mixer", default="deltanet_tiny", choices=["deltanet_tiny", "lact_tiny"])
+    parser.add_argument("--mixer", default="deltanet", choices=MIXERS, help="a mixer of the table (its tiny preset)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)

@@ -307,12 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     model_info = sub.add_parser("model-info", help="parameter counts of a model config (built on the meta device)")
     model_info.add_argument(
-        "--config", required=True, help="model config name: deltanet_1p3b, lact_760m, deltanet_tiny, lact_tiny"
+        "--config", required=True, help="model config name (megatron_refine.models.PRESETS): deltanet_1p3b, gated_deltanet_1p3b, lact_760m, ..."
     )
     model_info.add_argument("--vocab-size", type=positive_int, help="tokenizer vocabulary (default 32000, the published models')")
     model_info.set_defaults(func=_model_info)
 
-    to_hf = sub.add_parser("convert-to-hf", help="a checkpoint (any TP/PP) -> a Hugging Face folder (DeltaNet: fla's delta_net; LaCT: lact_swiglu)")
+    to_hf = sub.add_parser("convert-to-hf", help="a checkpoint (any TP/PP) -> a Hugging Face folder (DeltaNet, Gated DeltaNet: fla's delta_net, gated_deltanet; LaCT: lact_swiglu)")
     to_hf.add_argument("--load", required=True, help="checkpoint folder (holding iter_NNNNNNN/ and the latest marker)")
     to_hf.add_argument("--save", required=True, help="Hugging Face folder to write")
     to_hf.add_argument("--iteration", type=non_negative_int, help="which iter_NNNNNNN to export (default: the latest)")
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace a --save folder that holds files (an earlier export) whole")
     to_hf.set_defaults(func=_convert_to_hf)
 
-    from_hf = sub.add_parser("convert-from-hf", help="a Hugging Face delta_net (fla) or lact_swiglu (LaCT) folder -> a Megatron checkpoint")
+    from_hf = sub.add_parser("convert-from-hf", help="a Hugging Face delta_net or gated_deltanet (fla) or lact_swiglu (LaCT) folder -> a Megatron checkpoint")
     from_hf.add_argument("--load", required=True, help="Hugging Face folder (config.json + safetensors)")
     from_hf.add_argument("--save", required=True, help="checkpoint folder to write (iter_0000000/, model_config.yaml)")
     from_hf.add_argument("--tp", type=positive_int, default=1, help="the TP size to fine-tune at: checked against the heads")

@@ -97,6 +97,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     _paper_mid("midtrain_deltanet_1p3b", "refine-mid-deltanet-1p3b", "deltanet_1p3b",
                "the paper's REFINE mid-training of DeltaNet-1.3B: 1 node, TP 2 + SP, DP 4",
                tensor_model_parallel_size=2, sequence_parallel=True),
+    _paper_mid("midtrain_gated_deltanet_1p3b", "refine-mid-gated-deltanet-1p3b", "gated_deltanet_1p3b",
+               "REFINE mid-training of Gated DeltaNet-1.3B (fla's layout) under the paper's protocol: 1 node, TP 2 + SP, "
+               "DP 4", tensor_model_parallel_size=2, sequence_parallel=True),
     _paper_mid("midtrain_lact_760m", "refine-mid-lact-760m", "lact_760m",
                "the paper's REFINE mid-training of LaCT-760M: 1 node, TP 2 + SP, DP 4",
                tensor_model_parallel_size=2, sequence_parallel=True),

@@ -1,4 +1,4 @@
-"""A Hugging Face `delta_net` (fla's DeltaNet) or `lact_swiglu` (the LaCT authors') folder -> a Megatron checkpoint (+ model_config.yaml) (same as
+"""A Hugging Face `delta_net` or `gated_deltanet` (fla's DeltaNet, Gated DeltaNet) or `lact_swiglu` (the LaCT authors') folder -> a Megatron checkpoint (+ model_config.yaml) (same as
 `megatron-refine convert-from-hf`).
 
     python tools/convert_from_hf.py --load hf_model/ --save checkpoints/imported [--tp N --pp M] [--overwrite]

@@ -1,4 +1,5 @@
-"""The delta rule on fla's Triton kernel (`fla.ops.delta_rule.chunk_delta_rule`), branch states included.
+"""The (gated) delta rule on fla's Triton kernels (`fla.ops.delta_rule.chunk_delta_rule`,
+`fla.ops.gated_delta_rule.chunk_gated_delta_rule`), branch states included.
 
 fla's kernel keeps its chunk states inside, so the states after positions chosen after the forward are read by
 running the kernel again over the prefix, cut at those positions: segment j of a sequence (the tokens after its
@@ -6,7 +7,8 @@ position j - 1, up to position j) starts from the state after position j - 1 (`i
 state after position j (`output_final_state`). One varlen call per position index covers every sequence, so a
 sequence with P positions costs P calls whose lengths sum to its last position: about one more pass of the kernel
 (not of the layer) over the prefix. fla's backward takes the final states' gradients and gives the initial
-states', so the chain is differentiable w.r.t. k, v, beta and the initial state, like the PyTorch path's readers.
+states', so the chain is differentiable w.r.t. k, v, beta (g) and the initial state, like the PyTorch path's
+readers.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ def fla_chunk_delta_rule():
     return chunk_delta_rule
 
 
+@functools.cache
+def fla_chunk_gated_delta_rule():
+    """fla's `chunk_gated_delta_rule(q, k, v, g, beta, ...)`, called with its defaults: no L2 norm, sigmoid or
+    gate activation inside the kernel (the caller's q, k, beta and log decay g are used as given), and the
+    state laid out [N, H, K, V] (`state_v_first=False`), as ours."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return chunk_gated_delta_rule
+
+
 def triton_interpreting() -> bool:
     """Triton's interpreter (`TRITON_INTERPRET=1`, read by triton when fla's kernels are defined) runs them on
     a CPU with NumPy: the test suite's way to run fla's real kernels without a GPU (tests/triton_interpreter)."""
@@ -35,13 +49,13 @@ def triton_interpreting() -> bool:
 
 
 def fla_available(x: torch.Tensor) -> bool:
-    """Whether fla's Triton kernel takes this input: on CUDA in bf16 / fp16; on a CPU under Triton's interpreter
-    in fp16 only (bf16 gives wrong numbers there); and fla importable."""
+    """Whether fla's Triton kernels take this input: on CUDA in bf16 / fp16; on a CPU under Triton's interpreter
+    in fp16 only (bf16 gives wrong numbers there); and fla's kernels importable (both: one fla release)."""
     if x.is_cuda:
         usable = x.dtype in (torch.bfloat16, torch.float16)
     else:
         usable = x.device.type == "cpu" and x.dtype == torch.float16 and triton_interpreting()
-    return usable and fla_chunk_delta_rule() is not None
+    return usable and fla_chunk_delta_rule() is not None and fla_chunk_gated_delta_rule() is not None
 
 
 @dataclass
@@ -90,30 +104,35 @@ def _plan(positions: torch.Tensor, B: int, T: int, cu_seqlens: torch.Tensor | No
     return plan
 
 
-def fla_states_after(k, v, beta, scale: float, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
-    """The `states_after` reader of `delta_rule` on fla's kernel (see the module docstring).
+def fla_states_after(
+    k, v, beta, scale: float, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, g=None
+):
+    """The `states_after` reader of `delta_rule` (g None) and `gated_delta_rule` on fla's kernels (see the module
+    docstring).
 
-    k [B, T, H, K], v [B, T, H, V], beta [B, T, H] as given to the forward; packed when cu_seqlens [N + 1] is given
-    (B = 1). Returns positions [B, P] -> states [B, P, H, K, V] (fp32). The positions and cu_seqlens are read on
-    the host once per positions tensor, whichever the number of layers reading it (`_plan`).
+    k [B, T, H, K], v [B, T, H, V], beta [B, T, H] (g [B, T, H]) as given to the forward; packed when cu_seqlens
+    [N + 1] is given (B = 1). Returns positions [B, P] -> states [B, P, H, K, V] (fp32). The positions and
+    cu_seqlens are read on the host once per positions tensor, whichever the number of layers reading it (`_plan`).
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
-    k, v, beta = k.flatten(0, 1), v.flatten(0, 1), beta.flatten(0, 1)  # one time axis: [B * T, ...]
+    # one time axis: [B * T, ...]; the log decays in fp32, as the forward gives them to fla
+    inputs = [x.flatten(0, 1) for x in (k, v, beta)] + ([] if g is None else [g.float().flatten(0, 1)])
 
     def states_after(positions: torch.Tensor) -> torch.Tensor:
         plan = _plan(positions, B, T, cu_seqlens)
         if not plan.calls:
-            return k.new_zeros(B, 0, H, K, V, dtype=torch.float32)
+            return inputs[0].new_zeros(B, 0, H, K, V, dtype=torch.float32)
         finals, state = [], None
         for call in plan.calls:
             if call.init_rows is None:
                 init = initial_state[call.sequences] if initial_state is not None else None
             else:
                 init = state.index_select(0, call.init_rows)
-            seg_k, seg_v, seg_beta = (x.index_select(0, call.index)[None] for x in (k, v, beta))  # [1, total, ...]
-            _, state = fla_chunk_delta_rule()(
-                seg_k, seg_k, seg_v, seg_beta, scale=scale, initial_state=init, output_final_state=True,
+            seg_k, seg_v, seg_beta, *seg_g = (x.index_select(0, call.index)[None] for x in inputs)  # [1, total, ...]
+            kernel = fla_chunk_delta_rule() if g is None else fla_chunk_gated_delta_rule()
+            _, state = kernel(
+                seg_k, seg_k, seg_v, *seg_g, seg_beta, scale=scale, initial_state=init, output_final_state=True,
                 cu_seqlens=call.cu_seqlens, cu_seqlens_cpu=call.cu_seqlens_cpu,
             )  # q = k: the outputs are not used
             finals.append(state)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from megatron_refine.conversion.common import check_supported, pad_token_id, preset_overrides
-from megatron_refine.models.config import FastWeightConfig, fla_intermediate_size
+from megatron_refine.conversion.common import check_supported, fla_model_config, fla_model_values, preset_overrides
+from megatron_refine.models.config import FastWeightConfig
 
 MODEL_TYPE = "delta_net"
+DESCRIPTION = "fla's DeltaNet"
 BASE_PRESET = "deltanet_1p3b"  # imports are written as this preset plus the fields that differ
 
 # fla DeltaNetConfig fields whose value our mixer cannot reproduce: (field, allowed values (the first is fla's
@@ -93,34 +94,21 @@ def hf_config(cfg: FastWeightConfig, vocab_size: int, token_ids: dict, dtype: to
         "hidden_size": cfg.hidden_size, "expand_k": cfg.expand_k, "expand_v": cfg.expand_v, "use_gate": cfg.use_gate,
         "use_short_conv": cfg.use_short_conv, "conv_size": cfg.conv_size, "use_beta": cfg.use_beta,
         "use_output_norm": True, "allow_neg_eigval": cfg.allow_neg_eigval, "num_heads": cfg.num_attention_heads,
-        "qk_norm": cfg.qk_norm, "qk_activation": cfg.qk_activation,
-        "max_position_embeddings": cfg.max_position_embeddings, "hidden_ratio": 4,
-        "intermediate_size": cfg.ffn_hidden_size, "hidden_act": "swish", "num_hidden_layers": cfg.num_layers,
-        "norm_eps": cfg.layernorm_epsilon, "vocab_size": vocab_size, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": token_ids.get("bos_token_id"), "eos_token_id": token_ids.get("eos_token_id"),
-        "pad_token_id": token_ids.get("pad_token_id"), "initializer_range": cfg.init_method_std,
-        "fuse_norm": True, "fuse_swiglu": True, "fuse_cross_entropy": True, "use_cache": True,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "qk_norm": cfg.qk_norm, "qk_activation": cfg.qk_activation, **fla_model_config(cfg, vocab_size, token_ids, dtype),
     }
 
 
 def megatron_model_args(config: dict) -> tuple[str, dict]:
     """(preset name, FastWeightConfig overrides) for an fla config.json; refuses what our mixer lacks."""
     check_supported(config, MODEL_TYPE, UNSUPPORTED, "fla's DeltaNet")
-    h = config.get("hidden_size", 2048)
     values = dict(
-        mixer="deltanet", num_layers=config.get("num_hidden_layers", 24), hidden_size=h,
-        num_attention_heads=config.get("num_heads", 16),
-        ffn_hidden_size=config.get("intermediate_size") or fla_intermediate_size(h, config.get("hidden_ratio") or 4),
+        mixer="deltanet", **fla_model_values(config, num_layers=24), num_attention_heads=config.get("num_heads", 16),
         expand_k=float(config.get("expand_k", 1.0)), expand_v=float(config.get("expand_v", 1.0)),
         use_gate=config.get("use_gate", False), use_short_conv=config.get("use_short_conv", True),
         conv_size=config.get("conv_size", 4), use_beta=config.get("use_beta", True),
         qk_norm=config.get("qk_norm", "l2"), qk_activation=config.get("qk_activation", "silu"),
         allow_neg_eigval=config.get("allow_neg_eigval", False),
         use_output_norm=True,  # fla 0.6.0 ignores the field: its layer always applies o_norm
-        layernorm_epsilon=config.get("norm_eps", 1e-6),
-        max_position_embeddings=config.get("max_position_embeddings", 2048),
-        tie_word_embeddings=config.get("tie_word_embeddings", False), pad_token_id=pad_token_id(config, 32000),
     )
     return BASE_PRESET, preset_overrides(BASE_PRESET, values)
 

@@ -1,5 +1,6 @@
 """Megatron dist checkpoints <-> Hugging Face folders, in one CPU process: DeltaNet <-> fla's `delta_net`
-(`deltanet.py`), LaCT <-> the authors' `lact_swiglu` with our modeling code shipped beside it (`lact.py`).
+(`deltanet.py`), Gated DeltaNet <-> fla's `gated_deltanet` (`gated_deltanet.py`), LaCT <-> the authors'
+`lact_swiglu` with our modeling code shipped beside it (`lact.py`).
 
 Export (streamed): the model is built at TP=1 PP=1 on the meta device from the checkpoint's own config (common
 state); its sharded state dict is loaded one group at a time (the embedding, each layer, the final norm, the
@@ -398,7 +399,7 @@ class _LazyTensors:
 
 
 def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1, overwrite: bool = False) -> Path:
-    """A Hugging Face `delta_net` or `lact_swiglu` folder -> a Megatron dist checkpoint (`iter_0000000/` + marker),
+    """A Hugging Face `delta_net`, `gated_deltanet` or `lact_swiglu` folder -> a Megatron dist checkpoint (`iter_0000000/` + marker),
     `model_config.yaml` and the folder's tokenizer files. `tp` / `pp` only validate the layout (the checkpoint loads
     at any). A `save` folder that holds anything (e.g. a training run's checkpoints) is refused unless `overwrite`
     (then replaced whole). Returns the checkpoint folder. Needs a single-process runtime
@@ -413,14 +414,15 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
     config = json.loads((load / "config.json").read_text())
     fmt = MODEL_TYPES.get(config.get("model_type"))
     if fmt is None:
-        raise ValueError(f"config.json has model_type {config.get('model_type')!r}: convert-from-hf reads "
-                         f"{' and '.join(repr(t) for t in MODEL_TYPES)} (fla's DeltaNet, the LaCT authors' model)")
+        known = ", ".join(f"{t!r} ({f.DESCRIPTION})" for t, f in MODEL_TYPES.items())
+        raise ValueError(f"config.json has model_type {config.get('model_type')!r}: convert-from-hf reads {known}")
     name, overrides = fmt.megatron_model_args(config)
     cfg = get_config(name, **overrides)
     if tp < 1 or pp < 1 or cfg.num_attention_heads % tp or cfg.num_layers % pp:
         raise ValueError(f"--tp {tp} --pp {pp} does not divide the model's {cfg.num_attention_heads} heads and "
                          f"{cfg.num_layers} layers: pick a TP size that divides the heads and a PP size that divides "
                          "the layers (the checkpoint itself loads at any such layout)")
+    get_config(name, **overrides, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)  # the mixer's checks
     vocab = config.get("vocab_size", 32000)
     if (load / "tokenizer.json").is_file():
         from tokenizers import Tokenizer

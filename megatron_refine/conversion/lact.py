@@ -20,6 +20,7 @@ from megatron_refine.models.config import FastWeightConfig, fla_intermediate_siz
 from megatron_refine.models.lact import input_projections
 
 MODEL_TYPE = "lact_swiglu"
+DESCRIPTION = "the LaCT authors' model"
 BASE_PRESET = "lact_760m"  # imports are written as this preset plus the fields that differ
 REMOTE_CODE = Path(__file__).parent / "lact_hf"
 REMOTE_FILES = ("configuration_lact_swiglu.py", "modeling_lact_swiglu.py")

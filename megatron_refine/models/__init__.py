@@ -1,7 +1,9 @@
-"""DeltaNet and LaCT as megatron-core layer specs, the model builder, cached decoding and branch states."""
+"""DeltaNet, Gated DeltaNet and LaCT as megatron-core layer specs, the model builder, cached decoding and branch
+states."""
 
 from megatron_refine.models.config import PRESETS, PUBLISHED_VOCAB_SIZE, FastWeightConfig, get_config
 from megatron_refine.models.deltanet import DeltaNetCache, DeltaNetMixer, DeltaNetSubmodules
+from megatron_refine.models.gated_deltanet import GatedDeltaNetMixer, GatedDeltaNetSubmodules
 from megatron_refine.models.generation import generate, sample_tokens, sampling_logits
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, InferenceCache
 from megatron_refine.models.lact import LaCTCache, LaCTMixer, LaCTSubmodules
@@ -29,6 +31,8 @@ __all__ = [
     "DeltaNetSubmodules",
     "FastWeightConfig",
     "FastWeightGPTModel",
+    "GatedDeltaNetMixer",
+    "GatedDeltaNetSubmodules",
     "InferenceCache",
     "LaCTCache",
     "LaCTMixer",

@@ -24,7 +24,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_refine.kernels import delta_rule, delta_rule_step
+from megatron_refine.kernels import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
 from megatron_refine.kernels.utils import compute_dtype
 from megatron_refine.models.common import (
     causal_conv1d, fla_intermediate_size, l2_norm, mixer_sharded_state_dict, param_device, split_fused)
@@ -165,23 +165,8 @@ class DeltaNetMixer(MegatronModule):
         if cfg.allow_neg_eigval:
             beta = beta * 2.0
 
-        if decoding:
-            state = cache.state if cache else q.new_zeros(B, self.num_heads, self.head_k_dim, self.head_v_dim, dtype=compute_dtype(q))
-            o, state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state)
-            o = o[:, None]  # [N, 1, H, V]
-            request.cache.layers[self.layer_number] = DeltaNetCache(state, conv_tail)
-        else:
-            kw = dict(chunk_size=cfg.delta_rule_chunk_size, cu_seqlens=cu_seqlens)
-            if isinstance(request, ContinueRequest):
-                kw["initial_state"] = cache.state if cache else None
-            branching, prefill = isinstance(request, BranchRequest), isinstance(request, PrefillRequest)
-            o, final_state, *states_after = delta_rule(packed(q), packed(k), packed(v), packed(beta),
-                                                       output_final_state=prefill, output_states_after=branching, **kw)
-            o = o.view(B, T, *o.shape[2:])
-            if branching or prefill:
-                read = states_after[0] if branching else functools.partial(_at_sequence_ends, final_state)
-                request.readers[self.layer_number] = functools.partial(self._cache_after, read, conv_inputs, packing)
-
+        o = run_delta_rule(self, q, k, v, None, beta, cache, conv_tail, conv_inputs, packing,
+                           cfg.conv_size)  # [B, T, H/t, V]
         if cfg.use_output_norm:
             gate = extra[-1].reshape(B, T, self.num_heads, self.head_v_dim) if cfg.use_gate else None
             o = self.o_norm(o, gate)
@@ -189,19 +174,50 @@ class DeltaNetMixer(MegatronModule):
         o = o if decoding else o.transpose(0, 1)
         return self.out_proj(o.contiguous())
 
-    def _cache_after(self, states_after, conv_inputs: torch.Tensor | None, packing: Packing | None,
-                     positions: torch.Tensor) -> DeltaNetCache:
-        """This layer's decoding cache after positions [B, P] (B * P rows), read from its training forward."""
-        starts = packing.document_starts(positions) if packing else None
-        tails = None if conv_inputs is None else gather_window(conv_inputs, positions, self.config.conv_size - 1, starts)[0]
-        return DeltaNetCache(states_after(packing.flat(positions) if packing else positions).flatten(0, 1), tails)
-
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         state = mixer_sharded_state_dict(self, prefix, sharded_offsets, metadata, {}, {"conv1d": {"weight": 0}})
         split_fused(state, f"{prefix}in_proj.weight", self.pieces, self.tp)
         if self.config.use_short_conv:
             split_fused(state, f"{prefix}conv1d.weight", self.pieces[:3], self.tp)
         return state
+
+
+def run_delta_rule(layer: MegatronModule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                   beta: torch.Tensor, cache: DeltaNetCache | None, conv_tail: torch.Tensor | None,
+                   conv_inputs: torch.Tensor | None, packing: Packing | None, conv_size: int) -> torch.Tensor:
+    """The delta rule of a DeltaNet or (given the log decay g [B, T, H]) Gated DeltaNet layer under its inference
+    request (`layer.request`, models/inference.py): q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H] (decoding:
+    T = 1, B = rows) -> o [B, T, H, V]. Decoding writes the layer's new cache; a branching forward or a prefill
+    registers the reader of its caches after chosen positions (conv tails from conv_inputs [B, T, channels])."""
+    request, number = layer.request, layer.layer_number
+    B, T, H = beta.shape
+    gate = () if g is None else (g,)
+    if isinstance(request, DecodeRequest):
+        state = cache.state if cache else q.new_zeros(B, H, q.shape[-1], v.shape[-1], dtype=compute_dtype(q))
+        step = delta_rule_step if g is None else gated_delta_rule_step
+        o, state = step(q[:, 0], k[:, 0], v[:, 0], *(t[:, 0] for t in gate), beta[:, 0], state)
+        request.cache.layers[number] = DeltaNetCache(state, conv_tail)
+        return o[:, None]  # [N, 1, H, V]
+    packed = (lambda t: t.reshape(1, B * T, *t.shape[2:])) if packing else (lambda t: t)  # noqa: E731
+    kw = dict(chunk_size=layer.config.delta_rule_chunk_size, cu_seqlens=packing.cu_seqlens if packing else None)
+    if isinstance(request, ContinueRequest):
+        kw["initial_state"] = cache.state if cache else None
+    branching, prefill = isinstance(request, BranchRequest), isinstance(request, PrefillRequest)
+    rule = delta_rule if g is None else gated_delta_rule
+    o, final_state, *states_after = rule(*map(packed, (q, k, v, *gate, beta)), output_final_state=prefill,
+                                         output_states_after=branching, **kw)
+    if branching or prefill:
+        read = states_after[0] if branching else functools.partial(_at_sequence_ends, final_state)
+        request.readers[number] = functools.partial(_cache_after, read, conv_inputs, packing, conv_size)
+    return o.view(B, T, *o.shape[2:])
+
+
+def _cache_after(states_after, conv_inputs: torch.Tensor | None, packing: Packing | None, conv_size: int,
+                 positions: torch.Tensor) -> DeltaNetCache:
+    """A layer's decoding cache after positions [B, P] (B * P rows), read from its training forward."""
+    starts = packing.document_starts(positions) if packing else None
+    tails = None if conv_inputs is None else gather_window(conv_inputs, positions, conv_size - 1, starts)[0]
+    return DeltaNetCache(states_after(packing.flat(positions) if packing else positions).flatten(0, 1), tails)
 
 
 def _at_sequence_ends(final_state: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

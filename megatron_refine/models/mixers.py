@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # the mixer modules import the config, which checks itself th
 
     from megatron_refine.models.config import FastWeightConfig
 
-MIXER_MODULES = {"deltanet": "megatron_refine.models.deltanet", "lact": "megatron_refine.models.lact"}
+MIXER_MODULES = {"deltanet": "megatron_refine.models.deltanet", "lact": "megatron_refine.models.lact",
+                 "gated_deltanet": "megatron_refine.models.gated_deltanet"}
 MIXERS = tuple(MIXER_MODULES)
 
 

@@ -269,13 +269,17 @@ _PAPER_TTT = {
 NAMED_CONFIGS: dict[str, dict] = {
     "tiny-deltanet": {"model": {"config": "deltanet_tiny"}},
     "tiny-lact": {"model": {"config": "lact_tiny"}},
+    "tiny-gated-deltanet": {"model": {"config": "gated_deltanet_tiny"}},
     "refine-mid-deltanet-1p3b": {"model": {"config": "deltanet_1p3b"}, **_PAPER_MID, **_REFINE_MID},
     "refine-mid-lact-760m": {"model": {"config": "lact_760m"}, **_PAPER_MID, **_REFINE_MID},
     "ntp-mid-deltanet-1p3b": {"model": {"config": "deltanet_1p3b"}, **_PAPER_MID},
     "ntp-mid-lact-760m": {"model": {"config": "lact_760m"}, **_PAPER_MID},
+    # Gated DeltaNet at fla's 1.3B layout, under the paper's DeltaNet protocol (the paper has no GDN run)
+    "refine-mid-gated-deltanet-1p3b": {"model": {"config": "gated_deltanet_1p3b"}, **_PAPER_MID, **_REFINE_MID},
+    "ntp-mid-gated-deltanet-1p3b": {"model": {"config": "gated_deltanet_1p3b"}, **_PAPER_MID},
     **{f"{name}-post-{model.replace('_', '-')}": {"model": {"config": model}, **_PAPER_POST, "prompt_update": update}
        for name, update in (("refine", "refine"), ("ntp", "ntp"), ("sft", "none"))
-       for model in ("deltanet_1p3b", "lact_760m")},
+       for model in ("deltanet_1p3b", "lact_760m", "gated_deltanet_1p3b")},
     "ttt-refine": {**_PAPER_TTT, "prompt_update": "refine"},
     "ttt-ntp": {**_PAPER_TTT, "prompt_update": "ntp"},
 }

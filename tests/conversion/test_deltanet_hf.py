@@ -176,7 +176,7 @@ def test_fla_checkpoint_imports_finetunes_and_exports(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "llama"}, r"model_type 'llama': convert-from-hf reads 'delta_net' and 'lact_swiglu'"),
+    ({"model_type": "llama"}, r"model_type 'llama': convert-from-hf reads 'delta_net' \(fla's DeltaNet\)"),
     ({"attn": {"layers": [1], "num_heads": 2}}, r"sets attn=.*hybrid softmax-attention layers"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu' \(an MLP activation other than SiLU\)"),
     ({"norm_first": True}, r"norm_first=True \(fla's norm_first block layout \(removed in 2025-02\)\)"),
@@ -202,5 +202,5 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
-        "megatron-refine: error: config.json has model_type 'mamba': convert-from-hf reads 'delta_net' and "
-        "'lact_swiglu' (fla's DeltaNet, the LaCT authors' model)")
+        "megatron-refine: error: config.json has model_type 'mamba': convert-from-hf reads 'delta_net' (fla's "
+        "DeltaNet), 'lact_swiglu' (the LaCT authors' model), 'gated_deltanet' (fla's Gated DeltaNet)")

@@ -1,6 +1,8 @@
-"""megatron_refine.conversion.fla_cpu: fla's DeltaNetForCausalLM on the CPU decodes with its cache exactly as it
-does without one, and the short conv's cache carries its last W inputs. Each test patches fla in a rank of its own."""
+"""megatron_refine.conversion.fla_cpu: fla's DeltaNetForCausalLM and GatedDeltaNetForCausalLM on the CPU decode with
+their caches (short convs, recurrent states; Gated DeltaNet's V-first) exactly as without, a left-padded batch
+included, and the short conv's cache carries its last W inputs. Each test patches fla in a rank of its own."""
 
+import pytest
 import torch
 
 from megatron_refine.runtime import spawn
@@ -40,15 +42,30 @@ def _cached_conv_equals_uncached():
         torch.testing.assert_close(conv(x, mask=mask)[0], conv(x * mask.unsqueeze(-1))[0])
 
 
-def _cached_generate_equals_uncached():
+def _delta_net():
     from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
+    return DeltaNetForCausalLM(DeltaNetConfig(vocab_size=64, hidden_size=32, num_heads=2, num_hidden_layers=2,
+                                              intermediate_size=64, use_gate=True, eos_token_id=None))
+
+
+def _gated_deltanet():  # two value heads per key head
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    return GatedDeltaNetForCausalLM(GatedDeltaNetConfig(
+        vocab_size=64, hidden_size=32, num_heads=2, num_v_heads=4, head_dim=8, expand_v=2.0, num_hidden_layers=2,
+        intermediate_size=64, eos_token_id=None))
+
+
+MODELS = {"delta_net": _delta_net, "gated_deltanet": _gated_deltanet}
+
+
+def _cached_generate_equals_uncached(name: str):
     from megatron_refine.conversion.fla_cpu import use_pytorch_references
 
     use_pytorch_references()
     torch.manual_seed(0)
-    model = DeltaNetForCausalLM(DeltaNetConfig(vocab_size=64, hidden_size=32, num_heads=2, num_hidden_layers=2,
-                                               intermediate_size=64, use_gate=True, eos_token_id=None)).eval()
+    model = MODELS[name]().eval()
     with torch.no_grad():
         for p in model.parameters():  # norms start at ones: randomise every weight so each one matters
             p.normal_(0, 0.3)
@@ -73,5 +90,6 @@ def test_short_conv_cache_carries_the_last_inputs():
     spawn(_cached_conv_equals_uncached, 1)
 
 
-def test_cached_generate_equals_uncached_generate():
-    spawn(_cached_generate_equals_uncached, 1)
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_generate_equals_uncached_generate(name):
+    spawn(_cached_generate_equals_uncached, 1, name)

@@ -204,7 +204,7 @@ def test_cached_decoding_keeps_a_bounded_state(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "llama"}, r"model_type 'llama': convert-from-hf reads 'delta_net' and 'lact_swiglu'"),
+    ({"model_type": "llama"}, r"model_type 'llama': convert-from-hf reads 'delta_net' \(fla's DeltaNet\)"),
     ({"attn_qk_norm": True}, r"attn_qk_norm=True \(RMSNorm on the attention q and k\)"),
     ({"lr_dim": 2}, r"lr_dim=2 \(more than one learning rate"),
     ({"ttt_prenorm": True}, r"ttt_prenorm=True \(pre-norm test-time training\)"),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_refine.models import PRESETS, PUBLISHED_VOCAB_SIZE, get_config
+from megatron_refine.models import MIXERS, PRESETS, PUBLISHED_VOCAB_SIZE, get_config
 from megatron_refine.models.config import fla_intermediate_size
 from megatron_refine.runtime import initialize, spawn
 
@@ -36,7 +36,7 @@ def test_bad_configs_say_what_to_change(name, overrides, message):
 def test_presets_build_their_configs():
     for name in PRESETS:
         config = get_config(name)
-        assert config.mixer in ("deltanet", "lact")
+        assert config.mixer in MIXERS
         assert config.add_bias_linear is False and config.layernorm_epsilon == 1e-6
     assert get_config("deltanet_1p3b").ffn_hidden_size == 5632
 

@@ -6,9 +6,10 @@ import torch
 from megatron_modules import VOCAB, assert_gradients_close, tiny_fast_weight_model, token_batch
 
 from megatron_refine.models import generate, sample_tokens
+from megatron_refine.models.mixers import MIXERS as TABLE
 from megatron_refine.runtime import initialize, spawn
 
-MIXERS = ["deltanet_tiny", "lact_tiny"]
+MIXERS = [f"{name}_tiny" for name in TABLE]  # every mixer in the table ships a tiny preset
 # lact_tiny: chunk 16, window 12. T = 40 crosses two chunk updates and the window.
 T = 40
 

@@ -13,7 +13,8 @@ from megatron_refine.runtime import initialize, spawn
 
 ROOT = Path(__file__).resolve().parents[2]
 # The fast weights each mixer's decoding cache holds (what `state_values` counts), by mixer.
-FAST_WEIGHTS = {"deltanet": lambda cache: [cache.state], "lact": lambda cache: [cache.fast.w0, cache.fast.w1, cache.fast.w2]}
+FAST_WEIGHTS = {"deltanet": lambda cache: [cache.state], "gated_deltanet": lambda cache: [cache.state],
+                "lact": lambda cache: [cache.fast.w0, cache.fast.w1, cache.fast.w2]}
 
 
 def test_an_unknown_mixer_lists_the_known_ones():

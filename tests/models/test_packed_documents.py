@@ -8,10 +8,11 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron_modules import tiny_fast_weight_model, token_batch
 
+from megatron_refine.models.mixers import MIXERS as TABLE
 from megatron_refine.models.packing import packed_seq_params
 from megatron_refine.runtime import initialize, spawn
 
-MIXERS = ["deltanet_tiny", "lact_tiny"]
+MIXERS = [f"{name}_tiny" for name in TABLE]  # every mixer in the table ships a tiny preset
 T = 40  # lact_tiny: chunk 16, window 12
 DOCUMENTS = [(0, 0, 5), (0, 5, 28), (0, 28, 40), (1, 0, 40)]  # (row, start, end): short, chunk-crossing, whole row
 CU_SEQLENS = torch.tensor([0, 5, 28, 40, 80])

@@ -10,10 +10,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron_modules import tiny_fast_weight_model, token_batch
 
+from megatron_refine.models.mixers import MIXERS as TABLE
 from megatron_refine.runtime import initialize, spawn
 from megatron_refine.training.checkpointing import start_write_results_queue
 
-MIXERS = ["deltanet_tiny", "lact_tiny"]
+MIXERS = [f"{name}_tiny" for name in TABLE]  # every mixer in the table ships a tiny preset
 B, T = 2, 24
 
 

@@ -40,9 +40,9 @@ def patch_triton_interpreter() -> None:
     from triton.runtime import autotuner, interpreter
 
     import megatron_refine.kernels  # noqa: F401 - the kernels the project calls
-    from megatron_refine.kernels.delta_rule.fla_path import fla_chunk_delta_rule
+    from megatron_refine.kernels.delta_rule.fla_path import fla_chunk_delta_rule, fla_chunk_gated_delta_rule
 
-    if fla_chunk_delta_rule() is None:
+    if fla_chunk_delta_rule() is None or fla_chunk_gated_delta_rule() is None:
         raise RuntimeError("fla does not import: these tests run fla's kernels")
     tune = autotuner.Autotuner.run
     if not getattr(tune, "first_config_only", False):
