@@ -8,6 +8,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
+from megatron_refine.models.mixers import MIXERS
+
 HIDDEN, FFN = 16, 32
 
 
@@ -34,6 +36,8 @@ def swiglu_mlp(config: TransformerConfig) -> MLP:
 
 
 VOCAB = 37
+# Every mixer of the table ships a tiny preset: the model tests run each of them through it.
+TINY_MODELS = [f"{name}_tiny" for name in MIXERS]
 
 
 def tiny_fast_weight_model(name: str, **overrides):

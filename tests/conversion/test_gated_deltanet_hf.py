@@ -1,5 +1,6 @@
 """Gated DeltaNet <-> fla's Hugging Face `gated_deltanet` format: round trips are bitwise both ways (an fla
-checkpoint -> ours -> fla through the CLI; ours fine-tuned at TP=2 + SP -> fla -> ours), exports load in
+checkpoint -> ours -> fla through the CLI; ours REFINE-trained at TP=2 + SP -> fla -> ours, with REFINE
+post-training, eval and test-time REFINE from the CLI on the way: a user's whole path), exports load in
 transformers with no missing or unexpected keys, their logits in fla's GatedDeltaNetForCausalLM (its Triton pieces
 replaced by PyTorch references: megatron_refine.conversion.fla_cpu) equal the Megatron model's, and fla's options
 our mixer lacks are refused by name. Grouped value heads (2 key heads, 4 value heads, twice as wide: expand_v 2)."""
@@ -8,6 +9,7 @@ import json
 
 import pytest
 import torch
+from prompt_data import write_qa
 from test_deltanet_hf import _megatron_model, assert_round_trip_bitwise
 
 from megatron_refine.runtime import initialize, spawn
@@ -76,14 +78,33 @@ def _refine_mid_through_the_cli(corpus, tmp):
           "--set", f"checkpoint.save={tmp / 'tuned'}"])
 
 
-def _evaluate_through_the_cli(tmp):
-    """`megatron-refine eval` on the REFINE-tuned checkpoint: a needle table is written."""
+def _post_train_through_the_cli(tmp, qa):
+    """`megatron-refine train --stage refine-post` (nested REFINE on prompt / answer pairs) on the mid-trained
+    checkpoint, at TP=2 + SP on two gloo ranks."""
+    from megatron_refine.cli import main
+
+    main(["train", "--config", str(tmp / "imported" / "model_config.yaml"), "--load", str(tmp / "tuned"),
+          "--finetune", "--stage", "refine-post", "--set", "data.layout=prompt_answer", "--set", f"data.path={qa}",
+          "--set", "data.seq_length=96", "--set", "data.max_answer_tokens=8", "--set", "data.micro_batch_size=2",
+          "--set", "data.global_batch_size=2", "--set", "train_steps=1", "--set", "optimizer.warmup_steps=0",
+          "--set", "refine.n_chunks=2", "--set", "refine.margin=5", "--set", "refine.k=3", "--set", "device=cpu",
+          "--set", "parallel.tensor_model_parallel_size=2", "--set", "parallel.sequence_parallel=true",
+          "--set", f"checkpoint.save={tmp / 'post'}"])
+
+
+def _evaluate_through_the_cli(tmp, qa):
+    """`megatron-refine eval` on the REFINE-tuned checkpoint (a needle table), and `eval --ttt refine` (test-time
+    REFINE on the task file's prompts, beside the same model without it) on the post-trained one."""
     from megatron_refine.cli import main
 
     main(["eval", "--load", str(tmp / "tuned"), "--tasks", "niah_single", "--lengths", "384", "--samples", "2",
           "--out-dir", str(tmp / "eval"), "--set", "device=cpu"])
     results = json.loads((tmp / "eval" / "results.json").read_text())
     assert len(results["examples"]) == 2 and results["summary"][0]["task"] == "niah_single"
+    main(["eval", "--load", str(tmp / "post"), "--data", qa, "--samples", "0", "--ttt", "refine", "--set", "device=cpu",
+          "--set", "data.seq_length=96", "--set", "refine.n_chunks=2", "--set", "refine.margin=5",
+          "--set", "refine.k=3", "--out-dir", str(tmp / "ttt")])
+    assert (tmp / "ttt" / "results.csv").is_file() and (tmp / "ttt" / "no-ttt" / "results.csv").is_file()
 
 
 def _export_round_trip(tmp):
@@ -102,8 +123,9 @@ def _export_round_trip(tmp):
 
 def test_fla_checkpoint_imports_refine_trains_at_tp2_sp_evaluates_and_exports(corpus, tmp_path):
     """fla -> ours -> fla through the CLI is bitwise; ours REFINE-mid-trained from the CLI at TP=2 + SP (the import
-    resharded onto two ranks, in_proj and conv1d piece by piece), evaluated from the CLI, then exported (gathered
-    back) -> fla -> ours is bitwise too, with fla's logits."""
+    resharded onto two ranks, in_proj and conv1d piece by piece), then REFINE-post-trained at TP=2 + SP, evaluated
+    (with test-time REFINE too), and the mid-trained checkpoint exported (gathered back) -> fla -> ours is bitwise,
+    with fla's logits."""
     from safetensors.torch import load_file
 
     spawn(_through_the_cli, 1, tmp_path)
@@ -114,8 +136,10 @@ def test_fla_checkpoint_imports_refine_trains_at_tp2_sp_evaluates_and_exports(co
     a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("fla", "exported"))
     assert {k: b[k] for k in FLA_CONFIG} == {k: a[k] for k in FLA_CONFIG}
 
+    qa = write_qa(tmp_path / "qa.jsonl", n=8)
     spawn(_refine_mid_through_the_cli, 2, corpus, tmp_path)
-    spawn(_evaluate_through_the_cli, 1, tmp_path)
+    spawn(_post_train_through_the_cli, 2, tmp_path, qa)
+    spawn(_evaluate_through_the_cli, 1, tmp_path, qa)
     spawn(_export_round_trip, 1, tmp_path)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from megatron_modules import tiny_fast_weight_model
+from megatron_modules import TINY_MODELS, tiny_fast_weight_model
 
 from megatron_refine.evaluation.scoring import confidence_interval, generate_packed, summarize
 from megatron_refine.runtime import initialize, spawn
@@ -32,7 +32,7 @@ def _packed_equals_alone(name):
     return packed
 
 
-@pytest.mark.parametrize("name", ["deltanet_tiny", "lact_tiny"])
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_packed_batch_decodes_each_prompt_as_alone(name):
     spawn(_packed_equals_alone, 1, name)
 

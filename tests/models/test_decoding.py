@@ -3,13 +3,11 @@ branch state equals decoding after the prefix; gradients through a branch equal 
 
 import pytest
 import torch
-from megatron_modules import VOCAB, assert_gradients_close, tiny_fast_weight_model, token_batch
+from megatron_modules import TINY_MODELS, VOCAB, assert_gradients_close, tiny_fast_weight_model, token_batch
 
 from megatron_refine.models import generate, sample_tokens
-from megatron_refine.models.mixers import MIXERS as TABLE
 from megatron_refine.runtime import initialize, spawn
 
-MIXERS = [f"{name}_tiny" for name in TABLE]  # every mixer in the table ships a tiny preset
 # lact_tiny: chunk 16, window 12. T = 40 crosses two chunk updates and the window.
 T = 40
 
@@ -28,7 +26,7 @@ def _decode_from_scratch_equals_forward(name):
     torch.testing.assert_close(decoded, logits, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_decoding_token_by_token_equals_full_forward(name):
     spawn(_decode_from_scratch_equals_forward, 1, name)
 
@@ -58,7 +56,7 @@ def _branch_states_continue_like_the_prefix(name):
         torch.testing.assert_close(_decode(model, continuation[2:3], cache)[0], decoded[2], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_decoding_from_branch_states_equals_decoding_after_the_prefix(name):
     spawn(_branch_states_continue_like_the_prefix, 1, name)
 
@@ -90,7 +88,7 @@ def _branch_gradients_equal_prefix_rerun(name):
     assert len(projections) == model.config.num_layers and all(g.abs().max() > 0 for g in projections)
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_gradients_through_branch_equal_an_explicit_prefix_rerun(name):
     spawn(_branch_gradients_equal_prefix_rerun, 1, name)
 
@@ -111,7 +109,7 @@ def _generation(name):
     assert sampled.shape == (3, 6) and sampled.min() >= 0 and sampled.max() < VOCAB
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_greedy_generation_matches_the_full_forward(name):
     spawn(_generation, 1, name)
 

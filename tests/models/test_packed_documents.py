@@ -6,13 +6,11 @@ import pytest
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-from megatron_modules import tiny_fast_weight_model, token_batch
+from megatron_modules import TINY_MODELS, tiny_fast_weight_model, token_batch
 
-from megatron_refine.models.mixers import MIXERS as TABLE
 from megatron_refine.models.packing import packed_seq_params
 from megatron_refine.runtime import initialize, spawn
 
-MIXERS = [f"{name}_tiny" for name in TABLE]  # every mixer in the table ships a tiny preset
 T = 40  # lact_tiny: chunk 16, window 12
 DOCUMENTS = [(0, 0, 5), (0, 5, 28), (0, 28, 40), (1, 0, 40)]  # (row, start, end): short, chunk-crossing, whole row
 CU_SEQLENS = torch.tensor([0, 5, 28, 40, 80])
@@ -57,12 +55,12 @@ def _full(params, grads):
     return grads
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_packed_documents_equal_separate_runs(name):
     spawn(_packed_equals_separate, 1, name, 1)
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_packed_documents_equal_separate_runs_tp2_sequence_parallel(name):
     spawn(_packed_equals_separate, 2, name, 2)
 
@@ -91,7 +89,7 @@ def _branches_of_packed_documents(name):
         torch.testing.assert_close(_decode(model, continuation, alone), decoded)
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_branch_states_of_packed_documents_are_each_documents_own(name):
     spawn(_branches_of_packed_documents, 1, name)
 
@@ -111,7 +109,7 @@ def _continuation_equals_decoder(name, tp):
     assert logits.shape[:2] == (6, 5) and logits.shape[2] * tp == model.vocab_size
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_forward_from_cache_equals_the_decoder(name):
     spawn(_continuation_equals_decoder, 1, name, 1)
 

@@ -8,13 +8,11 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-from megatron_modules import tiny_fast_weight_model, token_batch
+from megatron_modules import TINY_MODELS, tiny_fast_weight_model, token_batch
 
-from megatron_refine.models.mixers import MIXERS as TABLE
 from megatron_refine.runtime import initialize, spawn
 from megatron_refine.training.checkpointing import start_write_results_queue
 
-MIXERS = [f"{name}_tiny" for name in TABLE]  # every mixer in the table ships a tiny preset
 B, T = 2, 24
 
 
@@ -78,7 +76,7 @@ def _tensor_parallel(name, root, sequence_parallel):
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_tp2_equals_tp1_outputs_and_gradients(name, sequence_parallel, tmp_path):
     ref_logits, ref_loss = spawn(_reference, 1, name, tmp_path)[0]
     for logits, loss in spawn(_tensor_parallel, 2, name, tmp_path, sequence_parallel):
@@ -103,7 +101,7 @@ def _pipeline(name, root):
         return model(ids, None, None)
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_pp2_forward_equals_pp1(name, tmp_path):
     ref_logits, _ = spawn(_reference, 1, name, tmp_path)[0]
     _, logits = spawn(_pipeline, 2, name, tmp_path)
@@ -126,7 +124,7 @@ def _load_at_tp1(name, root):
         return model(token_batch(B, T, seed=2), None, None)
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_dist_checkpoint_saved_at_tp2_loads_at_tp1_with_identical_logits(name, tmp_path):
     saved = spawn(_save_at_tp2, 2, name, tmp_path)
     (loaded,) = spawn(_load_at_tp1, 1, name, tmp_path)

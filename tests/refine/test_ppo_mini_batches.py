@@ -3,7 +3,7 @@ later updates clip against the stored old log-probs (the trainer's rounds: tests
 
 import pytest
 import torch
-from megatron_modules import tiny_fast_weight_model, token_batch
+from megatron_modules import TINY_MODELS, tiny_fast_weight_model, token_batch
 
 from megatron_refine.refine import RefineConfig, ppo_clipped_loss, ppo_update_loss, refine_loss, rollout_round
 from megatron_refine.refine.step import branch_starts, rollout_log_probs
@@ -54,6 +54,6 @@ def _round_then_updates(name):
     assert 0 < metrics["clip_fraction"] < 1
 
 
-@pytest.mark.parametrize("name", ["deltanet_tiny", "lact_tiny"])
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_first_update_of_a_round_is_the_on_policy_step_and_later_ones_clip(name):
     spawn(_round_then_updates, 1, name)

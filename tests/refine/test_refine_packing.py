@@ -4,7 +4,7 @@ a drift between them is reported."""
 
 import pytest
 import torch
-from megatron_modules import tiny_fast_weight_model, token_batch
+from megatron_modules import TINY_MODELS, tiny_fast_weight_model, token_batch
 
 from megatron_refine.models.packing import Packing, packed_seq_params
 from megatron_refine.refine import (
@@ -64,7 +64,7 @@ def _refine_on_packed_rows(name):
     return {k: v.item() for k, v in metrics.items()}
 
 
-@pytest.mark.parametrize("name", ["deltanet_tiny", "lact_tiny"])
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_refine_masks_chunks_without_an_eligible_position(name):
     metrics, = spawn(_refine_on_packed_rows, 1, name)
     # fp32 on CPU: the decoder and the training forward agree to rounding.
@@ -88,7 +88,7 @@ def _perturbed_decoder(name):
     return {k: v.item() for k, v in healthy.items()}, {k: v.item() for k, v in drifted.items()}
 
 
-@pytest.mark.parametrize("name", ["deltanet_tiny", "lact_tiny"])
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_a_drifting_decoder_trips_the_parity_warning(name):
     (healthy, drifted), = spawn(_perturbed_decoder, 1, name)
     assert healthy["logprob_diff_max"] < 1e-4

@@ -4,7 +4,7 @@ agree."""
 
 import pytest
 import torch
-from megatron_modules import assert_gradients_close, tiny_fast_weight_model, token_batch
+from megatron_modules import TINY_MODELS, assert_gradients_close, tiny_fast_weight_model, token_batch
 
 from megatron_refine.models.packing import packed_seq_params
 from megatron_refine.refine import RefineConfig, refine_loss, roll_out
@@ -39,7 +39,7 @@ def _branched_equals_rerun(name):
     assert_gradients_close(model, grads, ref_grads)
 
 
-@pytest.mark.parametrize("name", ["deltanet_tiny", "lact_tiny"])
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_rollout_log_probs_and_gradients_equal_an_explicit_rerun_of_each_prefix(name):
     spawn(_branched_equals_rerun, 1, name)
 
@@ -118,7 +118,7 @@ def _one_forward_equals_two_passes(name, packed, tp):
     assert_gradients_close(model, grads, ref_grads, rel=1e-13)
 
 
-@pytest.mark.parametrize("name", ["deltanet_tiny", "lact_tiny"])
+@pytest.mark.parametrize("name", TINY_MODELS)
 @pytest.mark.parametrize("packed, tp", [(False, 1), (True, 2)], ids=["unpacked", "packed-tp2-sp"])
 def test_positions_chosen_from_the_training_forward_equal_a_separate_selection_pass(name, packed, tp):
     """One forward per step: its detached logits choose the positions, and the states after them are read from
