@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+# Two pytest workers: much of the suite is process start-up and gloo ranks waiting on each other, so two keep a
+# 2-core machine busy (the whole suite 8:54 instead of about 12 minutes there). PYTEST_WORKERS=0 runs it in one.
+PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: demo test clean
@@ -15,7 +18,7 @@ demo: $(VENV)/.installed
 	$(BIN)/megatron-refine demo
 
 test: $(VENV)/.installed
-	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: the suite is missing" >&2; fi; \
 	exit $$rc
 
