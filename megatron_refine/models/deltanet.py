@@ -126,25 +126,13 @@ class DeltaNetMixer(MegatronModule):
         `packed_seq_params` (document starts, see models/packing.py) restarts the state and the short
         convolution at every document.
         """
-        cfg, request = self.config, self.request
-        decoding = isinstance(request, DecodeRequest)
-        x, _ = self.in_proj(hidden_states)
-        x = x if decoding else x.transpose(0, 1)  # [B, T, in/t]; decoding: B = rows, T = 1
+        cfg = self.config
+        x, packing, cache = project_inputs(self, hidden_states, packed_seq_params)  # [B, T, in/t]
         B, T = x.shape[:2]
-        packing = None if decoding else Packing.from_params(packed_seq_params, B, T)
-        if packing is not None and isinstance(request, ContinueRequest):
-            raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
-        packed = (lambda t: t.reshape(1, B * T, *t.shape[2:])) if packing else (lambda t: t)  # noqa: E731
-        cu_seqlens = packing.cu_seqlens if packing else None
         qkv, rest = x[..., : self.conv_channels], x[..., self.conv_channels :]
-        cache: DeltaNetCache | None = None
-        if isinstance(request, (DecodeRequest, ContinueRequest)):
-            cache = request.cache.layers.get(self.layer_number)
-
         conv_tail, conv_inputs = None, (qkv if cfg.use_short_conv else None)
         if cfg.use_short_conv:
-            qkv, conv_tail = causal_conv1d(packed(qkv), self.conv1d.weight[:, 0], cache.conv if cache else None, cu_seqlens)
-            qkv = qkv.view(B, T, -1)
+            qkv, conv_tail = short_conv(self.conv1d, qkv, packing, cache)
         q, k, v = qkv.split(self.local_sizes[:3], dim=-1)
         if cfg.qk_activation == "silu":
             q, k = F.silu(q), F.silu(k)
@@ -171,7 +159,7 @@ class DeltaNetMixer(MegatronModule):
             gate = extra[-1].reshape(B, T, self.num_heads, self.head_v_dim) if cfg.use_gate else None
             o = self.o_norm(o, gate)
         o = o.reshape(B, T, -1)
-        o = o if decoding else o.transpose(0, 1)
+        o = o if isinstance(self.request, DecodeRequest) else o.transpose(0, 1)
         return self.out_proj(o.contiguous())
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
@@ -180,6 +168,33 @@ class DeltaNetMixer(MegatronModule):
         if self.config.use_short_conv:
             split_fused(state, f"{prefix}conv1d.weight", self.pieces[:3], self.tp)
         return state
+
+
+def project_inputs(layer: MegatronModule, hidden_states: torch.Tensor, packed_seq_params
+                   ) -> tuple[torch.Tensor, Packing | None, DeltaNetCache | None]:
+    """The opening of a DeltaNet or Gated DeltaNet layer's forward: its fused input projection as [B, T, in/t]
+    (decoding: the rows as B, T = 1), the documents packed in the rows, and the layer's cache for a request that
+    continues one."""
+    request = layer.request
+    decoding = isinstance(request, DecodeRequest)
+    x, _ = layer.in_proj(hidden_states)
+    x = x if decoding else x.transpose(0, 1)
+    packing = None if decoding else Packing.from_params(packed_seq_params, *x.shape[:2])
+    if packing is not None and isinstance(request, ContinueRequest):
+        raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
+    cache = request.cache.layers.get(layer.layer_number) if isinstance(request, (DecodeRequest, ContinueRequest)) else None
+    return x, packing, cache
+
+
+def short_conv(conv1d: torch.nn.Conv1d, x: torch.Tensor, packing: Packing | None, cache: DeltaNetCache | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal depthwise convolution over x [B, T, channels], restarting at every packed document and
+    continuing a cache's tail -> (its output [B, T, channels], the new tail)."""
+    B, T = x.shape[:2]
+    inputs = x.reshape(1, B * T, -1) if packing else x
+    y, tail = causal_conv1d(inputs, conv1d.weight[:, 0], cache.conv if cache else None,
+                            packing.cu_seqlens if packing else None)
+    return y.view(B, T, -1), tail
 
 
 def run_delta_rule(layer: MegatronModule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,

@@ -36,12 +36,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_refine.kernels.utils import compute_dtype
 from megatron_refine.models.common import (
-    causal_conv1d, fla_intermediate_size, l2_norm, mixer_sharded_state_dict, param_device, split_fused)
-from megatron_refine.models.deltanet import DeltaNetCache, run_delta_rule
+    fla_intermediate_size, l2_norm, mixer_sharded_state_dict, param_device, split_fused)
+from megatron_refine.models.deltanet import project_inputs, run_delta_rule, short_conv
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest
 from megatron_refine.models.mixers import MixerSpec
 from megatron_refine.models.norm import HeadRMSNorm
-from megatron_refine.models.packing import Packing
 
 if TYPE_CHECKING:  # the config inherits GatedDeltaNetFields through the mixer table
     from megatron_refine.models.config import FastWeightConfig
@@ -122,25 +121,13 @@ class GatedDeltaNetMixer(MegatronModule):
         `packed_seq_params` (document starts, see models/packing.py) restarts the state and the short
         convolution at every document.
         """
-        request = self.request
-        decoding = isinstance(request, DecodeRequest)
-        x, _ = self.in_proj(hidden_states)
-        x = x if decoding else x.transpose(0, 1)  # [B, T, in/t]; decoding: B = rows, T = 1
+        x, packing, cache = project_inputs(self, hidden_states, packed_seq_params)  # [B, T, in/t]
         B, T = x.shape[:2]
-        packing = None if decoding else Packing.from_params(packed_seq_params, B, T)
-        if packing is not None and isinstance(request, ContinueRequest):
-            raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
-        packed = (lambda t: t.reshape(1, B * T, *t.shape[2:])) if packing else (lambda t: t)  # noqa: E731
-        cu_seqlens = packing.cu_seqlens if packing else None
         qkv, z, beta, alpha = x.split([self.conv_channels, self.num_v_heads * self.head_v_dim,
                                        self.num_v_heads, self.num_v_heads], dim=-1)
-        cache: DeltaNetCache | None = None
-        if isinstance(request, (DecodeRequest, ContinueRequest)):
-            cache = request.cache.layers.get(self.layer_number)
-
         conv_inputs = qkv  # [B, T, conv channels / t]: what branch caches read their conv tails from
-        qkv, conv_tail = causal_conv1d(packed(qkv), self.conv1d.weight[:, 0], cache.conv if cache else None, cu_seqlens)
-        q, k, v = F.silu(qkv.view(B, T, -1)).split(self.qkv_sizes, dim=-1)
+        qkv, conv_tail = short_conv(self.conv1d, qkv, packing, cache)
+        q, k, v = F.silu(qkv).split(self.qkv_sizes, dim=-1)
         q = l2_norm(q.reshape(B, T, self.num_k_heads, self.head_k_dim))
         k = l2_norm(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
         if self.group > 1:
@@ -153,7 +140,7 @@ class GatedDeltaNetMixer(MegatronModule):
         o = run_delta_rule(self, q, k, v, g, beta, cache, conv_tail, conv_inputs, packing,
                            self.config.linear_conv_kernel_dim)  # [B, T, HV/t, Dv]
         o = self.out_norm(o, z.reshape(B, T, self.num_v_heads, self.head_v_dim)).reshape(B, T, -1)
-        o = o if decoding else o.transpose(0, 1)
+        o = o if isinstance(self.request, DecodeRequest) else o.transpose(0, 1)
         return self.out_proj(o.contiguous())
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
