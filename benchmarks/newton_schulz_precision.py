@@ -60,7 +60,7 @@ def _model(load: str):
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(load, latest_iteration(load))))
     args = common["config"]["model"]
     config = get_config(args["config"], use_cpu_initialization=True, perform_initialization=False, **args["overrides"])
-    if not get_mixer(config.mixer).uses_muon(config):
+    if not any(get_mixer(m).uses_muon(config) for m in config.mixers):
         raise ValueError(f"{load} holds a {config.mixer} model without Muon: pass a LaCT checkpoint with use_muon")
     model = build_model(config, common["vocab_size"])
     load_checkpoint(load, model)

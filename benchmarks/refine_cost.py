@@ -3,6 +3,7 @@
     python benchmarks/refine_cost.py                      # T in {256, 512, 1024}
     python benchmarks/refine_cost.py --lengths 512 --mixer lact
     python benchmarks/refine_cost.py --lengths 512 2048 --mixer gated_deltanet
+    python benchmarks/refine_cost.py --lengths 512 2048 --mixer hybrid    # Gated DeltaNet + attention layers
     python benchmarks/refine_cost.py --device cuda --lengths 4096 16384 --hidden 1024 --layers 8 --heads 8
     python benchmarks/refine_cost.py --lengths 256 --json refine_cost.json   # the tables as JSON too
 
@@ -64,7 +65,7 @@ def _time(fns: dict, repeats: int, device: torch.device) -> dict[str, tuple[floa
 
 
 def _bench(args) -> tuple[str, list[tuple]]:
-    from megatron_refine.models import build_model, get_config, packed_seq_params
+    from megatron_refine.models import PRESETS, build_model, get_config, packed_seq_params
     from megatron_refine.models.generation import sample_tokens
     from megatron_refine.refine import STEP_PHASES, RefineConfig, refine_loss, select
     from megatron_refine.refine.grpo import grpo_advantages
@@ -78,9 +79,14 @@ def _bench(args) -> tuple[str, list[tuple]]:
     # which the other mixers ignore) as DeltaNet's: `heads` key and value heads of hidden / heads channels.
     heads = dict(linear_num_key_heads=args.heads, linear_num_value_heads=args.heads,
                  linear_key_head_dim=args.hidden // args.heads, linear_value_head_dim=args.hidden // args.heads)
+    # A hybrid: its preset's pattern repeated to `layers`, its attention layers with half as many key / value heads as
+    # query heads (hidden / heads channels each), as Qwen3.5's grouped heads.
+    pattern = PRESETS[f"{args.mixer}_tiny"].get("hybrid_layer_pattern")
+    hybrid = dict(hybrid_layer_pattern=(pattern * args.layers)[: args.layers], num_query_groups=max(args.heads // 2, 1),
+                  kv_channels=args.hidden // args.heads) if pattern else {}
     config = get_config(f"{args.mixer}_tiny", use_cpu_initialization=not cuda, hidden_size=args.hidden,
                         num_layers=args.layers, num_attention_heads=args.heads, ffn_hidden_size=3 * args.hidden,
-                        delta_rule_chunk_size=64, **heads, **dtype)
+                        delta_rule_chunk_size=64, **heads, **hybrid, **dtype)
     model = build_model(config, 257).to(device)
     cfg = RefineConfig()
     rows = []
@@ -141,14 +147,17 @@ def _bench(args) -> tuple[str, list[tuple]]:
         rows.append((T, *(timed[name][0] for name in ("ntp", "refine", "reencode", "ntp_packed", "refine_packed")),
                      timed["refine"][1], timed["refine_packed"][1]))
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if cuda else ""
-    return f"device {device}{gpu}, dtype {str(config.params_dtype).removeprefix('torch.')}", rows
+    pattern = f", layers {config.hybrid_layer_pattern}" if config.hybrid_layer_pattern else ""
+    return f"device {device}{gpu}, dtype {str(config.params_dtype).removeprefix('torch.')}{pattern}", rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
-    parser.add_argument("--mixer", default="deltanet", choices=MIXERS, help="a mixer of the table (its tiny preset)")
+    parser.add_argument("--mixer", default="deltanet", choices=[*MIXERS, "hybrid"],
+                        help="a mixer of the table (its tiny preset), or hybrid (hybrid_tiny's Gated DeltaNet and "
+                        "attention layers)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)

@@ -135,7 +135,7 @@ def fla_config(name: str):
     from megatron_refine.models import PUBLISHED_VOCAB_SIZE, get_config, get_mixer
 
     c = get_config(name)
-    if get_mixer(c.mixer).fla_layer != "DeltaNet":
+    if [get_mixer(m).fla_layer for m in c.mixers] != ["DeltaNet"]:
         raise ValueError(f"--config {name} is a {c.mixer} model; fla's side of this benchmark is DeltaNet only")
     return DeltaNetConfig(
         hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_heads=c.num_attention_heads,
@@ -190,6 +190,9 @@ def megatron_layer(args, device: str = "cuda") -> dict:
     device = initialize(seed=0, device=device).device
     config = get_config(args.config, params_dtype=torch.bfloat16, bf16=True, num_layers=1,
                         use_cpu_initialization=device.type != "cuda")
+    if len(config.mixers) > 1:
+        raise ValueError(f"--config {args.config} is a hybrid ({config.hybrid_layer_pattern}): this benchmark times one "
+                         "mixer's layer; pass a preset of one mixer")
     spec = get_layer_spec(config.mixer).submodules.self_attention
     mixer = build_module(spec, config=config, layer_number=1).to(device)
     x, dy = _hidden_states(args, config.hidden_size, device, seq_first=True)  # [T, B, h]

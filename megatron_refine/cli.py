@@ -75,7 +75,8 @@ def _model_info(args: argparse.Namespace) -> None:
         counts = parameter_counts(config, args.vocab_size or PUBLISHED_VOCAB_SIZE)
     finally:
         destroy()
-    print(f"{args.config}: {config.mixer}, {config.num_layers} layers, hidden {config.hidden_size}")
+    mixer = f"hybrid {config.hybrid_layer_pattern}" if config.hybrid_layer_pattern else config.mixer
+    print(f"{args.config}: {mixer}, {config.num_layers} layers, hidden {config.hidden_size}")
     for name, n in counts.items():
         print(f"  {name:<14} {n:>15,d}  ({n / 1e9:.3f}B)")
 

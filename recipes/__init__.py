@@ -28,6 +28,7 @@ class Recipe:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     sets: list[str] = field(default_factory=list)  # further `--set` overrides (data, checkpoints, steps)
+    vocab_size: int | None = None  # its checkpoint's vocabulary, for the estimate (None: the published 32,000)
 
     def overrides(self, nodes: int | None = None) -> list[str]:
         """The `--set` overrides of this recipe: its model and layout, then `sets`."""
@@ -109,6 +110,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     _paper_mid("midtrain_deltanet_7b", "refine-mid-deltanet-1p3b", "deltanet_7b",
                "REFINE mid-training of a 7B DeltaNet: 4 nodes, TP 4 + SP, DP 8",
                nodes=4, tensor_model_parallel_size=4, sequence_parallel=True),
+    # Qwen3.5-4B's text model (a hybrid: three Gated DeltaNet layers to one gated-attention layer) from its converted
+    # checkpoint. Its 4 key / value heads cap TP at 4; TP 2 + SP is 92 GiB, TP 4 + SP 49 GiB (docs/scaling.md: how
+    # that grows with the document length).
+    _paper_mid("midtrain_qwen3_5_4b", "refine-mid-qwen3-5-4b", "qwen3_5_4b",
+               "REFINE mid-training of Qwen3.5-4B's text model (Gated DeltaNet + gated attention): 1 node, TP 4 + SP, "
+               "DP 2", tensor_model_parallel_size=4, sequence_parallel=True, vocab_size=248320),
     _paper_mid("midtrain_lact_3b", "refine-mid-lact-760m", "lact_3b",
                "REFINE mid-training of LaCT-3B (the authors' 3B layout): 2 nodes, TP 4 + SP, DP 4 (tight)",
                nodes=2, tensor_model_parallel_size=4, sequence_parallel=True),

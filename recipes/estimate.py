@@ -35,7 +35,7 @@ def layout_of(cfg, gpus: int) -> Layout:
                   sequence_parallel=par.sequence_parallel, micro_batch_size=data.micro_batch_size,
                   seq_length=data.seq_length, global_batch_size=data.global_batch_size,
                   recompute=overrides.get("recompute_granularity") == "full", refine=cfg.uses_refine,
-                  n_chunks=cfg.refine.n_chunks, rollouts=cfg.refine.n)
+                  n_chunks=cfg.refine.n_chunks, rollouts=cfg.refine.n, k=cfg.refine.k)
 
 
 def estimate_config(cfg, gpus: int, vocab_size: int, mfu: float) -> dict:
@@ -43,12 +43,13 @@ def estimate_config(cfg, gpus: int, vocab_size: int, mfu: float) -> dict:
     return estimate(model, vocab_size, layout_of(cfg, gpus), mfu)
 
 
-def recipe_row(name: str, vocab_size: int, mfu: float) -> dict:
+def recipe_row(name: str, vocab_size: int | None, mfu: float) -> dict:
+    """A recipe's estimate at `vocab_size`, or (None) its checkpoint's vocabulary or else the published one."""
     recipe = get_recipe(name)
     cfg = recipe.resolve()
     gpus = recipe.nodes * recipe.gpus_per_node
     return {"name": name, "model": cfg.model.config, "gpus": gpus, "layout": _layout_text(cfg, gpus),
-            **estimate_config(cfg, gpus, vocab_size, mfu)}
+            **estimate_config(cfg, gpus, vocab_size or recipe.vocab_size or PUBLISHED_VOCAB_SIZE, mfu)}
 
 
 def _layout_text(cfg, gpus: int) -> str:
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="a training config instead: a built-in name or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides (with --config)")
     p.add_argument("--gpus", type=positive_int, default=8, help="GPUs of a --config run (default 8)")
-    p.add_argument("--vocab-size", dest="vocab_size", type=positive_int, default=PUBLISHED_VOCAB_SIZE)
+    p.add_argument("--vocab-size", dest="vocab_size", type=positive_int,
+                   help=f"default: a recipe's checkpoint's, else {PUBLISHED_VOCAB_SIZE:,d}")
     p.add_argument("--mfu", type=fraction, default=0.4,
                    help="model FLOPs utilisation for the step time, in (0, 1] (default 0.4)")
     p.add_argument("--all", action="store_true", help="every recipe, as a markdown table")
@@ -109,13 +111,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.largest:
-            print(largest(args.vocab_size))
+            print(largest(args.vocab_size or PUBLISHED_VOCAB_SIZE))
         elif args.all:
             print(table([recipe_row(name, args.vocab_size, args.mfu) for name in RECIPES]))
         elif args.config:
             cfg = load_config(args.config, args.set)
+            vocab_size = args.vocab_size or PUBLISHED_VOCAB_SIZE
             row = {"name": args.config, "model": cfg.model.config, "gpus": args.gpus,
-                   "layout": _layout_text(cfg, args.gpus), **estimate_config(cfg, args.gpus, args.vocab_size, args.mfu)}
+                   "layout": _layout_text(cfg, args.gpus), **estimate_config(cfg, args.gpus, vocab_size, args.mfu)}
             print(table([row]))
         elif args.name:
             print(table([recipe_row(args.name, args.vocab_size, args.mfu)]))

@@ -36,8 +36,9 @@ def swiglu_mlp(config: TransformerConfig) -> MLP:
 
 
 VOCAB = 37
-# Every mixer of the table ships a tiny preset: the model tests run each of them through it.
-TINY_MODELS = [f"{name}_tiny" for name in MIXERS]
+# Every mixer of the table ships a tiny preset: the model tests run each fast-weight one, and a hybrid with attention
+# layers (attention alone, a plain transformer, runs in the mixer-table tests; the hybrid covers its layers).
+TINY_MODELS = [f"{name}_tiny" for name in MIXERS if name != "attention"] + ["hybrid_tiny"]
 
 
 def tiny_fast_weight_model(name: str, **overrides):

@@ -21,9 +21,9 @@ def _pretrain(cfg):
     return train(cfg).losses
 
 
-def pretrain_tiny(root, tmp_corpus):
-    """A tiny DeltaNet trained 2 steps on 50 documents of the byte corpus, saved in `root` (its checkpoint records
-    the byte tokenizer)."""
+def pretrain_tiny(root, tmp_corpus, model="deltanet_tiny"):
+    """A tiny model (DeltaNet by default) trained 2 steps on 50 documents of the byte corpus, saved in `root` (its
+    checkpoint records the byte tokenizer)."""
     from megatron_refine.data import write_builtin_corpus
     from megatron_refine.runtime import spawn
     from megatron_refine.training import load_config
@@ -32,5 +32,5 @@ def pretrain_tiny(root, tmp_corpus):
     spawn(_pretrain, 1, load_config("tiny-deltanet", [
         f"data.path={tmp_corpus}", "data.seq_length=64", "data.micro_batch_size=2", "data.global_batch_size=2",
         "train_steps=2", "optimizer.warmup_steps=0", f"checkpoint.save={root}", "device=cpu",
-        "logging.log_interval=100"]))
+        "logging.log_interval=100", f"model.config={model}"]))
     return str(root)

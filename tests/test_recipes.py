@@ -1,6 +1,7 @@
 """NeMo-Run recipes: every recipe resolves to a valid config and dry-runs on both executors (the bare-metal sbatch
 script has no container flag and sets the rendezvous); the CPU recipe trains through NeMo-Run's local executor with
-torchrun on 2 gloo processes; the estimator counts every preset's parameters as build_model does."""
+torchrun on 2 gloo processes; the estimator counts every preset's parameters as build_model does (hybrids
+included)."""
 
 import os
 import subprocess
@@ -43,10 +44,9 @@ def test_every_recipe_resolves_and_dry_runs_on_both_executors(name, capsys):
         assert "--rdzv-endpoint $head_node_ip:29500" in script and "--node-rank $SLURM_NODEID" in script
     assert "data.path=/" in script  # relative paths made absolute: srun runs in NeMo-Run's job folder
     if name.startswith("midtrain"):
-        from megatron_refine.models import PUBLISHED_VOCAB_SIZE
         from recipes.estimate import recipe_row
 
-        row = recipe_row(name, PUBLISHED_VOCAB_SIZE, 0.4)
+        row = recipe_row(name, None, 0.4)  # the recipe's checkpoint's vocabulary (Qwen3.5's 248,320)
         # under the 60 GiB bound, or (LaCT-3B: TP capped by its 4 fast-weight heads) with 8 GiB of an H100 to spare
         assert row["gpus"] == gpus and row["total"] <= (FIT_GIB if name != "midtrain_lact_3b" else H100_MEMORY_GIB - 8)
 
@@ -100,7 +100,6 @@ def test_the_estimator_refuses_nonsense_in_one_line(argv, message, capsys):
 
 def test_the_estimator_counts_parameters_as_build_model_does():
     from megatron_refine.models import PRESETS, get_config
-    from megatron_refine.models.summary import parameter_counts
     from megatron_refine.runtime import spawn
 
     counts = spawn(_meta_counts, 1)[0]

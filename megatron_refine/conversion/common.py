@@ -42,6 +42,9 @@ def pad_token_id(config: dict, vocab_default: int) -> int | None:
 
 def fla_model_config(cfg: FastWeightConfig, vocab_size: int, token_ids: dict, dtype: torch.dtype) -> dict:
     """The config.json fields of an fla model (`DeltaNetConfig`, `GatedDeltaNetConfig`) outside its mixer."""
+    if cfg.layernorm_zero_centered_gamma:
+        raise ValueError("this model's norms are zero-centered (layernorm_zero_centered_gamma, stored as gamma - 1), "
+                         "fla's store gamma: it does not export to an fla format")
     return {
         "max_position_embeddings": cfg.max_position_embeddings, "hidden_ratio": 4,
         "intermediate_size": cfg.ffn_hidden_size, "hidden_act": "swish", "num_hidden_layers": cfg.num_layers,

@@ -1,6 +1,7 @@
 """Megatron dist checkpoints <-> Hugging Face folders, in one CPU process: DeltaNet <-> fla's `delta_net`
 (`deltanet.py`), Gated DeltaNet <-> fla's `gated_deltanet` (`gated_deltanet.py`), LaCT <-> the authors'
-`lact_swiglu` with our modeling code shipped beside it (`lact.py`).
+`lact_swiglu` with our modeling code shipped beside it (`lact.py`), hybrids of Gated DeltaNet and attention layers <->
+transformers' `qwen3_5_text` (`qwen3_5.py`; a vision-language `qwen3_5` folder imports its language model).
 
 Export (streamed): the model is built at TP=1 PP=1 on the meta device from the checkpoint's own config (common
 state); its sharded state dict is loaded one group at a time (the embedding, each layer, the final norm, the
@@ -36,8 +37,31 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # A Hugging Face tokenizer's files (AutoTokenizer reads those present): carried by import and export alike.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+# A format module maps one Hugging Face format: a single mixer's (its MixerSpec.hf_module, for models of that mixer
+# alone) or a hybrid's (HYBRID_FORMATS, for the hybrid models its `handles(config)` accepts).
 FORMATS = {name: importlib.import_module(get_mixer(name).hf_module) for name in MIXERS if get_mixer(name).hf_module}
-MODEL_TYPES = {fmt.MODEL_TYPE: fmt for fmt in FORMATS.values()}
+HYBRID_FORMATS = (importlib.import_module("megatron_refine.conversion.qwen3_5"),)
+# config.json model_type -> format: each format's own, and those it reads or refuses by name (`READS`).
+MODEL_TYPES = {t: fmt for fmt in (*FORMATS.values(), *HYBRID_FORMATS) for t in getattr(fmt, "READS", (fmt.MODEL_TYPE,))}
+# The tensors outside the layers, Megatron name -> the format's (fla's names, unless a format has `OUTER_NAMES`).
+FLA_OUTER_NAMES = {"embedding.word_embeddings.weight": "model.embeddings.weight",
+                   "decoder.final_layernorm.weight": "model.norm.weight", "output_layer.weight": "lm_head.weight"}
+
+
+def export_format(cfg):
+    """The format module that exports a model config."""
+    if cfg.mixer in FORMATS:
+        return FORMATS[cfg.mixer]
+    for fmt in HYBRID_FORMATS:
+        if fmt.handles(cfg):
+            return fmt
+    known = ", ".join(f"{f.MODEL_TYPE} ({f.DESCRIPTION})" for f in (*FORMATS.values(), *HYBRID_FORMATS))
+    raise ValueError(f"no Hugging Face format holds a model of {'/'.join(cfg.mixers)} layers: convert-to-hf writes "
+                     f"{known}")
+
+
+def _outer_names(fmt) -> dict[str, str]:
+    return getattr(fmt, "OUTER_NAMES", FLA_OUTER_NAMES)
 
 
 def _progress(items, desc: str):
@@ -126,12 +150,16 @@ def _hf_tensors(cfg, vocab: int, load, out_dtype: torch.dtype, progress: bool = 
         group = load(prefix)
         return lambda key: group.pop(key).detach().to(out_dtype)  # each tensor is mapped once
 
-    yield {"model.embeddings.weight": getter("embedding.")("embedding.word_embeddings.weight")[:vocab]}
+    fmt = export_format(cfg)
+    outer = _outer_names(fmt)
+    embedding = "embedding.word_embeddings.weight"
+    yield {outer[embedding]: getter("embedding.")(embedding)[:vocab]}
     for i in _progress(range(cfg.num_layers), "export layers") if progress else range(cfg.num_layers):
-        yield FORMATS[cfg.mixer].layer_to_hf(cfg, i, getter(f"decoder.layers.{i}."))
-    yield {"model.norm.weight": getter("decoder.final_layernorm.")("decoder.final_layernorm.weight")}
+        yield fmt.layer_to_hf(cfg, i, getter(f"decoder.layers.{i}."))
+    norm = "decoder.final_layernorm.weight"
+    yield {outer[norm]: getter("decoder.final_layernorm.")(norm)}
     if not cfg.tie_word_embeddings:
-        yield {"lm_head.weight": getter("output_layer.")("output_layer.weight")[:vocab]}
+        yield {outer["output_layer.weight"]: getter("output_layer.")("output_layer.weight")[:vocab]}
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
@@ -304,7 +332,7 @@ def export_to_hf(load: str | Path, save: str | Path, *, iteration: int | None = 
     tok = _tokenizer(tokenizer, common)
     ids = _token_ids(tok, common)
     cfg, out_dtype = model.config, DTYPES[dtype]
-    fmt = FORMATS[cfg.mixer]
+    fmt = export_format(cfg)
     config = fmt.hf_config(cfg, vocab, ids, out_dtype)  # refuses what the format cannot express before writing
 
     meta = model.state_dict()
@@ -366,6 +394,20 @@ class _LazyTensors:
     def names(self) -> set[str]:
         return set(self.entries)
 
+    def view(self, renames: dict[str, str], skipped: dict[str, str]) -> dict[str, int]:
+        """Leave out the tensors under the `skipped` prefixes, then read those under a `renames` key under its
+        value (a wrapper's language model as the model itself). Returns {what was skipped: tensors}."""
+        left_out = {}
+        for prefix, what in skipped.items():
+            names = [name for name in self.entries if name.startswith(prefix)]
+            for name in names:
+                del self.entries[name]
+            if names:
+                left_out[what] = len(names)
+        for old, new in renames.items():
+            self.entries = {(new + k.removeprefix(old) if k.startswith(old) else k): v for k, v in self.entries.items()}
+        return left_out
+
     def split_fused_mlp(self) -> int:
         """fla before its GatedMLP took separate weights (commit b48ca31, 2025-02-09; every release from 0.1.0 has
         them) saved each MLP as one `gate_proj` [2F, h] = cat[gate | up] (`gate, y = gate_proj(x).chunk(2, -1)`)
@@ -399,7 +441,8 @@ class _LazyTensors:
 
 
 def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1, overwrite: bool = False) -> Path:
-    """A Hugging Face `delta_net`, `gated_deltanet` or `lact_swiglu` folder -> a Megatron dist checkpoint (`iter_0000000/` + marker),
+    """A Hugging Face `delta_net`, `gated_deltanet`, `lact_swiglu` or `qwen3_5_text` folder (or a `qwen3_5`
+    vision-language one: its language model) -> a Megatron dist checkpoint (`iter_0000000/` + marker),
     `model_config.yaml` and the folder's tokenizer files. `tp` / `pp` only validate the layout (the checkpoint loads
     at any). A `save` folder that holds anything (e.g. a training run's checkpoints) is refused unless `overwrite`
     (then replaced whole). Returns the checkpoint folder. Needs a single-process runtime
@@ -414,8 +457,13 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
     config = json.loads((load / "config.json").read_text())
     fmt = MODEL_TYPES.get(config.get("model_type"))
     if fmt is None:
-        known = ", ".join(f"{t!r} ({f.DESCRIPTION})" for t, f in MODEL_TYPES.items())
+        known = ", ".join(f"{f.MODEL_TYPE!r} ({f.DESCRIPTION})" for f in dict.fromkeys(MODEL_TYPES.values()))
         raise ValueError(f"config.json has model_type {config.get('model_type')!r}: convert-from-hf reads {known}")
+    renames, skipped = {}, {}
+    if hasattr(fmt, "language_model"):  # what of the folder converts (a wrapper's language model), what is left out
+        config, renames, skipped, note = fmt.language_model(config)
+        if note:
+            print(f"{load}: {note}", flush=True)
     name, overrides = fmt.megatron_model_args(config)
     cfg = get_config(name, **overrides)
     if tp < 1 or pp < 1 or cfg.num_attention_heads % tp or cfg.num_layers % pp:
@@ -433,19 +481,23 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
                              "the checkpoint does not match its tokenizer.json")
 
     tensors = _LazyTensors(load)
+    for what, count in tensors.view(renames, skipped).items():
+        print(f"{load}: {what} left out ({count} tensors): megatron-refine's model has no such part", flush=True)
     if fused := tensors.split_fused_mlp():
         print(f"{load}: {fused} MLPs in fla's layout before 2025-02 (one gate_proj [2F, h] = [gate | up], no up_proj):"
               " read as gate_proj and up_proj", flush=True)
     model = _build(name, overrides, vocab, torch.float32, meta=True)  # shapes only: weights are written per group
     cfg = model.config
-    unexpected = tensors.names() - set(fmt.hf_names(cfg)) - {"lm_head.weight"}
+    outer = _outer_names(fmt)
+    embedding, norm, head = (outer[k] for k in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
+                                                "output_layer.weight"))
+    unexpected = tensors.names() - set(fmt.hf_names(cfg)) - {head}  # a tied model's file may hold its head too
     if unexpected:
         raise ValueError(f"the Hugging Face checkpoint has tensors this config does not define: "
-                         f"{sorted(unexpected)[:5]} (a config option our {cfg.mixer} mixer lacks?)")
+                         f"{sorted(unexpected)[:5]} (a config option our {'/'.join(cfg.mixers)} layers lack?)")
     params = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     # The shape each HF tensor must have: this model's own tensors mapped to HF names, vocabulary cut.
-    expected = {"model.embeddings.weight": (vocab, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,),
-                "lm_head.weight": (vocab, cfg.hidden_size)}
+    expected = {embedding: (vocab, cfg.hidden_size), norm: (cfg.hidden_size,), head: (vocab, cfg.hidden_size)}
     for i in range(cfg.num_layers):
         expected.update({k: tuple(v.shape) for k, v in fmt.layer_to_hf(cfg, i, params.__getitem__).items()})
 
@@ -466,13 +518,12 @@ def import_from_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int =
         return out
 
     def groups():
-        yield {"embedding.word_embeddings.weight": padded("embedding.word_embeddings.weight",
-                                                          get("model.embeddings.weight"))}
+        yield {"embedding.word_embeddings.weight": padded("embedding.word_embeddings.weight", get(embedding))}
         for i in _progress(range(cfg.num_layers), "import layers"):
             yield {k: padded(k, v) for k, v in fmt.layer_from_hf(cfg, i, get).items()}
-        yield {"decoder.final_layernorm.weight": padded("decoder.final_layernorm.weight", get("model.norm.weight"))}
+        yield {"decoder.final_layernorm.weight": padded("decoder.final_layernorm.weight", get(norm))}
         if not cfg.tie_word_embeddings:
-            yield {"output_layer.weight": padded("output_layer.weight", get("lm_head.weight"))}
+            yield {"output_layer.weight": padded("output_layer.weight", get(head))}
 
     model_args = {"config": name, "overrides": overrides}
     with _replacing(save, overwrite, load) as out:

@@ -1,5 +1,5 @@
-"""DeltaNet, Gated DeltaNet and LaCT as megatron-core layer specs, the model builder, cached decoding and branch
-states."""
+"""DeltaNet, Gated DeltaNet, LaCT and attention (hybrid models' attention layers) as megatron-core layer specs, the
+model builder, cached decoding and branch states."""
 
 from megatron_refine.models.config import PRESETS, PUBLISHED_VOCAB_SIZE, FastWeightConfig, get_config
 from megatron_refine.models.deltanet import DeltaNetCache, DeltaNetMixer, DeltaNetSubmodules
@@ -17,11 +17,14 @@ from megatron_refine.models.model import (
     padded_vocab_size,
 )
 from megatron_refine.models.packing import Packing, packed_seq_params
+from megatron_refine.models.self_attention import AttentionCache, AttentionMixer
 from megatron_refine.models.specs import get_block_spec, get_layer_spec
 
 __all__ = [
     "PRESETS",
     "PUBLISHED_VOCAB_SIZE",
+    "AttentionCache",
+    "AttentionMixer",
     "BranchOutput",
     "BranchRequest",
     "ContinueRequest",

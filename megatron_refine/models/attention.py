@@ -1,4 +1,6 @@
-"""Rotary embeddings and sliding-window causal attention (LaCT's SWA), full-sequence and one step.
+"""Rotary embeddings, sliding-window causal attention (LaCT's SWA), full-sequence and one step, and full causal
+attention (hybrid models' attention layers: `causal_attention`, and `TorchDotProductAttention`, megatron-core's core
+attention interface on a CPU).
 
 `sliding_window_attention` runs FlexAttention under a sliding-window block mask on CUDA (only key blocks
 inside the window are visited: memory O(T)) and `sliding_window_attention_dense`, SDPA under a boolean mask in
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from megatron_refine.kernels.utils import compute_dtype
+from megatron_refine.models.packing import Packing
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,3 +176,36 @@ def window_attention_step(
     mask = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)[:, None, None, :]  # [N, 1, 1, W]
     o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask)  # [N, H, 1, D]
     return o[:, :, 0]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence_ids: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Causal softmax attention over whole sequences, q [B, T, H, D], k and v [B, T, G, D] with G dividing H
+    (grouped-query: query head j reads key head j // (H / G), as megatron-core and transformers).
+    sequence_ids [B, T]: packed documents, each attending only inside itself (`sliding_window_attention_dense` with
+    a window that reaches every earlier key)."""
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    if sequence_ids is None:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return o.transpose(1, 2)
+    return sliding_window_attention_dense(q, k, v, q.shape[1], sequence_ids)
+
+
+class TorchDotProductAttention(torch.nn.Module):
+    """megatron-core's core attention interface (its local `DotProductAttention` allocates on CUDA) in PyTorch:
+    causal softmax attention of [s, b, heads, dim] queries over grouped keys and values -> [s, b, heads * dim], with
+    packed documents (megatron-core's `packed_seq_params`, models/packing.py) attending only inside themselves."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str = "self", **kwargs):
+        super().__init__()
+        self.config = config
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        s, b = query.shape[:2]
+        packing = Packing.from_params(packed_seq_params, b, s)
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, ., d]
+        o = causal_attention(q, k, v, packing.sequence_ids if packing else None)
+        return o.transpose(0, 1).reshape(s, b, -1)

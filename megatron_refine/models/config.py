@@ -17,17 +17,22 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from megatron_refine.models.common import fla_intermediate_size
-from megatron_refine.models.mixers import MIXERS, get_mixer
+from megatron_refine.models.mixers import MIXERS, get_mixer, mixer_for_symbol
 
 _MIXER_FIELDS = tuple(get_mixer(name).config_fields for name in MIXERS)
 
 
 @dataclass
 class FastWeightConfig(*_MIXER_FIELDS, TransformerConfig):
-    """A TransformerConfig whose token mixer is one of `MIXERS`. `num_attention_heads` is the number of the
-    mixer's heads (DeltaNet's heads, LaCT's sliding-window attention heads)."""
+    """A TransformerConfig whose token mixer is one of `MIXERS`, or a hybrid of them. `num_attention_heads` is the
+    number of the mixer's heads (DeltaNet's heads, LaCT's sliding-window attention heads, attention's query heads;
+    Gated DeltaNet has its own `linear_*` head counts)."""
 
-    mixer: str = "deltanet"
+    mixer: str = "deltanet"  # every layer's mixer; "hybrid" when hybrid_layer_pattern gives each layer's
+    # One letter per layer (its mixer and its MLP), the mixers' `symbol`s: "G" Gated DeltaNet, "*" attention,
+    # "N" DeltaNet, "L" LaCT; e.g. Qwen3.5's "GGG*" repeated. megatron-core's hybrid patterns give the MLP a letter
+    # of its own ("G-G-G-*-"); here each layer has one. Pipeline stages split it as they split the layers.
+    hybrid_layer_pattern: str | None = None
 
     # Megatron fields with the fast-weight models' values.
     normalization: str = "RMSNorm"
@@ -54,7 +59,10 @@ class FastWeightConfig(*_MIXER_FIELDS, TransformerConfig):
         if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype  # the dtype of activations sent between stages
         tp = self.tensor_model_parallel_size
-        mixer = get_mixer(self.mixer)  # an unknown name first: the message lists the known ones
+        if self.hybrid_layer_pattern:
+            self.mixer = "hybrid"
+            self._check_pattern()
+        mixers = [get_mixer(name) for name in self.mixers]  # an unknown name first: the message lists the known ones
         heads = self.num_attention_heads
         if heads < 1 or self.hidden_size < 1 or self.num_layers < 1:
             raise ValueError("num_layers, hidden_size and num_attention_heads must be set (>= 1)")
@@ -63,8 +71,33 @@ class FastWeightConfig(*_MIXER_FIELDS, TransformerConfig):
                 f"num_attention_heads ({heads}) must be divisible by tensor_model_parallel_size ({tp}): "
                 f"use a TP size that divides {heads}, or change the head count"
             )
-        mixer.check_config(self)
+        for mixer in mixers:
+            mixer.check_config(self)
         super().__post_init__()
+
+    def _check_pattern(self) -> None:
+        pattern = self.hybrid_layer_pattern
+        if "-" in pattern or "|" in pattern:
+            raise ValueError(f"hybrid_layer_pattern {pattern!r}: each letter here is a whole layer (mixer and MLP), so "
+                             "megatron-core's MLP letter '-' and stage separator '|' do not occur: write 'GGG*' for "
+                             "its 'G-G-G-*-'; pipeline stages split the layers as for any model")
+        for symbol in set(pattern):
+            mixer_for_symbol(symbol)
+        if len(pattern) != self.num_layers:
+            raise ValueError(f"hybrid_layer_pattern has {len(pattern)} layers, num_layers is {self.num_layers}: give "
+                             "one letter per layer")
+
+    @property
+    def layer_mixers(self) -> tuple[str, ...]:
+        """Each layer's mixer name, in order."""
+        if self.hybrid_layer_pattern:
+            return tuple(mixer_for_symbol(symbol) for symbol in self.hybrid_layer_pattern)
+        return (self.mixer,) * self.num_layers
+
+    @property
+    def mixers(self) -> tuple[str, ...]:
+        """The distinct mixers of the model, in the order they first occur."""
+        return tuple(dict.fromkeys(self.layer_mixers))
 
     @property
     def attention_head_dim(self) -> int:

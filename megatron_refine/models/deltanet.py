@@ -317,8 +317,9 @@ PRESETS = {
 
 MIXER = MixerSpec(
     name="deltanet",
-    module_spec=lambda column, row: ModuleSpec(
-        module=DeltaNetMixer, submodules=DeltaNetSubmodules(in_proj=column, out_proj=row)),
+    symbol="N",
+    module_spec=lambda backend: ModuleSpec(
+        module=DeltaNetMixer, submodules=DeltaNetSubmodules(in_proj=backend.column, out_proj=backend.row)),
     check_config=check_deltanet_config,
     parameter_count=deltanet_parameter_count,
     activation_bytes=deltanet_activation_bytes,

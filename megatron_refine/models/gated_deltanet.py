@@ -161,11 +161,6 @@ def check_gated_deltanet_config(config: FastWeightConfig) -> None:
     unset = [name for name, value in layout.items() if value is None or value < 1]
     if unset:
         raise ValueError(f"Gated DeltaNet needs {', '.join(unset)} set (>= 1)")
-    if c.num_attention_heads != c.linear_num_value_heads:
-        raise ValueError(
-            f"num_attention_heads ({c.num_attention_heads}) must equal linear_num_value_heads "
-            f"({c.linear_num_value_heads}) for the gated_deltanet mixer: set both to the value head count"
-        )
     if c.linear_num_value_heads % c.linear_num_key_heads != 0:
         raise ValueError(
             f"linear_num_value_heads ({c.linear_num_value_heads}) must be a multiple of linear_num_key_heads "
@@ -236,8 +231,9 @@ PRESETS = {
 
 MIXER = MixerSpec(
     name="gated_deltanet",
-    module_spec=lambda column, row: ModuleSpec(
-        module=GatedDeltaNetMixer, submodules=GatedDeltaNetSubmodules(in_proj=column, out_proj=row)),
+    symbol="G",
+    module_spec=lambda backend: ModuleSpec(
+        module=GatedDeltaNetMixer, submodules=GatedDeltaNetSubmodules(in_proj=backend.column, out_proj=backend.row)),
     check_config=check_gated_deltanet_config,
     parameter_count=gated_deltanet_parameter_count,
     activation_bytes=gated_deltanet_activation_bytes,

@@ -11,7 +11,9 @@ A mixer runs in one of five ways, chosen by the request the model sets on it for
 - `DecodeRequest(cache)`: one token per row; each mixer reads and replaces its layer's entry in the cache;
 - `ContinueRequest(cache)`: the training forward over [N, L] new tokens, each row starting from the cache's
   state (the chunked kernels with initial states, not the decode step). The cache is left as it was.
-Every cache tensor has the rows as its first dimension, so caches can be indexed and repeated per row.
+Every cache tensor has the rows as its first dimension, so caches can be indexed and repeated per row, unless the
+layer's cache says otherwise by defining `select(rows)` and `repeat_interleave(n)` itself (an attention layer's
+cache shares one forward's keys and values among the rows that branch from it).
 
 Why an attribute (`mixer.request`, set by `FastWeightGPTModel._request` for one call and cleared after), not an
 argument: the mixers are called by megatron-core's TransformerBlock and TransformerLayer, whose only inference
@@ -53,11 +55,17 @@ class InferenceCache:
         return self.positions.shape[0]
 
     def select(self, rows: torch.Tensor) -> "InferenceCache":
-        return map_tensors(self, lambda t: t[rows])
+        return self._rows(lambda t: t[rows], lambda cache: cache.select(rows))
 
     def repeat_interleave(self, n: int) -> "InferenceCache":
         """Each row n times in a row (n rollouts per branch)."""
-        return map_tensors(self, lambda t: t.repeat_interleave(n, dim=0))
+        return self._rows(lambda t: t.repeat_interleave(n, dim=0), lambda cache: cache.repeat_interleave(n))
+
+    def _rows(self, fn, own) -> "InferenceCache":
+        """fn applied to every row-first tensor; a layer cache that defines its own row operations runs `own`."""
+        layers = {number: own(cache) if hasattr(cache, "repeat_interleave") else map_tensors(cache, fn)
+                  for number, cache in self.layers.items()}
+        return InferenceCache(fn(self.positions), layers)
 
     def detach(self) -> "InferenceCache":
         return map_tensors(self, torch.Tensor.detach)

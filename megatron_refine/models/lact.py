@@ -373,7 +373,9 @@ PRESETS = {
 
 MIXER = MixerSpec(
     name="lact",
-    module_spec=lambda column, row: ModuleSpec(module=LaCTMixer, submodules=LaCTSubmodules(in_proj=column, out_proj=row)),
+    symbol="L",
+    module_spec=lambda backend: ModuleSpec(
+        module=LaCTMixer, submodules=LaCTSubmodules(in_proj=backend.column, out_proj=backend.row)),
     check_config=check_lact_config,
     parameter_count=lact_parameter_count,
     activation_bytes=lact_activation_bytes,

@@ -20,15 +20,26 @@ if TYPE_CHECKING:  # the mixer modules import the config, which checks itself th
     from megatron_refine.models.config import FastWeightConfig
 
 MIXER_MODULES = {"deltanet": "megatron_refine.models.deltanet", "lact": "megatron_refine.models.lact",
-                 "gated_deltanet": "megatron_refine.models.gated_deltanet"}
+                 "gated_deltanet": "megatron_refine.models.gated_deltanet",
+                 "attention": "megatron_refine.models.self_attention"}
 MIXERS = tuple(MIXER_MODULES)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The modules a layer spec is built from: megatron-core's local ones on a CPU, Transformer Engine's on CUDA."""
+
+    column: type  # column-parallel linear
+    row: type  # row-parallel linear
+    norm: type  # RMSNorm of the residual stream (and of attention's queries and keys)
+    core_attention: type  # softmax attention over [s, b, heads, dim]
 
 
 @dataclass(frozen=True)
 class MixerSpec:
     name: str
-    # (column-parallel linear, row-parallel linear) of the backend (local or TE) -> the mixer's ModuleSpec
-    module_spec: Callable[[type, type], ModuleSpec]
+    symbol: str  # its letter in a hybrid model's `hybrid_layer_pattern` (megatron-core's where it has one)
+    module_spec: Callable[[Backend], ModuleSpec]  # the backend's modules (local or TE) -> the mixer's ModuleSpec
     check_config: Callable[[FastWeightConfig], None]  # raises ValueError naming the fix
     parameter_count: Callable[[FastWeightConfig], int]  # one layer's mixer at TP=1
     activation_bytes: Callable[[FastWeightConfig], float]  # what a layer's mixer keeps for its backward, per token
@@ -44,13 +55,29 @@ class MixerSpec:
     parameter_order_changed: bool = False
     uses_muon: Callable[[FastWeightConfig], bool] = lambda config: False  # fast-weight updates with Newton-Schulz
     fla_layer: str | None = None  # the fla layer it reproduces: the parity tests' and benchmarks' reference
+    # What a row's decoding state grows by per token of context (attention's keys and values); 0 for a fixed state.
+    cache_values: Callable[[FastWeightConfig], int] = lambda config: 0
+    # (config, context, k) -> bytes one REFINE branch row's scoring forward over k tokens keeps for its backward that
+    # grow with the prefix it reads (attention's probabilities over it); 0 for a fixed state (`state_values` counts).
+    branch_row_bytes: Callable[[FastWeightConfig, int, int], float] = lambda config, context, k: 0.0
 
 
 def get_mixer(name: str) -> MixerSpec:
     """The table's entry for a mixer name (FastWeightConfig.mixer)."""
     if name not in MIXER_MODULES:
-        raise ValueError(f"mixer must be one of {MIXERS}, got {name!r} (megatron_refine/models/mixers.py lists them)")
+        raise ValueError(f"mixer must be one of {MIXERS}, got {name!r} (megatron_refine/models/mixers.py lists them; a "
+                         "hybrid model sets hybrid_layer_pattern, one mixer letter per layer)")
     return importlib.import_module(MIXER_MODULES[name]).MIXER
 
 
-__all__ = ["MIXERS", "MIXER_MODULES", "MixerSpec", "get_mixer"]
+def mixer_for_symbol(symbol: str) -> str:
+    """The mixer a `hybrid_layer_pattern` letter stands for."""
+    for name in MIXERS:
+        if get_mixer(name).symbol == symbol:
+            return name
+    known = ", ".join(f"{get_mixer(name).symbol!r} {name}" for name in MIXERS)
+    raise ValueError(f"unknown layer symbol {symbol!r} in hybrid_layer_pattern: each letter is one layer (its mixer and "
+                     f"MLP): {known}")
+
+
+__all__ = ["Backend", "MIXERS", "MIXER_MODULES", "MixerSpec", "get_mixer", "mixer_for_symbol"]

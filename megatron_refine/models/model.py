@@ -86,6 +86,13 @@ class FastWeightGPTModel(GPTModel):
         if self.pre_process and config.pad_token_id is not None:
             self.embedding.register_forward_hook(self._freeze_pad_lookups, with_kwargs=True)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """GPTModel's; a hybrid's layers differ, so each is saved under its own number (megatron-core's
+        `non_homogeneous_layers` keys, decoder.layers.{i}.*) instead of stacked along a layer axis."""
+        if self.config.hybrid_layer_pattern:
+            metadata = {**(metadata or {}), "non_homogeneous_layers": True}
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
     def _freeze_pad_lookups(self, embedding, args, kwargs, output):
         """The embedding [s(/t), b, h] of each pad token detached: its row's gradient comes only from the output
         layer (when tied), as nn.Embedding(padding_idx=pad_token_id) gives HF models."""

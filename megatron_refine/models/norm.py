@@ -2,7 +2,10 @@
 
 `RMSNorm` is the layer norm of the residual stream (input, pre-MLP and final norms). Under sequence
 parallelism it sees only this rank's slice of the sequence, so its weight is marked `sequence_parallel`
-and Megatron all-reduces its gradient over TP (megatron-core's WrappedTorchNorm refuses SP).
+and Megatron all-reduces its gradient over TP (megatron-core's WrappedTorchNorm refuses SP). It is also
+attention's q / k norm (over the head dim), whose gradient megatron-core all-reduces over TP by their names
+under `qk_layernorm`. With `layernorm_zero_centered_gamma` (Qwen3-Next / Qwen3.5's norms) the weight is stored
+as gamma - 1, starts at zero, and scales by (1 + weight), as TE's `zero_centered_gamma`.
 
 `HeadRMSNorm` normalises each head's output inside a mixer (DeltaNet's o_norm, LaCT's ttt_norm): one
 weight of the head dim shared by all heads. Each TP rank holds a subset of the heads, so the weight is
@@ -19,24 +22,28 @@ from megatron.core.transformer import TransformerConfig
 from megatron_refine.kernels.utils import compute_dtype
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = x / rms(x) * weight, computed in fp32 (fp64 kept), returned in x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:
+    """y = x / rms(x) * weight (or * (1 + weight), zero-centered), computed in fp32 (fp64 kept), returned in x's
+    dtype."""
     acc = compute_dtype(x)
     xf = x.to(acc)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.to(acc)).to(x.dtype)
+    w = weight.to(acc)
+    return (y * (1.0 + w if zero_centered else w)).to(x.dtype)
 
 
 class RMSNorm(torch.nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.zero_centered = config.layernorm_zero_centered_gamma
+        init = torch.zeros if self.zero_centered else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
         if config.sequence_parallel:
             self.weight.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.zero_centered)
 
 
 class HeadRMSNorm(torch.nn.Module):

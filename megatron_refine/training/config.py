@@ -277,6 +277,12 @@ NAMED_CONFIGS: dict[str, dict] = {
     # Gated DeltaNet at fla's 1.3B layout, under the paper's DeltaNet protocol (the paper has no GDN run)
     "refine-mid-gated-deltanet-1p3b": {"model": {"config": "gated_deltanet_1p3b"}, **_PAPER_MID, **_REFINE_MID},
     "ntp-mid-gated-deltanet-1p3b": {"model": {"config": "gated_deltanet_1p3b"}, **_PAPER_MID},
+    # Hybrids: a tiny one for a CPU, and the paper's mid-training protocol on Qwen3.5's text models (from their
+    # converted checkpoints: convert-from-hf)
+    "tiny-hybrid": {"model": {"config": "hybrid_tiny"}},
+    **{f"{name}-mid-{model.replace('_', '-')}": {"model": {"config": model}, **_PAPER_MID, **stage}
+       for name, stage in (("refine", _REFINE_MID), ("ntp", {}))
+       for model in ("qwen3_5_0p8b", "qwen3_5_2b", "qwen3_5_4b", "qwen3_5_9b")},
     **{f"{name}-post-{model.replace('_', '-')}": {"model": {"config": model}, **_PAPER_POST, "prompt_update": update}
        for name, update in (("refine", "refine"), ("ntp", "ntp"), ("sft", "none"))
        for model in ("deltanet_1p3b", "lact_760m", "gated_deltanet_1p3b")},

@@ -25,6 +25,15 @@ keeps its own bf16 copies of k, v and beta and fla's per-chunk matrix A (64 valu
 prefix (`deltanet_branch_bytes`; off CUDA the PyTorch chunked path keeps more, `deltanet_reference_bytes`); the
 decoder holds n_chunks x n rollout states per layer. REFINE cannot use activation recomputation
 (`TrainConfig.validate` refuses it: a recomputed layer would detach the branch states it leaves beside its output).
+
+Hybrid models (`hybrid_layer_pattern`) sum every figure over their layers, each layer its own mixer's entry (a
+pipeline stage: its own layers). An attention layer's NTP activations per token are constant (a flash-attention
+kernel), but its decoding state is every earlier token's key and value (`cache_values` a token). REFINE's branch cache
+of a position is the forward's own keys and values, shared by every branch and rollout of the row (nothing copied);
+what grows with T is the scoring forward's attention probabilities over that prefix, per branch row (B x n_chunks x
+n rows, `branch_row_bytes`: `branch_rows_bytes`). An evaluation's decoding caches grow with its context
+(`decoding_cache_bytes`); a fast-weight layer's state does not.
+
 The step time is 6 P FLOPs a token (forward + backward; the fast-weight kernels and the logits add a
 few percent) at a given MFU of the GPU's dense bf16 peak.
 """
@@ -45,25 +54,48 @@ H100_MEMORY_GIB = 80
 FIT_GIB = 60
 
 
-def parameter_count(config: FastWeightConfig, vocab_size: int) -> dict[str, int]:
-    """{'total', 'embedding', 'output_layer', 'per_layer', 'non_embedding'} of the model at TP=1, PP=1."""
+def layer_parameter_counts(config: FastWeightConfig) -> tuple[int, ...]:
+    """Each layer's parameters (its mixer, its two norms and its SwiGLU MLP) at TP=1."""
     c, h = config, config.hidden_size
     norms_and_mlp = 2 * h + h * 2 * c.ffn_hidden_size + c.ffn_hidden_size * h  # SwiGLU fc1 fuses gate and up
-    mixer = get_mixer(c.mixer).parameter_count(c)
-    per_layer = mixer + norms_and_mlp
+    return tuple(get_mixer(name).parameter_count(c) + norms_and_mlp for name in c.layer_mixers)
+
+
+def parameter_count(config: FastWeightConfig, vocab_size: int) -> dict[str, int]:
+    """{'total', 'embedding', 'output_layer', 'per_layer' (the first layer's, as models/summary.py counts it),
+    'non_embedding'} of the model at TP=1, PP=1."""
+    c, h, layers = config, config.hidden_size, layer_parameter_counts(config)
     embedding = output = vocab_size * h
-    non_embedding = c.num_layers * per_layer + h
+    non_embedding = sum(layers) + h
     return {"total": non_embedding + embedding + output * (not c.tie_word_embeddings), "embedding": embedding,
-            "output_layer": output * (not c.tie_word_embeddings), "per_layer": per_layer, "non_embedding": non_embedding}
+            "output_layer": output * (not c.tie_word_embeddings), "per_layer": layers[0],
+            "non_embedding": non_embedding}
 
 
-def layer_activation_bytes(config: FastWeightConfig, seq_length: int) -> float:
-    """Bytes a layer keeps for its backward per token (TP=1; see the module docstring)."""
+def layer_activation_bytes(config: FastWeightConfig, seq_length: int) -> tuple[float, ...]:
+    """Bytes each layer keeps for its backward per token (TP=1; see the module docstring)."""
     c, h, ffn = config, config.hidden_size, config.ffn_hidden_size
     # bf16: the norm's input, fc1's input, fc1's output (gate, up), SiLU's input, the product's two inputs, fc2's
     # input (2h + 6 ffn values: what megatron-core's SwiGLU MLP keeps, counted with saved-tensor hooks on a CPU).
     mlp = 2 * (2 * h + 6 * ffn)
-    return get_mixer(c.mixer).activation_bytes(c) + mlp
+    return tuple(get_mixer(name).activation_bytes(c) + mlp for name in c.layer_mixers)
+
+
+def branch_rows_bytes(config: FastWeightConfig, rows: int, seq_length: int, k: int) -> tuple[float, ...]:
+    """Each layer's part of REFINE that grows with the length, at TP=1, for `rows` branch rows (documents x positions
+    x rollouts) whose positions lie up to `seq_length` into their row, scored over `k` rollout tokens (attention's
+    probabilities over the shared prefix). Zero for a fixed-size state."""
+    return tuple(rows * get_mixer(name).branch_row_bytes(config, seq_length, k) for name in config.layer_mixers)
+
+
+def decoding_cache_bytes(config: FastWeightConfig, rows: int, context: int, tensor_model_parallel_size: int = 1
+                         ) -> float:
+    """The decoding cache of `rows` sequences after `context` tokens, over all layers, per GPU: the fast-weight
+    states (fp32, fixed) and attention's keys and values (bf16, growing with the context)."""
+    c = config
+    per_row = sum(4 * get_mixer(name).state_values(c) + 2 * context * get_mixer(name).cache_values(c)
+                  for name in c.layer_mixers)
+    return rows * per_row / tensor_model_parallel_size
 
 
 @dataclass
@@ -81,25 +113,36 @@ class Layout:
     refine: bool = False
     n_chunks: int = 8
     rollouts: int = 1
+    k: int = 5  # rollout tokens
 
     @property
     def data_parallel_size(self) -> int:
         return self.gpus // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
 
 
+def _stages(values: tuple[float, ...], pp: int) -> float:
+    """The largest sum over a pipeline stage of per-layer values (megatron-core's even split of the layers)."""
+    size = -(-len(values) // pp)
+    return max(sum(values[i:i + size]) for i in range(0, len(values), size))
+
+
 def estimate(config: FastWeightConfig, vocab_size: int, layout: Layout, mfu: float = 0.4,
              peak_flops: float = H100_BF16_FLOPS) -> dict[str, float]:
-    """Per-GPU memory (GiB) of each part, its total, tokens per step and the step time at `mfu`."""
+    """Per-GPU memory (GiB) of each part, its total, tokens per step and the step time at `mfu`; `branch_rows` is the
+    part of `refine` that grows with the length per branch row (`branch_rows_bytes`)."""
     tp, pp, dp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.data_parallel_size
     counts = parameter_count(config, vocab_size)
     # The fullest pipeline stage: its share of the layers and the embedding or the output layer.
     layers = -(-config.num_layers // pp)
-    params = (layers * counts["per_layer"] + max(counts["embedding"], counts["output_layer"])
+    params = (_stages(layer_parameter_counts(config), pp) + max(counts["embedding"], counts["output_layer"])
               * (1 if pp > 1 else 2)) / tp
     tokens = layout.micro_batch_size * layout.seq_length
     split = tp if layout.sequence_parallel else 1
-    per_layer = layer_activation_bytes(config, layout.seq_length) * tokens / split
-    kept = layers * 2 * config.hidden_size * tokens / split + per_layer if layout.recompute else layers * per_layer
+    activations = layer_activation_bytes(config, layout.seq_length)
+    if layout.recompute:
+        kept = layers * 2 * config.hidden_size * tokens / split + max(activations) * tokens / split
+    else:
+        kept = _stages(activations, pp) * tokens / split
     logits = 6 * vocab_size / tp * tokens  # bf16 logits, fp32 softmax
     out = {
         "parameters": counts["total"],
@@ -108,18 +151,22 @@ def estimate(config: FastWeightConfig, vocab_size: int, layout: Layout, mfu: flo
         "optimizer": 12 * params / dp / GIB,
         "activations": (kept + logits) / GIB,
         "refine": 0.0,
+        "branch_rows": 0.0,
     }
     if layout.refine:
-        mixer = get_mixer(config.mixer)
-        branch = layers * tokens * mixer.branch_bytes(config) / tp  # the chain over (about) the whole row
-        state = mixer.state_values(config)
-        decode = layers * layout.micro_batch_size * layout.n_chunks * layout.rollouts * state * 4 / tp
-        out["refine"] = (branch + decode) / GIB
+        mixers = [get_mixer(name) for name in config.layer_mixers]
+        branch = tuple(tokens * m.branch_bytes(config) / tp for m in mixers)  # the chain over (about) the whole row
+        rows = layout.micro_batch_size * layout.n_chunks * layout.rollouts
+        decode = tuple(rows * m.state_values(config) * 4 / tp for m in mixers)
+        grows = tuple(b / tp for b in branch_rows_bytes(config, rows, layout.seq_length, layout.k))
+        out["branch_rows"] = _stages(grows, pp) / GIB
+        out["refine"] = _stages(tuple(map(sum, zip(branch, decode, grows))), pp) / GIB
     out["total"] = sum(out[k] for k in ("weights", "gradients", "optimizer", "activations", "refine"))
     out["tokens_per_step"] = layout.global_batch_size * layout.seq_length
     out["step_seconds"] = 6 * counts["total"] * out["tokens_per_step"] / (mfu * peak_flops * layout.gpus)
     return out
 
 
-__all__ = ["FIT_GIB", "GIB", "H100_BF16_FLOPS", "H100_MEMORY_GIB", "Layout", "deltanet_branch_bytes",
-           "deltanet_reference_bytes", "estimate", "layer_activation_bytes", "parameter_count"]
+__all__ = ["FIT_GIB", "GIB", "H100_BF16_FLOPS", "H100_MEMORY_GIB", "Layout", "branch_rows_bytes",
+           "decoding_cache_bytes", "deltanet_branch_bytes", "deltanet_reference_bytes", "estimate",
+           "layer_activation_bytes", "layer_parameter_counts", "parameter_count"]

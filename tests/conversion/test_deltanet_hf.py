@@ -175,6 +175,18 @@ def test_fla_checkpoint_imports_finetunes_and_exports(corpus, tmp_path):
     spawn(_fla_checkpoint_imports_and_finetunes, 1, corpus, tmp_path)
 
 
+def assert_import_refused(folder, config: dict, message: str, tokens: int | None = None) -> None:
+    """A folder of config.json `config` (its "tp" / "pp" keys: the import's layout) and, given `tokens`, a tokenizer
+    of that many tokens: convert-from-hf refuses it with `message`."""
+    config = dict(config)
+    layout = {k: config.pop(k) for k in ("tp", "pp") if k in config}
+    (folder / "config.json").write_text(json.dumps(config))
+    if tokens is not None:
+        _word_tokenizer(folder / "tokenizer.json", tokens)
+    with pytest.raises(ValueError, match=message):
+        import_from_hf(folder, folder / "out", **layout)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "llama"}, r"model_type 'llama': convert-from-hf reads 'delta_net' \(fla's DeltaNet\)"),
     ({"attn": {"layers": [1], "num_heads": 2}}, r"sets attn=.*hybrid softmax-attention layers"),
@@ -185,12 +197,7 @@ def test_fla_checkpoint_imports_finetunes_and_exports(corpus, tmp_path):
     ({"vocab_size": 10}, r"vocab_size 10 is smaller than its tokenizer's 12 tokens"),
 ])
 def test_bad_hugging_face_inputs_are_named(tmp_path, change, message):
-    layout = {k: change.pop(k) for k in ("tp", "pp") if k in change}
-    config = {"model_type": "delta_net", **FLA_CONFIG, **change}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    _word_tokenizer(tmp_path / "tokenizer.json", 12)
-    with pytest.raises(ValueError, match=message):
-        import_from_hf(tmp_path, tmp_path / "out", **layout)
+    assert_import_refused(tmp_path, {"model_type": "delta_net", **FLA_CONFIG, **change}, message, tokens=12)
 
 
 def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path):
@@ -203,4 +210,5 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
         "megatron-refine: error: config.json has model_type 'mamba': convert-from-hf reads 'delta_net' (fla's "
-        "DeltaNet), 'lact_swiglu' (the LaCT authors' model), 'gated_deltanet' (fla's Gated DeltaNet)")
+        "DeltaNet), 'lact_swiglu' (the LaCT authors' model), 'gated_deltanet' (fla's Gated DeltaNet), 'qwen3_5_text' "
+        "(Qwen3.5's text model, also inside a vision-language 'qwen3_5' folder)")

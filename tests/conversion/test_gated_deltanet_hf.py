@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from prompt_data import write_qa
-from test_deltanet_hf import _megatron_model, assert_round_trip_bitwise
+from test_deltanet_hf import _megatron_model, assert_import_refused, assert_round_trip_bitwise
 
 from megatron_refine.runtime import initialize, spawn
 
@@ -154,12 +154,7 @@ def test_fla_checkpoint_imports_refine_trains_at_tp2_sp_evaluates_and_exports(co
     ({"tp": 8}, r"--tp 8 --pp 1 does not divide the model's 4 heads"),
 ])
 def test_bad_hugging_face_inputs_are_named(tmp_path, change, message):
-    from megatron_refine.conversion import import_from_hf
-
-    layout = {k: change.pop(k) for k in ("tp",) if k in change}
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gated_deltanet", **FLA_CONFIG, **change}))
-    with pytest.raises(ValueError, match=message):
-        import_from_hf(tmp_path, tmp_path / "out", **layout)
+    assert_import_refused(tmp_path, {"model_type": "gated_deltanet", **FLA_CONFIG, **change}, message)
 
 
 def test_value_head_dims_round_trip_through_expand_v():

@@ -214,13 +214,9 @@ def test_cached_decoding_keeps_a_bounded_state(tmp_path):
     ({"vocab_size": 10}, r"vocab_size 10 is smaller than its tokenizer's 12 tokens"),
 ])
 def test_bad_lact_inputs_are_named(tmp_path, change, message):
-    from test_deltanet_hf import _word_tokenizer
+    from test_deltanet_hf import assert_import_refused
 
-    layout = {k: change.pop(k) for k in ("tp", "pp") if k in change}
-    (tmp_path / "config.json").write_text(json.dumps({**AUTHORS_CONFIG, **change}))
-    _word_tokenizer(tmp_path / "tokenizer.json", 12)
-    with pytest.raises(ValueError, match=message):
-        import_from_hf(tmp_path, tmp_path / "out", **layout)
+    assert_import_refused(tmp_path, {**AUTHORS_CONFIG, **change}, message, tokens=12)
 
 
 def test_shipped_code_refuses_padding_and_unsupported_options():

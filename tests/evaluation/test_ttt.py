@@ -22,6 +22,12 @@ def pretrained(tmp_path_factory):
     return pretrain_tiny(tmp_path_factory.mktemp("pretrained"), tmp_path_factory.mktemp("corpus"))
 
 
+@pytest.fixture(scope="module")
+def pretrained_hybrid(tmp_path_factory):
+    """A tiny Gated DeltaNet + attention hybrid."""
+    return pretrain_tiny(tmp_path_factory.mktemp("hybrid"), tmp_path_factory.mktemp("corpus"), "hybrid_tiny")
+
+
 def _args(load, data, out, *sets, ttt="refine", reset="batch", tp=1):
     from megatron_refine.evaluation.runner import EvalArgs
     from megatron_refine.evaluation.ttt import ttt_fields
@@ -159,6 +165,17 @@ def test_ttt_on_two_ranks_equals_one(pretrained, tmp_path, nproc, tp):
           *(["data.micro_batch_size=2"] if tp == 1 else []))
     one, two = _predictions(tmp_path / "one"), _predictions(tmp_path / "two")
     assert len(one) == 10 and one == two
+
+
+@pytest.mark.parametrize("nproc, tp", [(2, 1), (2, 2)], ids=["dp2", "tp2-sp"])
+def test_ttt_on_a_hybrid_on_two_ranks_equals_one(pretrained_hybrid, tmp_path, nproc, tp):
+    """Test-time REFINE on a Gated DeltaNet + attention hybrid: the same answers on two ranks as on one."""
+    data = write_qa(tmp_path / "qa.jsonl", n=6)
+    spawn(_partial_and_layout, 1, pretrained_hybrid, data, tmp_path / "one", 1, *GREEDY)
+    spawn(_partial_and_layout, nproc, pretrained_hybrid, data, tmp_path / "two", tp, *GREEDY,
+          *(["data.micro_batch_size=2"] if tp == 1 else []))
+    one, two = _predictions(tmp_path / "one"), _predictions(tmp_path / "two")
+    assert len(one) == 6 and one == two
 
 
 def test_cli_ttt_prints_the_table_beside_no_ttt(pretrained, tmp_path):

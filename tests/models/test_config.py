@@ -26,6 +26,13 @@ def test_fla_default_mlp_width():
         ("deltanet_tiny", dict(mixer="mamba"), "mixer must be one of"),
         ("deltanet_tiny", dict(hidden_sizes=3), r"unknown config fields \['hidden_sizes'\]"),
         ("deltanet_2b", {}, "unknown model config 'deltanet_2b'"),
+        ("hybrid_tiny", dict(hybrid_layer_pattern="G-*-"), r"write 'GGG\*' for its 'G-G-G-\*-'"),
+        ("hybrid_tiny", dict(hybrid_layer_pattern="GM*G"), r"unknown layer symbol 'M' .*'G' gated_deltanet, '\*' attention"),
+        ("hybrid_tiny", dict(hybrid_layer_pattern="GG*"), r"hybrid_layer_pattern has 3 layers, num_layers is 4"),
+        ("hybrid_tiny", dict(num_query_groups=3), r"num_attention_heads \(4\) must be a multiple of num_query_groups \(3\)"),
+        ("hybrid_tiny", dict(num_query_groups=1, tensor_model_parallel_size=2), r"num_query_groups \(1\) must be divisible by tensor_model_parallel_size \(2\)"),
+        ("hybrid_tiny", dict(rotary_percent=0.1), r"rotary_percent \(0.1\) must be in \(0, 1\] and rotate an even number"),
+        ("attention_tiny", dict(mixer="hybrid"), "a hybrid model sets hybrid_layer_pattern"),
     ],
 )
 def test_bad_configs_say_what_to_change(name, overrides, message):
@@ -33,10 +40,17 @@ def test_bad_configs_say_what_to_change(name, overrides, message):
         get_config(name, **overrides)
 
 
+def test_a_hybrid_pattern_gives_each_layer_its_mixer():
+    config = get_config("hybrid_tiny", num_layers=8, hybrid_layer_pattern="GGG*GGG*")
+    assert config.mixer == "hybrid" and config.mixers == ("gated_deltanet", "attention")
+    assert config.layer_mixers == ("gated_deltanet",) * 3 + ("attention",) + ("gated_deltanet",) * 3 + ("attention",)
+    assert get_config("gated_deltanet_tiny").layer_mixers == ("gated_deltanet",) * 2
+
+
 def test_presets_build_their_configs():
     for name in PRESETS:
         config = get_config(name)
-        assert config.mixer in MIXERS
+        assert config.mixers and all(mixer in MIXERS for mixer in config.mixers)
         assert config.add_bias_linear is False and config.layernorm_epsilon == 1e-6
     assert get_config("deltanet_1p3b").ffn_hidden_size == 5632
 

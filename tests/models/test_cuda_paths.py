@@ -37,7 +37,7 @@ def _te_matches_local(name, root):
 
 
 @pytest.mark.skipif(not te_available(), reason="needs Transformer Engine")
-@pytest.mark.parametrize("name", ["deltanet_tiny", "lact_tiny"])
+@pytest.mark.parametrize("name", ["deltanet_tiny", "lact_tiny", "hybrid_tiny"])
 def test_te_spec_matches_local_spec_in_bf16(name, tmp_path):
     spawn(_te_matches_local, 1, name, tmp_path)
 
@@ -58,6 +58,26 @@ def _fla_path_matches_reference():
 
 def test_deltanet_model_with_fla_kernels_matches_reference_path_in_bf16():
     spawn(_fla_path_matches_reference, 1)
+
+
+def _hybrid_branches_continue_the_forward():
+    initialize(seed=3, device="cuda")
+    model = _bf16_model("hybrid_tiny", use_te=False)  # fla's gated kernel, SDPA attention, bf16
+    ids = token_batch(2, 256).cuda()
+    positions = torch.tensor([[10, 100, 200], [5, 150, 240]]).cuda()
+    with torch.no_grad():
+        out = model.forward_with_branch_states(ids)
+        rows = [(b, p) for b in range(2) for p in positions[b].tolist()]
+        continuation = torch.stack([ids[b, p + 1 : p + 6] for b, p in rows])
+        logits, _ = model.forward_from_cache(continuation, out.states_after(positions))
+        expected = torch.stack([out.logits[b, p + 1 : p + 6] for b, p in rows])
+    vocab = slice(0, VOCAB)
+    torch.testing.assert_close(logits[..., vocab].float(), expected[..., vocab].float(), atol=5e-2, rtol=5e-2)
+
+
+def test_hybrid_branches_continue_the_forward_in_bf16():
+    """Gated DeltaNet states from fla's kernel and attention's shared prefix keys and values, on CUDA in bf16."""
+    spawn(_hybrid_branches_continue_the_forward, 1)
 
 
 def _packed_fla_path_matches_reference():

@@ -82,9 +82,10 @@ def _branch_gradients_equal_prefix_rerun(name):
     torch.testing.assert_close(logits, rerun, atol=2e-5, rtol=1e-4)
     rerun_grads = torch.autograd.grad((rerun * weights).sum(), params, allow_unused=True)
     assert_gradients_close(model, branch_grads, rerun_grads)
-    # The loss reaches the prefix's memory writes: the mixers' input projections of every layer get gradient.
+    # The loss reaches the prefix's memory writes (fast-weight states, attention's keys and values): the mixers'
+    # input projections of every layer get gradient.
     names = [n for n, _ in model.named_parameters()]
-    projections = [g for n, g in zip(names, branch_grads) if n.endswith("in_proj.weight")]
+    projections = [g for n, g in zip(names, branch_grads) if n.endswith(("in_proj.weight", "linear_qkv.weight"))]
     assert len(projections) == model.config.num_layers and all(g.abs().max() > 0 for g in projections)
 
 

@@ -10,6 +10,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron_modules import TINY_MODELS, tiny_fast_weight_model, token_batch
 
+from megatron_refine.models import get_layer_spec
 from megatron_refine.runtime import initialize, spawn
 from megatron_refine.training.checkpointing import start_write_results_queue
 
@@ -32,10 +33,14 @@ def _loss_and_grads(model, ids):
     """Mean LM loss on ids [B, T+1] (labels = next tokens); gradients as finalize_model_grads leaves them."""
     loss = model(ids[:, :T], None, None, labels=ids[:, 1:]).mean()
     loss.backward()
-    if model.config.sequence_parallel:  # what Megatron's finalize_model_grads does for SP-marked weights
-        for p in model.parameters():
-            if getattr(p, "sequence_parallel", False) and p.grad is not None:
-                torch.distributed.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
+    # What Megatron's finalize_model_grads sums over TP: SP-marked weights, and attention's q / k norms
+    # (qk_layernorm), which each TP rank applies to its own heads.
+    c = model.config
+    for n, p in model.named_parameters():
+        summed = (c.sequence_parallel and getattr(p, "sequence_parallel", False)) or (
+            c.qk_layernorm and ("q_layernorm" in n or "k_layernorm" in n))
+        if summed and p.grad is not None and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
     return loss.detach()
 
 
@@ -90,9 +95,15 @@ def _pipeline(name, root):
     _load(model, root / "w")
     ids = token_batch(B, T + 1, seed=1)[:, :T]
     shape = (T, B, model.config.hidden_size)
+    # Each stage builds its half of the layers, each with its own mixer (a hybrid's pattern split between stages).
+    half = model.config.num_layers // 2
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    kinds = [type(layer.self_attention) for layer in model.decoder.layers]
+    mixers = model.config.layer_mixers[stage * half:(stage + 1) * half]
+    assert kinds == [get_layer_spec(m).submodules.self_attention.module for m in mixers], (kinds, mixers)
     with torch.no_grad():
         if parallel_state.is_pipeline_first_stage():
-            assert model.pre_process and not model.post_process and len(model.decoder.layers) == 1
+            assert model.pre_process and not model.post_process
             torch.distributed.send(model(ids, None, None).contiguous(), dst=1)
             return None
         hidden = torch.empty(shape)

@@ -1,5 +1,6 @@
-"""The paper's mid-training presets: every value as in ../shared/specs/refine-algorithm.md, YAML round trip, the
-dry run at full size, a tiny override that trains, and weight decay on norms and biases as an option."""
+"""The paper's mid-training presets: every value as in ../shared/specs/refine-algorithm.md (the Qwen3.5 ones too), YAML
+round trip, the dry run at full size, a tiny override that trains, weight decay on norms and biases as an option, and
+the Qwen3.5 model presets built on the meta device with the estimator's parameter count."""
 
 import subprocess
 import sys
@@ -30,7 +31,12 @@ PRESETS = {
     "refine-mid-lact-760m": ("lact_760m", {**RELEASE, **REFINE}),
     "ntp-mid-deltanet-1p3b": ("deltanet_1p3b", {**RELEASE, "stage": "pretrain"}),
     "ntp-mid-lact-760m": ("lact_760m", {**RELEASE, "stage": "pretrain"}),
+    # the same protocol on Qwen3.5's text models (hybrids)
+    **{f"{stage}-mid-qwen3-5-{size}": (f"qwen3_5_{size}", {**RELEASE, **values})
+       for stage, values in (("refine", REFINE), ("ntp", {"stage": "pretrain"}))
+       for size in ("0p8b", "2b", "4b", "9b")},
 }
+QWEN3_5_VOCAB = 248320
 
 
 def _get(cfg, key):
@@ -62,6 +68,28 @@ def test_dry_run_resolves_the_full_size_preset():
     assert "1,365,677,056 parameters" in last and "TP 8" in last and "524,288 tokens a step" in last
     assert "128 documents a rollout round of 4 steps" in last
     assert yaml.safe_load(run.stdout)["refine"]["mini_batches"] == 4
+
+
+def _meta_counts(names):
+    from megatron_refine.models import get_config
+    from megatron_refine.models.summary import parameter_counts
+    from megatron_refine.runtime import initialize
+
+    initialize(device="cpu")
+    return {name: parameter_counts(get_config(name), QWEN3_5_VOCAB) for name in names}
+
+
+def test_qwen3_5_presets_build_with_the_estimators_parameter_count():
+    from megatron_refine.models import get_config
+    from megatron_refine.training.estimate import parameter_count
+
+    names = [f"qwen3_5_{size}" for size in ("0p8b", "2b", "4b", "9b")]
+    counts = spawn(_meta_counts, 1, names)[0]  # built on the meta device
+    for name in names:
+        assert counts[name] == parameter_count(get_config(name), QWEN3_5_VOCAB), name
+        assert get_config(name).hybrid_layer_pattern == "GGG*" * (get_config(name).num_layers // 4)
+    # Qwen3.5-2B's text model: the sum of the shapes in its safetensors headers (tied embeddings)
+    assert counts["qwen3_5_2b"]["total"] == 1_881_825_088
 
 
 def _tiny_preset_run(corpus, name):

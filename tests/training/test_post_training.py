@@ -23,6 +23,12 @@ def pretrained(tmp_path_factory):
     return pretrain_tiny(tmp_path_factory.mktemp("pretrained"), tmp_path_factory.mktemp("corpus"))
 
 
+@pytest.fixture(scope="module")
+def pretrained_hybrid(tmp_path_factory):
+    """A tiny Gated DeltaNet + attention hybrid."""
+    return pretrain_tiny(tmp_path_factory.mktemp("hybrid"), tmp_path_factory.mktemp("corpus"), "hybrid_tiny")
+
+
 def post_config(load, data, *extra):
     return load_config(None, [
         "stage=refine-post", "data.layout=prompt_answer", f"data.path={data}", f"data.seq_length={SEQ}",
@@ -109,6 +115,21 @@ def test_post_training_on_two_ranks_equals_one(pretrained, tmp_path, layout):
     dp = "tensor_model_parallel_size=1" in layout[0]
     for steps, _, _ in spawn(_post_steps, 2, pretrained, data, *GREEDY, *layout,
                              *(["data.micro_batch_size=2"] if dp else [])):
+        for got, want in zip(steps, reference[0]):
+            for a, b in zip(got, want):
+                assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-4), (steps, reference)
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=1", "data.micro_batch_size=2"],
+                                    ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]],
+                         ids=["dp2", "tp2-sp"])
+def test_post_training_a_hybrid_on_two_ranks_equals_one(pretrained_hybrid, tmp_path, layout):
+    """Nested REFINE post-training on a hybrid: the prompt update's rollouts branch from its attention layers'
+    keys and values and its Gated DeltaNet states."""
+    data, hybrid = write_qa(tmp_path / "qa.jsonl"), "model.config=hybrid_tiny"
+    (reference,) = spawn(_post_steps, 1, pretrained_hybrid, data, *GREEDY, hybrid)
+    assert all(reward is not None for *_, reward in reference[0])
+    for steps, _, _ in spawn(_post_steps, 2, pretrained_hybrid, data, *GREEDY, hybrid, *layout):
         for got, want in zip(steps, reference[0]):
             for a, b in zip(got, want):
                 assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-4), (steps, reference)

@@ -1,7 +1,9 @@
 """The DeltaNet model with its mixers on fla's kernels (fp16 on a CPU, Triton's interpreter) against the same
 model on the PyTorch path: the training forward and backward (batched, packed), branch states with their
-gradients (what a REFINE step backpropagates through), a continuation from them, and prefill."""
+gradients (what a REFINE step backpropagates through), a continuation from them, and prefill. Branch states and
+continuation also on a hybrid: Gated DeltaNet layers on fla's gated kernel beside attention layers."""
 
+import functools
 import sys
 
 import pytest
@@ -10,7 +12,7 @@ from conftest import assert_close_fp16
 from megatron_modules import VOCAB, token_batch
 
 import megatron_refine.models.deltanet as deltanet
-from megatron_refine.kernels import delta_rule
+from megatron_refine.kernels import delta_rule, gated_delta_rule
 from megatron_refine.kernels.delta_rule import fla_path
 from megatron_refine.models import build_model, get_config, packed_seq_params
 
@@ -26,19 +28,26 @@ def model(megatron):
 
 
 @pytest.fixture
+def hybrid(megatron):
+    """Gated DeltaNet, attention, Gated DeltaNet, attention."""
+    config = get_config("hybrid_tiny", params_dtype=torch.float16, fp16=True, use_cpu_initialization=True)
+    return build_model(config, VOCAB)
+
+
+@pytest.fixture
 def pytorch_path(monkeypatch):
-    """Inside the block every DeltaNet mixer runs the PyTorch path, as off CUDA."""
+    """Inside the block every DeltaNet and Gated DeltaNet mixer runs the PyTorch path, as off CUDA."""
     def use(on: bool):
-        monkeypatch.setattr(deltanet, "delta_rule", (lambda *a, **k: delta_rule(*a, **k, use_reference=True))
-                            if on else delta_rule)
+        for name, rule in (("delta_rule", delta_rule), ("gated_delta_rule", gated_delta_rule)):
+            monkeypatch.setattr(deltanet, name, functools.partial(rule, use_reference=True) if on else rule)
     return use
 
 
-def calls_to_fla(monkeypatch):
-    """Counts the calls of fla's chunk_delta_rule (from both modules that call it)."""
-    counted, real = [], fla_path.fla_chunk_delta_rule()
+def calls_to_fla(monkeypatch, kernel: str = "fla_chunk_delta_rule"):
+    """Counts the calls of fla's chunk_delta_rule (or `kernel`), from both modules that call it."""
+    counted, real = [], getattr(fla_path, kernel)()
     for module in (fla_path, sys.modules["megatron_refine.kernels.delta_rule"]):
-        monkeypatch.setattr(module, "fla_chunk_delta_rule", lambda: lambda *a, **k: counted.append(1) or real(*a, **k))
+        monkeypatch.setattr(module, kernel, lambda: lambda *a, **k: counted.append(1) or real(*a, **k))
     return counted
 
 
@@ -49,8 +58,8 @@ def loss_and_grads(model, run):
     return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def compare(model, run, pytorch_path, monkeypatch):
-    counted = calls_to_fla(monkeypatch)
+def compare(model, run, pytorch_path, monkeypatch, kernel: str = "fla_chunk_delta_rule"):
+    counted = calls_to_fla(monkeypatch, kernel)
     fla = loss_and_grads(model, run)
     assert counted, "the fla path was not taken"
     pytorch_path(True)
@@ -72,9 +81,7 @@ def test_training_forward_and_backward(model, packed, pytorch_path, monkeypatch)
     compare(model, run, pytorch_path, monkeypatch)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_branch_states_and_continuation(model, packed, pytorch_path, monkeypatch):
-    """REFINE's gradient path: rollouts scored from the states after chosen positions, into the prefix."""
+def branch_and_continue(model, packed, pytorch_path, monkeypatch, kernel="fla_chunk_delta_rule"):
     ids = token_batch(1 if packed else 2, T, seed=1)
     params = packed_seq_params(CU_SEQLENS) if packed else None
     positions = torch.tensor([[29, 40, 79]]) if packed else torch.tensor([[10, 70], [64, 3]])
@@ -83,9 +90,22 @@ def test_branch_states_and_continuation(model, packed, pytorch_path, monkeypatch
     def run():
         out = model.forward_with_branch_states(ids, params)
         logits, _ = model.forward_from_cache(rollout, out.states_after(positions))
-        return out.logits.float().logsumexp(-1).mean() + logits.float().logsumexp(-1).mean()
+        vocab = slice(0, VOCAB)  # the rest: the vocabulary's padding (-inf)
+        return out.logits[..., vocab].float().logsumexp(-1).mean() + logits[..., vocab].float().logsumexp(-1).mean()
 
-    compare(model, run, pytorch_path, monkeypatch)
+    compare(model, run, pytorch_path, monkeypatch, kernel)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_branch_states_and_continuation(model, packed, pytorch_path, monkeypatch):
+    """REFINE's gradient path: rollouts scored from the states after chosen positions, into the prefix."""
+    branch_and_continue(model, packed, pytorch_path, monkeypatch)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_hybrid_branch_states_and_continuation(hybrid, packed, pytorch_path, monkeypatch):
+    """The same on a hybrid: Gated DeltaNet states on fla's gated kernel, attention's shared prefix keys and values."""
+    branch_and_continue(hybrid, packed, pytorch_path, monkeypatch, "fla_chunk_gated_delta_rule")
 
 
 @pytest.mark.parametrize("packed", [False, True])
