@@ -2,6 +2,8 @@
 
 - `delta_rule`, `delta_rule_step`, `recurrent_delta_rule`: DeltaNet (fla's Triton kernel on CUDA, PyTorch elsewhere);
   `gated_delta_rule`, `gated_delta_rule_step`, `recurrent_gated_delta_rule`: Gated DeltaNet's (the same code, g given).
+- `context_parallel_delta_rule` (g optional), `context_parallel_bytes`: the chunked ops over a sequence split across
+  the ranks of a process group, the state passed between them (`delta_rule/context_parallel.py`).
 - `lact_swiglu`, `lact_swiglu_step`, `LaCTState`: LaCT's large-chunk fast-weight SwiGLU.
 The chunked ops can return `states_after` (`output_states_after=True`): a function of positions [B, P], chosen after the
 forward, giving differentiably the states after those tokens from the forward's own chunk states; all take
@@ -11,6 +13,8 @@ forward, giving differentiably the states after those tokens from the forward's 
 """
 
 from megatron_refine.kernels.delta_rule import (
+    context_parallel_bytes,
+    context_parallel_delta_rule,
     delta_rule,
     delta_rule_step,
     fla_available,
@@ -34,6 +38,8 @@ __all__ = [
     "LACT_NS_COEFFICIENTS",
     "MUON_NS_COEFFICIENTS",
     "LaCTState",
+    "context_parallel_bytes",
+    "context_parallel_delta_rule",
     "delta_rule",
     "delta_rule_step",
     "fla_available",

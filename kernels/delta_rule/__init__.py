@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from megatron_refine.kernels.delta_rule.chunk import chunk_delta_rule_torch
+from megatron_refine.kernels.delta_rule.context_parallel import context_parallel_bytes, context_parallel_delta_rule
 from megatron_refine.kernels.delta_rule.fla_path import (
     fla_available,
     fla_chunk_delta_rule,
@@ -35,6 +36,8 @@ from megatron_refine.kernels.utils import check_finite, check_positions, check_r
 from megatron_refine.kernels.varlen import ChunkLayout, check_cu_seqlens, packed_layout
 
 __all__ = [
+    "context_parallel_bytes",
+    "context_parallel_delta_rule",
     "delta_rule",
     "delta_rule_step",
     "fla_available",

@@ -13,6 +13,7 @@ from io import StringIO
 import pytest
 import torch
 from test_deltanet_hf import _megatron_model, _word_tokenizer, assert_import_refused, assert_round_trip_bitwise
+from test_gated_deltanet_hf import _refine_mid_through_the_cli
 
 from megatron_refine.runtime import initialize, spawn
 
@@ -171,18 +172,6 @@ def _import_through_the_cli(tmp):
 
     _save_qwen(tmp / "hf")
     main(["convert-from-hf", "--load", str(tmp / "hf"), "--save", str(tmp / "imported"), "--tp", "2"])
-
-
-def _refine_mid_through_the_cli(corpus, tmp):
-    """`megatron-refine train --stage refine-mid` on the import, at TP=2 + SP on two gloo ranks."""
-    from megatron_refine.cli import main
-
-    main(["train", "--config", str(tmp / "imported" / "model_config.yaml"), "--load", str(tmp / "imported"),
-          "--finetune", "--stage", "refine-mid", "--set", f"data.path={corpus}", "--set", "data.seq_length=48",
-          "--set", "data.micro_batch_size=2", "--set", "data.global_batch_size=2", "--set", "train_steps=1",
-          "--set", "optimizer.warmup_steps=0", "--set", "optimizer.lr=3e-2", "--set", "device=cpu",
-          "--set", "parallel.tensor_model_parallel_size=2", "--set", "parallel.sequence_parallel=true",
-          "--set", f"checkpoint.save={tmp / 'tuned'}"])
 
 
 def _evaluate_and_export_through_the_cli(tmp):
