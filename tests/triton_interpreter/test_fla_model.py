@@ -102,10 +102,10 @@ def test_branch_states_and_continuation(model, packed, pytorch_path, monkeypatch
     branch_and_continue(model, packed, pytorch_path, monkeypatch)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_hybrid_branch_states_and_continuation(hybrid, packed, pytorch_path, monkeypatch):
-    """The same on a hybrid: Gated DeltaNet states on fla's gated kernel, attention's shared prefix keys and values."""
-    branch_and_continue(hybrid, packed, pytorch_path, monkeypatch, "fla_chunk_gated_delta_rule")
+def test_hybrid_branch_states_and_continuation(hybrid, pytorch_path, monkeypatch):
+    """The same on a hybrid (packed, documents across the chunks): Gated DeltaNet states on fla's gated kernel,
+    attention's shared prefix keys and values."""
+    branch_and_continue(hybrid, True, pytorch_path, monkeypatch, "fla_chunk_gated_delta_rule")
 
 
 @pytest.mark.parametrize("packed", [False, True])
