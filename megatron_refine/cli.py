@@ -75,8 +75,7 @@ def _model_info(args: argparse.Namespace) -> None:
         counts = parameter_counts(config, args.vocab_size or PUBLISHED_VOCAB_SIZE)
     finally:
         destroy()
-    mixer = f"hybrid {config.hybrid_layer_pattern}" if config.hybrid_layer_pattern else config.mixer
-    print(f"{args.config}: {mixer}, {config.num_layers} layers, hidden {config.hidden_size}")
+    print(f"{args.config}: {config.architecture}, {config.num_layers} layers, hidden {config.hidden_size}")
     for name, n in counts.items():
         print(f"  {name:<14} {n:>15,d}  ({n / 1e9:.3f}B)")
 
@@ -146,7 +145,7 @@ def _dry_run(cfg) -> None:
         destroy()
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     rounds = cfg.refine.mini_batches if cfg.uses_refine else 1
-    print(f"# dry run: {cfg.stage}, {model.mixer} {cfg.model.config}: {counts['total']:,d} parameters (vocabulary "
+    print(f"# dry run: {cfg.stage}, {model.architecture} {cfg.model.config}: {counts['total']:,d} parameters (vocabulary "
           f"{vocab:,d}), TP {par.tensor_model_parallel_size} PP {par.pipeline_model_parallel_size} SP "
           f"{par.sequence_parallel}; {data.global_batch_size} x {data.seq_length} = "
           f"{data.global_batch_size * data.seq_length:,d} tokens a step"

@@ -96,11 +96,13 @@ class Fused:
 @dataclass(frozen=True)
 class LayerKind:
     """How one of our mixers' layers maps: its config.json layer_types entry, the tensors copied as they are
-    ((Megatron name, transformers' name) under the layer), and the fused ones."""
+    ((Megatron name, transformers' name) under the layer), the fused ones, and the config fields a Qwen3.5 layer of
+    this kind always has ((field, what it is))."""
 
     layer_type: str
     plain: tuple[tuple[str, str], ...]
     fused: tuple[Fused, ...]
+    required: tuple[tuple[str, str], ...] = ()
 
 
 _cat = lambda cfg, pieces: torch.cat(pieces)  # noqa: E731
@@ -123,7 +125,8 @@ LAYERS = {  # our mixer -> its layers' mapping
         ("self_attention.k_layernorm.weight", "self_attn.k_norm.weight"),
         ("self_attention.linear_proj.weight", "self_attn.o_proj.weight")), (
         MLP, Fused("self_attention.linear_qkv.weight",
-                   tuple(f"self_attn.{n}_proj.weight" for n in ("q", "k", "v")), _qkv_to_hf, _qkv_from_hf))),
+                   tuple(f"self_attn.{n}_proj.weight" for n in ("q", "k", "v")), _qkv_to_hf, _qkv_from_hf)),
+        required=(("attention_output_gate", "an attention output gate"), ("qk_layernorm", "q / k norms"))),
 }
 
 
@@ -159,8 +162,7 @@ def hf_names(cfg: FastWeightConfig) -> list[str]:
 def hf_config(cfg: FastWeightConfig, vocab_size: int, token_ids: dict, dtype: torch.dtype) -> dict:
     """config.json of transformers' Qwen3_5TextConfig for a Megatron model config; refuses what Qwen3.5 lacks."""
     needed = [("layernorm_zero_centered_gamma", "zero-centered norms")]
-    if "attention" in cfg.mixers:
-        needed += [("attention_output_gate", "an attention output gate"), ("qk_layernorm", "q / k norms")]
+    needed += [field for mixer in cfg.mixers for field in LAYERS[mixer].required]
     lacking = [f"{why} ({field})" for field, why in needed if not getattr(cfg, field)]
     if lacking:
         raise ValueError(f"Qwen3.5 layers always have {', '.join(lacking)}, which this model lacks: only a model "
@@ -243,7 +245,7 @@ def megatron_model_args(config: dict) -> tuple[str, dict]:
     values = dict(
         hybrid_layer_pattern=_layer_pattern(config, layers), num_layers=layers, hidden_size=hidden,
         ffn_hidden_size=config.get("intermediate_size", 12288), num_attention_heads=heads,
-        num_query_groups=config.get("num_key_value_heads", 4), kv_channels=config.get("head_dim") or hidden // heads,
+        num_query_groups=config.get("num_key_value_heads", 4), kv_channels=config.get("head_dim", 256),
         qk_layernorm=True, attention_output_gate=True, layernorm_zero_centered_gamma=True, rotary_base=theta,
         rotary_percent=partial, linear_conv_kernel_dim=config.get("linear_conv_kernel_dim", 4),
         linear_key_head_dim=config.get("linear_key_head_dim", 128),

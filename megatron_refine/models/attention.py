@@ -199,8 +199,7 @@ class TorchDotProductAttention(torch.nn.Module):
     packed documents (megatron-core's `packed_seq_params`, models/packing.py) attending only inside themselves."""
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str = "self", **kwargs):
-        super().__init__()
-        self.config = config
+        super().__init__()  # megatron-core's arguments; causal attention needs none of them
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

@@ -95,6 +95,11 @@ class FastWeightConfig(*_MIXER_FIELDS, TransformerConfig):
         return (self.mixer,) * self.num_layers
 
     @property
+    def architecture(self) -> str:
+        """The mixer, or "hybrid" and its pattern: how logs and checkpoints name the model's layers."""
+        return f"hybrid {self.hybrid_layer_pattern}" if self.hybrid_layer_pattern else self.mixer
+
+    @property
     def mixers(self) -> tuple[str, ...]:
         """The distinct mixers of the model, in the order they first occur."""
         return tuple(dict.fromkeys(self.layer_mixers))
@@ -117,7 +122,12 @@ def get_config(name: str, **overrides) -> FastWeightConfig:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}; see megatron_refine.models.FastWeightConfig")
-    return FastWeightConfig(**{**PRESETS[name], **overrides})
+    values = {**PRESETS[name], **overrides}
+    if values.get("hybrid_layer_pattern") and overrides.get("mixer", "hybrid") != "hybrid":
+        raise ValueError(f"{name} is a hybrid: its layers' mixers come from hybrid_layer_pattern "
+                         f"({values['hybrid_layer_pattern']!r}), not mixer={overrides['mixer']!r}; pass "
+                         "hybrid_layer_pattern=None too for a model of one mixer")
+    return FastWeightConfig(**values)
 
 
 __all__ = ["FastWeightConfig", "PRESETS", "PUBLISHED_VOCAB_SIZE", "fla_intermediate_size", "get_config"]

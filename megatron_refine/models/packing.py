@@ -63,6 +63,12 @@ class Packing:
         """[B, T]: the document each token belongs to."""
         return prepare_sequence_ids(self.cu_seqlens, self.batch * self.length).view(self.batch, self.length)
 
+    @cached_property
+    def thd_params(self) -> PackedSeqParams:
+        """Megatron's PackedSeqParams of these documents (row starts included) over the flattened batch: Transformer
+        Engine's THD attention layout. Built once per forward (one host read), shared by every attention layer."""
+        return packed_seq_params(self.cu_seqlens.int())
+
     def flat(self, positions: torch.Tensor) -> torch.Tensor:
         """Positions [B, P] inside rows -> [1, B * P] indices into the flattened batch. The same tensor for the same
         positions tensor: every layer reading it then shares what a kernel derives from it (fla_path's plan)."""

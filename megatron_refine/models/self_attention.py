@@ -31,11 +31,10 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_refine.kernels.utils import compute_dtype
 from megatron_refine.models.attention import TorchDotProductAttention, apply_rope, rope_cos_sin
 from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest
 from megatron_refine.models.mixers import MixerSpec
-from megatron_refine.models.packing import Packing, packed_seq_params
+from megatron_refine.models.packing import Packing
 
 if TYPE_CHECKING:  # the config inherits AttentionFields through the mixer table
     from megatron_refine.models.config import FastWeightConfig
@@ -65,7 +64,8 @@ class AttentionCache:
     key: torch.Tensor  # [N, L, G/t, D]: the tokens it decoded after the prefix
     value: torch.Tensor  # [N, L, G/t, D]
     # m when cache rows i*m .. (i+1)*m - 1 all read prefix row i (REFINE's branches and their rollouts): attention
-    # then reads the prefix without gathering it per row. None after an arbitrary `select`.
+    # then reads the prefix without gathering it per row. None after an arbitrary `select` (except with one prefix
+    # row, packed documents, which every row reads).
     rows_per_source: int | None
 
     def select(self, rows: torch.Tensor) -> AttentionCache:
@@ -110,6 +110,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: A
     s_new = s_new.masked_fill(~causal, -torch.inf)
     # The prefix: scores [N, G, H/G, L, T], masked outside each row's [start, end).
     T, m = cache.prefix_key.shape[1], cache.rows_per_source
+    if cache.prefix_key.shape[0] == 1:  # one prefix row (packed documents): every row reads it, however selected
+        m = N
     prefix_key, prefix_value = cache.prefix_key.to(k.dtype), cache.prefix_value.to(v.dtype)
     if m:  # rows i*m .. (i+1)*m - 1 read prefix row i
         S = N // m
@@ -147,7 +149,8 @@ class AttentionMixer(SelfAttention):
                  **kwargs):
         if not config.qk_layernorm:
             submodules = replace(submodules, q_layernorm=None, k_layernorm=None)
-        super().__init__(config, submodules, layer_number=layer_number, attn_mask_type=AttnMaskType.causal)
+        # TransformerLayer's own arguments (process groups, CP communication type, ...) go to megatron-core's layer
+        super().__init__(config, submodules, layer_number=layer_number, attn_mask_type=AttnMaskType.causal, **kwargs)
         self.rotary_dim = rotary_dim(config)
         # The model sets it for one call (why not an argument: models/inference.py)
         self.request: BranchRequest | PrefillRequest | DecodeRequest | ContinueRequest | None = None
@@ -176,7 +179,8 @@ class AttentionMixer(SelfAttention):
             positions = packing.position_ids
         else:
             positions = torch.arange(T, device=q.device).expand(B, T)
-        q, k = self._rotate(q, positions), self._rotate(k, positions)
+        cos, sin = rope_cos_sin(positions, self.rotary_dim, cfg.rotary_base)  # [B, T, 1, rotary dims]
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
         if decoding or continuing:
             cache = cache if cache is not None else empty_attention_cache(k, v)
@@ -188,14 +192,12 @@ class AttentionMixer(SelfAttention):
             o = self._core_attention(q, k, v, packing, packed_seq_params)  # [T, B, heads / t * D]
             if isinstance(request, (BranchRequest, PrefillRequest)):
                 request.readers[self.layer_number] = functools.partial(_cache_after, k, v, packing)
-        if gate:  # megatron-core's output gate: o * sigmoid(gate), in fp32
-            acc = compute_dtype(o)
-            o = (o.to(acc) * torch.sigmoid(gate[0].reshape(o.shape).to(acc))).to(o.dtype)
+        if gate:
+            o = self._apply_output_gate(o, gate[0])  # megatron-core's: o * sigmoid(gate) (fp32)
         return self.linear_proj(o)
 
-    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on the first `rotary_dim` dims of each head of x [B, T, heads, D]."""
-        cos, sin = rope_cos_sin(positions, self.rotary_dim, self.config.rotary_base)
         if self.rotary_dim == x.shape[-1]:
             return apply_rope(x, cos, sin)
         return torch.cat([apply_rope(x[..., : self.rotary_dim], cos, sin), x[..., self.rotary_dim :]], dim=-1)
@@ -213,7 +215,7 @@ class AttentionMixer(SelfAttention):
             return self.core_attention(q, k, v, None, attn_mask_type=AttnMaskType.causal)
         q, k, v = (t.reshape(B * T, *t.shape[2:]) for t in (q, k, v))
         o = self.core_attention(q, k, v, None, attn_mask_type=AttnMaskType.causal,
-                                packed_seq_params=packed_seq_params(packing.cu_seqlens.int()))
+                                packed_seq_params=packing.thd_params)
         return o.view(B, T, -1).transpose(0, 1)
 
 
@@ -228,6 +230,8 @@ def _cache_after(k: torch.Tensor, v: torch.Tensor, packing: Packing | None, posi
     return AttentionCache(k, v, source, starts.flatten(), (positions + 1).flatten(), none, none, P)
 
 
+# The config checks run before TransformerConfig.__post_init__ fills kv_channels and num_query_groups in: their
+# defaults (hidden / heads, heads) here.
 def rotary_dim(config: FastWeightConfig) -> int:
     """How many dims of each head RoPE rotates: transformers' int(head_dim * partial_rotary_factor)."""
     return int(head_dim(config) * config.rotary_percent)
@@ -279,7 +283,7 @@ def attention_activation_bytes(config: FastWeightConfig) -> float:
 
 def attention_branch_bytes(config: FastWeightConfig) -> float:
     """Per token of the forward: the scoring forward's backward keeps one copy of the prefix keys and values in its
-    batched product's layout (bf16), one per prefix row, not per branch (counted with saved-tensor hooks on a CPU,
+    batched product's layout (bf16), one per micro-batch row, not per branch (counted with saved-tensor hooks on a CPU,
     with the probabilities of `attention_branch_row_bytes`). The branch caches themselves are the forward's own
     keys and values, which its backward keeps anyway."""
     return 2.0 * attention_cache_values(config)

@@ -199,7 +199,7 @@ def model_identity(model) -> dict:
     """What a checkpoint's weights must match: the mixer (a hybrid's layer pattern) and the shapes (any parallel
     layout)."""
     c = model.config
-    return {"mixer": f"hybrid {c.hybrid_layer_pattern}" if c.hybrid_layer_pattern else c.mixer, "num_layers": c.num_layers, "hidden_size": c.hidden_size,
+    return {"mixer": c.architecture, "num_layers": c.num_layers, "hidden_size": c.hidden_size,
             "num_attention_heads": c.num_attention_heads, "ffn_hidden_size": c.ffn_hidden_size,
             "vocab_size": model.tokenizer_vocab_size}
 
@@ -214,7 +214,8 @@ def _check_parameter_order(path: Path, common: dict, model) -> None:
     """The distributed optimizer's state resumes only onto the parameters it was saved from, in the same order.
     Checkpoints before this record: LaCT's then had four input projections where it now has one (`in_proj`)."""
     saved = common.get("parameter_names")
-    if saved == parameter_names(model) or (saved is None and not any(get_mixer(m).parameter_order_changed for m in model.config.mixers)):
+    reordered = any(get_mixer(m).parameter_order_changed for m in model.config.mixers)
+    if saved == parameter_names(model) or (saved is None and not reordered):
         return
     why = ("was saved before LaCT's input projections were fused" if saved is None
            else "holds the optimizer state of other parameters (or another order)")

@@ -260,7 +260,7 @@ def startup_summary(trainer: Trainer, model_config, dataset, bf16: bool, start: 
         meta = dataset.metadata
         content = f"{meta['num_documents']:,d} documents, {meta['num_tokens']:,d} tokens"
     rows = [
-        ("model", f"{c.mixer} {cfg.model.config}, {c.num_layers} layers, hidden {c.hidden_size}, "
+        ("model", f"{c.architecture} {cfg.model.config}, {c.num_layers} layers, hidden {c.hidden_size}, "
                   f"{c.num_attention_heads} heads: {params:,d} parameters"),
         ("layout", f"TP {par.tensor_model_parallel_size}, PP {par.pipeline_model_parallel_size}, "
                    f"DP {rt.layout.data_parallel_size}, SP {'on' if par.sequence_parallel else 'off'}; "

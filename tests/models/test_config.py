@@ -33,6 +33,7 @@ def test_fla_default_mlp_width():
         ("hybrid_tiny", dict(num_query_groups=1, tensor_model_parallel_size=2), r"num_query_groups \(1\) must be divisible by tensor_model_parallel_size \(2\)"),
         ("hybrid_tiny", dict(rotary_percent=0.1), r"rotary_percent \(0.1\) must be in \(0, 1\] and rotate an even number"),
         ("attention_tiny", dict(mixer="hybrid"), "a hybrid model sets hybrid_layer_pattern"),
+        ("hybrid_tiny", dict(mixer="deltanet"), r"hybrid_tiny is a hybrid: .* pass hybrid_layer_pattern=None too"),
     ],
 )
 def test_bad_configs_say_what_to_change(name, overrides, message):

@@ -32,8 +32,7 @@ def _equals_megatron_core():
     emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
     want, _ = theirs(x, None, rotary_pos_emb=(emb, emb))
     got, _ = ours(x)
-    # megatron-core takes the output gate's sigmoid in fp32 (gate.float()), ours in the compute dtype (fp64 here)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     return c.attention_output_gate and c.qk_layernorm and c.num_query_groups < c.num_attention_heads and rot < c.kv_channels
 
 
@@ -63,6 +62,13 @@ def test_cached_attention_from_shared_prefix_keys_equals_attention_over_each_seq
         queries = torch.cat([torch.zeros(p + 1, H, D, dtype=torch.float64), q_new[r]])[None]
         want = causal_attention(queries, keys, values)[0, p + 1 :]
         torch.testing.assert_close(grouped[r], want, rtol=1e-12, atol=1e-12)
+    # One prefix row (packed documents): every row reads it, selected or not.
+    one = InferenceCache(positions[:1].flatten() + 1, {1: _cache_after(k[:1], v[:1], None, positions[:1])})
+    one = one.repeat_interleave(n).layers[1]
+    rows_one = positions.shape[1] * n
+    torch.testing.assert_close(cached_attention(q_new[:rows_one], k_new[:rows_one], v_new[:rows_one],
+                                                one.select(torch.arange(rows_one))), grouped[:rows_one], rtol=1e-12,
+                               atol=1e-12)
     # Decoding one more token appends it per row; the shared prefix is not copied.
     longer = cache.appended(k_new[:, :1], v_new[:, :1])
     assert longer.prefix_key is cache.prefix_key and longer.key.shape[1] == 1
