@@ -192,8 +192,9 @@ class AttentionMixer(SelfAttention):
             o = self._core_attention(q, k, v, packing, packed_seq_params)  # [T, B, heads / t * D]
             if isinstance(request, (BranchRequest, PrefillRequest)):
                 request.readers[self.layer_number] = functools.partial(_cache_after, k, v, packing)
-        if gate:
-            o = self._apply_output_gate(o, gate[0])  # megatron-core's: o * sigmoid(gate) (fp32)
+        if gate:  # megatron-core's output gate, its math (its `_apply_output_gate` is torch.compile'd: a recompile
+            # for every new decoding shape)
+            o = (o * torch.sigmoid(gate[0].reshape(o.shape).float())).to(o.dtype)
         return self.linear_proj(o)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
