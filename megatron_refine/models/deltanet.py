@@ -28,7 +28,8 @@ from megatron_refine.kernels import delta_rule, delta_rule_step, gated_delta_rul
 from megatron_refine.kernels.utils import compute_dtype
 from megatron_refine.models.common import (
     causal_conv1d, fla_intermediate_size, l2_norm, mixer_sharded_state_dict, param_device, split_fused)
-from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window
+from megatron_refine.models.inference import (
+    BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window, request_inputs)
 from megatron_refine.models.mixers import MixerSpec
 from megatron_refine.models.norm import HeadRMSNorm
 from megatron_refine.models.packing import Packing
@@ -175,15 +176,9 @@ def project_inputs(layer: MegatronModule, hidden_states: torch.Tensor, packed_se
     """The opening of a DeltaNet or Gated DeltaNet layer's forward: its fused input projection as [B, T, in/t]
     (decoding: the rows as B, T = 1), the documents packed in the rows, and the layer's cache for a request that
     continues one."""
-    request = layer.request
-    decoding = isinstance(request, DecodeRequest)
     x, _ = layer.in_proj(hidden_states)
-    x = x if decoding else x.transpose(0, 1)
-    packing = None if decoding else Packing.from_params(packed_seq_params, *x.shape[:2])
-    if packing is not None and isinstance(request, ContinueRequest):
-        raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
-    cache = request.cache.layers.get(layer.layer_number) if isinstance(request, (DecodeRequest, ContinueRequest)) else None
-    return x, packing, cache
+    x = x if isinstance(layer.request, DecodeRequest) else x.transpose(0, 1)
+    return x, *request_inputs(layer, packed_seq_params, *x.shape[:2])
 
 
 def short_conv(conv1d: torch.nn.Conv1d, x: torch.Tensor, packing: Packing | None, cache: DeltaNetCache | None

@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from megatron_refine.models.packing import Packing
+
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply `fn` to every tensor in a (nested) dataclass / tuple / dict, keeping the structure."""
@@ -89,6 +91,28 @@ class DecodeRequest:
 @dataclass
 class ContinueRequest:
     cache: InferenceCache
+
+
+def request_inputs(layer: torch.nn.Module, packed_seq_params, batch: int, length: int) -> tuple[Packing | None, Any]:
+    """What a mixer's request gives its call over [batch, length] tokens: the documents packed in the rows (none when
+    decoding: the rows are sequences) and its layer's cache when decoding or continuing one (None before the first
+    token)."""
+    request = layer.request
+    packing = None if isinstance(request, DecodeRequest) else Packing.from_params(packed_seq_params, batch, length)
+    if packing is not None and isinstance(request, ContinueRequest):
+        raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
+    cached = isinstance(request, (DecodeRequest, ContinueRequest))
+    return packing, request.cache.layers.get(layer.layer_number) if cached else None
+
+
+def token_positions(request, packing: Packing | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """[batch, length]: each token's position in its sequence (RoPE's): after the cache's when decoding or continuing
+    one, inside its document when packed, else from 0."""
+    if isinstance(request, (DecodeRequest, ContinueRequest)):
+        return request.cache.positions[:, None] + torch.arange(length, device=device)
+    if packing is not None:
+        return packing.position_ids
+    return torch.arange(length, device=device).expand(batch, length)
 
 
 def gather_window(

@@ -47,7 +47,8 @@ from megatron_refine.models.common import (
     param_device,
     split_fused_into,
 )
-from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window
+from megatron_refine.models.inference import (
+    BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window, request_inputs, token_positions)
 from megatron_refine.models.mixers import MixerSpec
 from megatron_refine.models.norm import HeadRMSNorm
 from megatron_refine.models.packing import Packing
@@ -210,18 +211,11 @@ class LaCTMixer(MegatronModule):
         acc = compute_dtype(q)
         biases = self.rate_bias.split(self.local_sizes[1:])
         rates = {name: r.to(acc) + b.to(acc) for (name, _), r, b in zip(self.projections[1:], rates, biases)}
-        packing = None if decoding else Packing.from_params(packed_seq_params, B, T)
-        if packing is not None and isinstance(request, ContinueRequest):
-            raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
+        packing, cache = request_inputs(self, packed_seq_params, B, T)
         packed = (lambda t: t.reshape(1, B * T, *t.shape[2:])) if packing else (lambda t: t)  # noqa: E731
-        cache: LaCTCache | None = None
         if isinstance(request, (DecodeRequest, ContinueRequest)):
-            cache = request.cache.layers.get(self.layer_number) or self._empty_cache(B, q)
-            positions = request.cache.positions[:, None] + torch.arange(T, device=q.device)  # [N, T]
-        elif packing is not None:
-            positions = packing.position_ids
-        else:
-            positions = torch.arange(T, device=q.device).expand(B, T)
+            cache = cache or self._empty_cache(B, q)
+        positions = token_positions(request, packing, B, T, q.device)
         cos, sin = rope_cos_sin(positions, self.head_dim, cfg.rope_theta)  # [B, T, 1, hd]
 
         # Sliding-window attention on the raw q, k, v.

@@ -32,7 +32,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_refine.models.attention import TorchDotProductAttention, apply_rope, rope_cos_sin
-from megatron_refine.models.inference import BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest
+from megatron_refine.models.inference import (
+    BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, request_inputs, token_positions)
 from megatron_refine.models.mixers import MixerSpec
 from megatron_refine.models.packing import Packing
 
@@ -113,23 +114,18 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: A
     if cache.prefix_key.shape[0] == 1:  # one prefix row (packed documents): every row reads it, however selected
         m = N
     prefix_key, prefix_value = cache.prefix_key.to(k.dtype), cache.prefix_value.to(v.dtype)
-    if m:  # rows i*m .. (i+1)*m - 1 read prefix row i
-        S = N // m
-        s_pre = torch.einsum("smgjld,stgd->smgjlt", qg.view(S, m, G, H // G, L, D), prefix_key)
-        s_pre = s_pre.reshape(N, G, H // G, L, T)
-    else:
-        prefix_key, prefix_value = prefix_key[cache.source], prefix_value[cache.source]  # [N, T, G, D]
-        s_pre = torch.einsum("ngjld,ntgd->ngjlt", qg, prefix_key)
+    if not m:  # rows in no known grouping: each row's prefix gathered, [N, T, G, D]
+        prefix_key, prefix_value, m = prefix_key[cache.source], prefix_value[cache.source], 1
+    S = N // m  # rows i*m .. (i+1)*m - 1 read prefix row i
+    s_pre = torch.einsum("smgjld,stgd->smgjlt", qg.view(S, m, G, H // G, L, D), prefix_key)
+    s_pre = s_pre.reshape(N, G, H // G, L, T)
     slots = torch.arange(T, device=q.device)
     seen = (slots >= cache.start[:, None]) & (slots < cache.end[:, None])  # [N, T]
     s_pre = (s_pre.to(acc) * scale).masked_fill(~seen[:, None, None, None, :], -torch.inf)
     p = torch.softmax(torch.cat([s_pre, s_new], dim=-1), dim=-1).to(v.dtype)
     p_pre, p_new = p.split([T, decoded + L], dim=-1)
     o = torch.einsum("ngjls,nsgd->ngjld", p_new, new_v)
-    if m:
-        o = o + torch.einsum("smgjlt,stgd->smgjld", p_pre.reshape(S, m, G, H // G, L, T), prefix_value).reshape(o.shape)
-    else:
-        o = o + torch.einsum("ngjlt,ntgd->ngjld", p_pre, prefix_value)
+    o = o + torch.einsum("smgjlt,stgd->smgjld", p_pre.reshape(S, m, G, H // G, L, T), prefix_value).reshape(o.shape)
     return o.permute(0, 3, 1, 2, 4).reshape(N, L, H, D)
 
 
@@ -167,18 +163,9 @@ class AttentionMixer(SelfAttention):
         # [s, b, heads / t, D] each; decoding: [N, 1, .] already has the rows first
         q, k, v = (t if decoding else t.transpose(0, 1) for t in (q, k, v))  # [B, T, ., D]
         B, T = q.shape[:2]
-        packing = None if decoding else Packing.from_params(packed_seq_params, B, T)
+        packing, cache = request_inputs(self, packed_seq_params, B, T)
         continuing = isinstance(request, ContinueRequest)
-        if packing is not None and continuing:
-            raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
-        cache: AttentionCache | None = None
-        if decoding or continuing:
-            cache = request.cache.layers.get(self.layer_number)
-            positions = request.cache.positions[:, None] + torch.arange(T, device=q.device)  # [N, T]
-        elif packing is not None:
-            positions = packing.position_ids
-        else:
-            positions = torch.arange(T, device=q.device).expand(B, T)
+        positions = token_positions(request, packing, B, T, q.device)
         cos, sin = rope_cos_sin(positions, self.rotary_dim, cfg.rotary_base)  # [B, T, 1, rotary dims]
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
