@@ -14,6 +14,8 @@ check (`kernels/utils.py`): by default CPU only; the model validates them once p
 
 from __future__ import annotations
 
+import bisect
+import functools
 from collections import deque
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -43,6 +45,25 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int) -> None:
 def batch_cu_seqlens(batch: int, length: int, device: torch.device) -> torch.Tensor:
     """cu_seqlens of a [B, T] batch seen as B sequences of length T."""
     return torch.arange(batch + 1, device=device) * length
+
+
+def cut_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int, size: int, rank: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context parallelism: the documents of a [batch, size x length] micro-batch (`cu_seqlens` over its flattened
+    tokens) cut to piece `rank` of every row, tokens [rank x length, (rank + 1) x length) -> (the piece's cu_seqlens over
+    its [batch, length] flattened tokens, every row start included; the position inside its document of each row's
+    first token [batch], 0 where a document starts there). One host read."""
+    total = batch * size * length
+    check_cu_seqlens(cu_seqlens, 1, total)
+    starts = sorted(set(cu_seqlens.tolist()[:-1]).union(range(0, total, size * length)))
+    local, first = [], []
+    for b in range(batch):
+        lo = b * size * length + rank * length
+        i = bisect.bisect_right(starts, lo) - 1  # the document the piece row starts in
+        first.append(lo - starts[i])
+        local += [b * length] + [s - lo + b * length for s in starts[i + 1:] if s < lo + length]
+    as_tensor = functools.partial(torch.tensor, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    return as_tensor(local + [batch * length]), as_tensor(first)
 
 
 def prepare_lens(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A recipe is a `Recipe`: the training preset, the `--set` overrides of its layout (TP / SP / DP), and the nodes
 it is sized for (REFINE takes no activation recomputation: a recomputed layer would detach its branch states).
 Each layout is the smallest TP (inside a node) whose estimate stays under `FIT_GIB` (60 GiB) a GPU, or the largest
-TP the heads allow (docs/scaling.md justifies each with `tools/estimate.py`). `recipe.task()` is the NeMo-Run task
+TP the heads allow; past 16K tokens, the smallest TP x CP (context parallelism) that fits, `longest_document`'s
+choice (docs/scaling.md justifies each with `tools/estimate.py`). `recipe.task()` is the NeMo-Run task
 (`run.Script` of `python -m megatron_refine.cli train ...`), `executors.local_executor` / `slurm_executor` the
 executors, and `python -m recipes` the command line (`--list`, `NAME --executor local|slurm --dryrun`).
 """
@@ -27,6 +28,7 @@ class Recipe:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    context_parallel_size: int = 1
     sets: list[str] = field(default_factory=list)  # further `--set` overrides (data, checkpoints, steps)
     vocab_size: int | None = None  # its checkpoint's vocabulary, for the estimate (None: the published 32,000)
 
@@ -35,7 +37,8 @@ class Recipe:
         return [f"model.config={self.model}",
                 f"parallel.tensor_model_parallel_size={self.tensor_model_parallel_size}",
                 f"parallel.pipeline_model_parallel_size={self.pipeline_model_parallel_size}",
-                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}", *self.sets]
+                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+                f"parallel.context_parallel_size={self.context_parallel_size}", *self.sets]
 
     def arguments(self, extra: list[str] = ()) -> list[str]:
         """`megatron_refine.cli`'s arguments: train --config C --set ... (recipe's, then `extra`). Relative paths
@@ -45,7 +48,8 @@ class Recipe:
 
     def resolve(self, extra: list[str] = (), nodes: int | None = None):
         """The training config this recipe runs, checked as `megatron-refine train` checks it, plus the layout
-        checks that need the world size: heads by TP, layers by PP, the global batch by DP x micro-batch."""
+        checks that need the world size: heads by TP, layers by PP, the global batch by DP x micro-batch (DP: the
+        GPUs over TP x PP x CP)."""
         from megatron_refine.models import get_config
         from megatron_refine.training import load_config
 
@@ -55,9 +59,10 @@ class Recipe:
                    pipeline_model_parallel_size=par.pipeline_model_parallel_size,
                    sequence_parallel=par.sequence_parallel, **cfg.model.overrides)
         gpus = (nodes or self.nodes) * self.gpus_per_node
-        model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+        model_parallel = (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+                          * par.context_parallel_size)
         if gpus % model_parallel:
-            raise ValueError(f"{self.name}: {gpus} GPUs do not divide into TP x PP = {model_parallel}")
+            raise ValueError(f"{self.name}: {gpus} GPUs do not divide into TP x PP x CP = {model_parallel}")
         dp = gpus // model_parallel
         if data.global_batch_size % (data.micro_batch_size * dp):
             raise ValueError(f"{self.name}: data.global_batch_size {data.global_batch_size} is not a multiple of "
@@ -81,9 +86,10 @@ def _absolute(item: str) -> str:
     return item
 
 
-def _paper_mid(name: str, config: str, model: str, description: str, **layout) -> Recipe:
+def _paper_mid(name: str, config: str, model: str, description: str, shards: str = "data/shards16k",
+               **layout) -> Recipe:
     return Recipe(name, description, config, model, sets=[
-        f"checkpoint.load=checkpoints/{model}", "checkpoint.finetune=true", "data.path=data/shards16k",
+        f"checkpoint.load=checkpoints/{model}", "checkpoint.finetune=true", f"data.path={shards}",
         f"checkpoint.save=checkpoints/{name}", f"logging.tensorboard_dir=tensorboard/{name}"], **layout)
 
 
@@ -116,6 +122,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     _paper_mid("midtrain_qwen3_5_4b", "refine-mid-qwen3-5-4b", "qwen3_5_4b",
                "REFINE mid-training of Qwen3.5-4B's text model (Gated DeltaNet + gated attention): 1 node, TP 4 + SP, "
                "DP 2", tensor_model_parallel_size=4, sequence_parallel=True, vocab_size=248320),
+    # Long context: 64K-token documents. Gated DeltaNet's 6 heads cap TP at 2, so context parallelism carries the
+    # length: TP 1 x CP 8 (45 GiB), the estimator's smallest TP x CP that fits (TP 2 + SP x CP 4 fits too, with
+    # more traffic a layer); TP x CP 4 needs 76-80 GiB (docs/scaling.md, Long context).
+    _paper_mid("midtrain_gated_deltanet_1p3b_64k", "refine-mid-gated-deltanet-1p3b-64k", "gated_deltanet_1p3b",
+               "long-context REFINE mid-training of Gated DeltaNet-1.3B on 64K-token documents: 1 node, TP 1, CP 8, "
+               "DP 1",
+               shards="data/shards64k", context_parallel_size=8),
     _paper_mid("midtrain_lact_3b", "refine-mid-lact-760m", "lact_3b",
                "REFINE mid-training of LaCT-3B (the authors' 3B layout): 2 nodes, TP 4 + SP, DP 4 (tight)",
                nodes=2, tensor_model_parallel_size=4, sequence_parallel=True),

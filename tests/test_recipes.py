@@ -86,7 +86,8 @@ def test_nodes_below_one_fail_at_parse_time(nodes, capsys):
     (["--config", "tiny-deltanet", "--set", "parallel.tensor_model_parallel_size=0"],
      "parallel.tensor_model_parallel_size must be >= 1, got 0"),  # ZeroDivisionError
     (["--config", "tiny-deltanet", "--gpus", "3", "--set", "parallel.tensor_model_parallel_size=2"],
-     "--gpus 3 is not a multiple of TP x PP = 2 x 1"),
+     "--gpus 3 is not a multiple of TP x PP x CP = 2 x 1 x 1"),
+    (["--config", "ntp-mid-lact-760m", "--context-parallel-size", "2"], "lact has no context parallelism"),
 ])
 def test_the_estimator_refuses_nonsense_in_one_line(argv, message, capsys):
     from recipes.estimate import main as estimate
@@ -168,3 +169,29 @@ def test_the_activation_coefficients_match_what_the_layers_keep():
     h, ffn = config.hidden_size, config.ffn_hidden_size
     assert abs(mlp - 4 * (2 * h + 6 * ffn)) / mlp < 0.1, mlp
     assert abs(mixer - deltanet_reference_bytes(config)) / mixer < 0.15, (mixer, deltanet_reference_bytes(config))
+
+
+def test_the_long_context_recipe_is_the_estimators_layout(capsys):
+    from megatron_refine.models import get_config
+    from megatron_refine.training.estimate import Layout, estimate, longest_document
+    from recipes.estimate import main as estimate_main
+
+    recipe = get_recipe("midtrain_gated_deltanet_1p3b_64k")
+    cfg = recipe.resolve()
+    assert (cfg.data.seq_length, cfg.parallel.context_parallel_size, cfg.uses_refine) == (65536, 8, True)
+    model = get_config(cfg.model.config)
+    # the smallest TP x CP (then TP) fitting 64K: what longest_document picks when 64K is the longest it searches
+    _, layout, e = longest_document(model, 32000, 8, refine=True, lengths=(65536,))
+    assert (layout.tensor_model_parallel_size, layout.context_parallel_size) == (
+        cfg.parallel.tensor_model_parallel_size, cfg.parallel.context_parallel_size)
+    assert e["total"] <= FIT_GIB
+    # half the CP does not fit, at any TP the 6 heads allow
+    assert all(estimate(model, 32000, Layout(gpus=8, tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
+                                             micro_batch_size=1, seq_length=65536, refine=True,
+                                             context_parallel_size=4 // tp))["total"] > FIT_GIB for tp in (1, 2))
+    # the 8 GPUs do not divide into TP x CP 16
+    assert main(["midtrain_gated_deltanet_1p3b_64k", "--dryrun", "--set",
+                 "parallel.tensor_model_parallel_size=2"]) == 2
+    assert "8 GPUs do not divide into TP x PP x CP = 16" in capsys.readouterr().err
+    assert estimate_main(["--config", "refine-mid-gated-deltanet-1p3b-64k", "--context-parallel-size", "8"]) == 0
+    assert "| TP 1, PP 1, CP 8, DP 1 |" in capsys.readouterr().out

@@ -4,6 +4,8 @@
     python tools/estimate.py --config refine-mid-deltanet-1p3b --gpus 8 --set parallel.tensor_model_parallel_size=2
     python tools/estimate.py --all                                # every recipe (the table in docs/scaling.md)
     python tools/estimate.py --largest                            # the largest DeltaNet fitting REFINE at 16K tokens
+    python tools/estimate.py --longest                            # the longest document 1.3B and 7B fit (CP, TP)
+    python tools/estimate.py --cp-sweep deltanet_1p3b --seq-length 65536      # per-GPU memory vs CP at one length
 """
 
 import sys

@@ -12,14 +12,14 @@ S <- P_j S + N_j from S = 0, and corrects its outputs by o_t = o'_t[K:] + S_in^T
 no second one. The fold and the all-gather are one autograd function whose backward sums every rank's state
 gradients (an all-reduce), so gradients of q, k, v, beta and g equal those of one rank running the whole.
 
-Packed documents (`cu_seqlens` of the WHOLE sequence, inputs [1, T / c, ...] per rank): the piece's own
-boundaries are the global ones cut at the piece's ends (read on the host, once per call). Only the piece's first
-segment continues a document from the previous rank, so only it starts from [I | 0] (and only if the piece does
-not start a document): a document that starts inside the piece (or at its first token) gives P = 0 for the
-piece's last segment, and the carried state restarts there.
+Packed documents (`cu_seqlens` over this piece's [B, T / c] flattened tokens, every row start included, and
+`continues` [B]: whether each row's first token continues a document of the previous rank's piece; both from
+`varlen.cut_cu_seqlens`): only a row's first segment may continue, so only it starts from [I | 0]; a document that
+starts inside the piece (or at its first token) starts from [0 | 0], gives P = 0 at the row's end, and the carried
+state restarts there. Each row's carry is its last segment's [P | N].
 
-Communication per layer (forward): one all-gather of c x rows x H x K x (K + V) fp32 values, rows = B (or 1,
-packed): `context_parallel_bytes`. The backward all-reduces a tensor of that size.
+Communication per layer (forward): one all-gather of c x rows x H x K x (K + V) fp32 values, rows = B (packed
+or not): `context_parallel_bytes`. The backward all-reduces a tensor of that size.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_refine.kernels.utils import compute_dtype
-from megatron_refine.kernels.varlen import check_cu_seqlens
 
 __all__ = ["context_parallel_bytes", "context_parallel_delta_rule"]
 
@@ -37,7 +36,7 @@ def context_parallel_bytes(
     cp_size: int, rows: int, heads: int, head_k_dim: int, head_v_dim: int, element_size: int = 4
 ) -> int:
     """Bytes each rank receives from the forward's all-gather of one layer: c x rows x H x K x (K + V) values
-    (rows: the batch size, or 1 for packed documents), fp32 (element_size 8: fp64 inputs, kept fp64)."""
+    (rows: the batch's), fp32 (element_size 8: fp64 inputs, kept fp64)."""
     return cp_size * rows * heads * head_k_dim * (head_k_dim + head_v_dim) * element_size
 
 
@@ -51,56 +50,66 @@ def context_parallel_delta_rule(
     group: dist.ProcessGroup,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    continues: torch.Tensor | None = None,
     chunk_size: int = 64,
     output_final_state: bool = False,
     output_states_after: bool = False,
     use_reference: bool = False,
 ):
-    """`delta_rule` (g None) or `gated_delta_rule` over a sequence split across the ranks of `group`.
+    """`delta_rule` (g None) or `gated_delta_rule` over sequences split across the ranks of `group`.
 
     Args:
-        q, k: [B, T / c, H, K]; v: [B, T / c, H, V]; beta: [B, T / c, H]; g: [B, T / c, H] log decay or None:
-            this rank's piece r, tokens [r T / c, (r + 1) T / c) of every row.
+        q, k: [B, L, H, K]; v: [B, L, H, V]; beta: [B, L, H]; g: [B, L, H] log decay or None: this rank's piece r
+            of every row, tokens [r L, (r + 1) L) (L = T / c).
         group: the context-parallel process group (size c, this rank's rank r in it).
-        cu_seqlens: [N + 1] starts of the packed documents over the WHOLE sequence (inputs [1, T / c, ...]);
-            cut at this piece's ends here.
-        output_final_state: also return the state after this piece's last token of each row (packed: of each
-            document piece in it, [N_local, H, K, V]), fp32; on the last rank, the whole sequence's final state.
-        output_states_after: also return the reader positions [B, P] (this piece's time axis) -> states
-            [B, P, H, K, V] (fp32), as `delta_rule`'s.
+        cu_seqlens: [N + 1] packed documents over this piece's B x L flattened tokens, every row start included
+            (`varlen.cut_cu_seqlens`); None: each row is one sequence.
+        continues: [B] bool, whether each row's first token continues the previous rank's piece of that row (a
+            document runs on across the boundary); None: every row does, except on rank 0.
+        output_final_state: also return the state after each sequence of this piece ([B or N, H, K, V], fp32): a
+            sequence that ends in this piece has its whole run's final state.
+        output_states_after: also return the reader positions [B, P] (packed: [1, P] into the B x L flattened
+            tokens) -> states [B, P, H, K, V] (fp32), as `delta_rule`'s.
         scale, chunk_size, use_reference: as `delta_rule`'s.
 
     Every rank of the group must call this with the same shapes and backpropagate through its outputs (the
-    backward all-reduces). Returns (o [B, T / c, H, V], final_state or None), plus `states_after` if asked.
+    backward all-reduces). Returns (o [B, L, H, V], final_state or None), plus `states_after` if asked.
     """
     from megatron_refine.kernels.delta_rule import delta_rule, gated_delta_rule  # the package imports this module
 
-    B, T, H, K = q.shape
+    B, L, H, K = q.shape
     V = v.shape[-1]
-    c, r = dist.get_world_size(group), dist.get_rank(group)
-    acc = compute_dtype(v)
-    local_cu, continues = (None, r > 0) if cu_seqlens is None else _cut(cu_seqlens, c, r, T)
-    rows = B if local_cu is None else local_cu.numel() - 1  # sequences of this piece
-    # [rows, H, K, K + V]: [I | 0] for the sequence that continues from the previous rank, [0 | 0] for the others
-    init = torch.zeros(rows, H, K, K + V, dtype=acc, device=v.device)
-    if continues:
-        init[: B if local_cu is None else 1, ..., :K] = torch.eye(K, dtype=acc, device=v.device)
-    v_wide = torch.cat([v.new_zeros(B, T, H, K), v], dim=-1)  # [B, T, H, K + V]
-    kwargs = dict(scale=scale, initial_state=init, output_final_state=True, chunk_size=chunk_size,
-                  output_states_after=output_states_after, cu_seqlens=local_cu, use_reference=use_reference)
-    if g is None:
-        o_wide, final_wide, *reader = delta_rule(q, k, v_wide, beta, **kwargs)
+    r = dist.get_rank(group)
+    acc, device = compute_dtype(v), v.device
+    if continues is None:
+        continues = torch.full((B,), r > 0, device=device)
+    if cu_seqlens is None:  # each row one sequence: its first and last segment
+        first = last = row_of = torch.arange(B, device=device)
+        flat = lambda t: t  # noqa: E731
     else:
-        o_wide, final_wide, *reader = gated_delta_rule(q, k, v_wide, g, beta, **kwargs)
-    carry = final_wide if local_cu is None else final_wide[-1:]  # [B or 1, H, K, K + V]: this piece's [P | N]
-    s_in = _IncomingState.apply(carry.to(acc), group)  # [B or 1, H, K, V]
+        first = torch.searchsorted(cu_seqlens, torch.arange(B, device=device, dtype=cu_seqlens.dtype) * L)
+        last = torch.cat([first[1:], first.new_full((1,), cu_seqlens.numel() - 1)]) - 1
+        row_of = torch.div(cu_seqlens[:-1], L, rounding_mode="floor")  # [N]: the row each segment lies in
+        flat = lambda t: t.reshape(1, B * L, *t.shape[2:])  # noqa: E731
+    # [segments, H, K, K + V]: [I | 0] for each row's first segment where it continues the previous piece, else 0
+    init = torch.zeros(row_of.numel(), H, K, K + V, dtype=acc, device=device)
+    init[first, ..., :K] = torch.eye(K, dtype=acc, device=device) * continues.to(acc)[:, None, None, None]
+    v_wide = torch.cat([v.new_zeros(B, L, H, K), v], dim=-1)  # [B, L, H, K + V]
+    kwargs = dict(scale=scale, initial_state=init, output_final_state=True, chunk_size=chunk_size,
+                  output_states_after=output_states_after, cu_seqlens=cu_seqlens, use_reference=use_reference)
+    gate = () if g is None else (flat(g),)
+    rule = delta_rule if g is None else gated_delta_rule
+    o_wide, final_wide, *reader = rule(flat(q), flat(k), flat(v_wide), *gate, flat(beta), **kwargs)
+    o_wide = o_wide.view(B, L, H, K + V)
+    s_in = _IncomingState.apply(final_wide[last].to(acc), group)  # [B, H, K, V]: each row's incoming state
     o = o_wide[..., K:].to(acc) + torch.einsum("bthk,bhkv->bthv", o_wide[..., :K].to(acc), s_in)
-    final_state = _apply(final_wide, s_in) if output_final_state else None
+    final_state = _apply(final_wide, s_in[row_of]) if output_final_state else None
     if not output_states_after:
         return o.to(v.dtype), final_state
 
-    def states_after(positions: torch.Tensor) -> torch.Tensor:  # [B, P] -> [B, P, H, K, V]
-        return _apply(reader[0](positions), s_in[:, None])
+    def states_after(positions: torch.Tensor) -> torch.Tensor:  # [B, P] (packed [1, P]) -> [B, P, H, K, V]
+        rows = s_in[:, None] if cu_seqlens is None else s_in[torch.div(positions, L, rounding_mode="floor")]
+        return _apply(reader[0](positions), rows)
 
     return o.to(v.dtype), final_state, states_after
 
@@ -109,17 +118,6 @@ def _apply(wide: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
     """States [..., K, K + V] holding [P | N] -> P S_in + N [..., K, V] (S_in broadcast over the leading dims)."""
     K = wide.shape[-2]
     return wide[..., :K] @ s_in.to(wide.dtype) + wide[..., K:]
-
-
-def _cut(cu_seqlens: torch.Tensor, c: int, r: int, piece: int) -> tuple[torch.Tensor, bool]:
-    """The global document starts [N + 1] cut to piece r of length `piece` -> (this piece's cu_seqlens, whether
-    its first token continues a document of the previous piece). Reads cu_seqlens on the host."""
-    check_cu_seqlens(cu_seqlens, 1, c * piece)
-    lo, hi = r * piece, (r + 1) * piece
-    starts = cu_seqlens.tolist()
-    inside = [s - lo for s in starts if lo < s < hi]
-    local = torch.tensor([0, *inside, piece], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-    return local, lo not in starts
 
 
 class _IncomingState(torch.autograd.Function):

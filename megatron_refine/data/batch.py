@@ -38,6 +38,16 @@ class Batch:
         """The labels the update (NTP or REFINE's NTP term) trains on."""
         return self.loss_mask if self.update_mask is None else self.update_mask
 
+    def piece(self, size: int, rank: int) -> "Batch":
+        """Context parallelism: piece `rank` of `size` of every row (tokens, labels and masks cut along T, contiguous);
+        the document starts stay the whole micro-batch's (the model cuts them: models/context_parallel.py)."""
+        if size == 1:
+            return self
+        length = self.tokens.shape[1] // size
+        cut = lambda t: None if t is None else t[:, rank * length:(rank + 1) * length]  # noqa: E731
+        return replace(self, tokens=cut(self.tokens), labels=cut(self.labels), loss_mask=cut(self.loss_mask),
+                       update_mask=cut(self.update_mask))
+
     def to(self, device: torch.device) -> "Batch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})

@@ -193,6 +193,28 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence
     return sliding_window_attention_dense(q, k, v, q.shape[1], sequence_ids)
 
 
+def causal_attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, since: torch.Tensor,
+                           block: int = 1024) -> torch.Tensor:
+    """Causal softmax attention of queries q [B, L, H, D] at positions first .. first + L - 1 of rows whose keys and
+    values k, v [B, S, G, D] (S >= first + L, grouped as `causal_attention`'s) start at position 0: a context-parallel
+    piece's queries over every piece's keys. since [B, L]: each query's position inside its document, so it sees the
+    keys from its document's start to itself. SDPA under a boolean mask in blocks of `block` queries, each against the
+    keys up to its last query: memory O(block x S)."""
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, ., D]
+    out = []
+    for start in range(0, q.shape[2], block):
+        end = min(q.shape[2], start + block)
+        query = first + torch.arange(start, end, device=q.device)  # [t]
+        key = torch.arange(first + end, device=q.device)  # [s]
+        allowed = (key <= query[:, None]) & (key >= (query - since[:, start:end])[..., None])  # [B, t, s]
+        out.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, : first + end], v[:, :, : first + end],
+                                                  attn_mask=allowed[:, None]))
+    return torch.cat(out, dim=2).transpose(1, 2)
+
+
 class TorchDotProductAttention(torch.nn.Module):
     """megatron-core's core attention interface (its local `DotProductAttention` allocates on CUDA) in PyTorch:
     causal softmax attention of [s, b, heads, dim] queries over grouped keys and values -> [s, b, heads * dim], with

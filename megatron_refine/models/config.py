@@ -73,6 +73,10 @@ class FastWeightConfig(*_MIXER_FIELDS, TransformerConfig):
             )
         for mixer in mixers:
             mixer.check_config(self)
+            if self.context_parallel_size > 1 and mixer.context_parallel_refusal:
+                raise ValueError(f"context_parallel_size={self.context_parallel_size} with {mixer.name} layers: "
+                                 f"{mixer.context_parallel_refusal}. Use context_parallel_size=1 (README, Context "
+                                 "parallelism)")
         super().__post_init__()
 
     def _check_pattern(self) -> None:

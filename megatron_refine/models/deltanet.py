@@ -24,10 +24,12 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_refine.kernels import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
+from megatron_refine.kernels import (
+    context_parallel_delta_rule, delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step)
 from megatron_refine.kernels.utils import compute_dtype
 from megatron_refine.models.common import (
     causal_conv1d, fla_intermediate_size, l2_norm, mixer_sharded_state_dict, param_device, split_fused)
+from megatron_refine.models.context_parallel import short_conv_piece
 from megatron_refine.models.inference import (
     BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, gather_window, request_inputs)
 from megatron_refine.models.mixers import MixerSpec
@@ -131,9 +133,9 @@ class DeltaNetMixer(MegatronModule):
         x, packing, cache = project_inputs(self, hidden_states, packed_seq_params)  # [B, T, in/t]
         B, T = x.shape[:2]
         qkv, rest = x[..., : self.conv_channels], x[..., self.conv_channels :]
-        conv_tail, conv_inputs = None, (qkv if cfg.use_short_conv else None)
+        conv_tail, conv_inputs = None, None
         if cfg.use_short_conv:
-            qkv, conv_tail = short_conv(self.conv1d, qkv, packing, cache)
+            qkv, conv_tail, conv_inputs = short_conv(self.conv1d, qkv, packing, cache)
         q, k, v = qkv.split(self.local_sizes[:3], dim=-1)
         if cfg.qk_activation == "silu":
             q, k = F.silu(q), F.silu(k)
@@ -178,18 +180,22 @@ def project_inputs(layer: MegatronModule, hidden_states: torch.Tensor, packed_se
     continues one."""
     x, _ = layer.in_proj(hidden_states)
     x = x if isinstance(layer.request, DecodeRequest) else x.transpose(0, 1)
-    return x, *request_inputs(layer, packed_seq_params, *x.shape[:2])
+    return x, *request_inputs(layer, packed_seq_params, *x.shape[:2], x.device)
 
 
 def short_conv(conv1d: torch.nn.Conv1d, x: torch.Tensor, packing: Packing | None, cache: DeltaNetCache | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The causal depthwise convolution over x [B, T, channels], restarting at every packed document and
-    continuing a cache's tail -> (its output [B, T, channels], the new tail)."""
+    continuing a cache's tail -> (its output [B, T, channels], the new tail, the inputs the branch readers read their
+    windows from: x, or under context parallelism x after the previous rank's last W - 1 inputs)."""
     B, T = x.shape[:2]
+    if packing is not None and packing.first_positions is not None:  # a context-parallel piece
+        y, window = short_conv_piece(conv1d.weight[:, 0], x, packing)
+        return y, None, window
     inputs = x.reshape(1, B * T, -1) if packing else x
     y, tail = causal_conv1d(inputs, conv1d.weight[:, 0], cache.conv if cache else None,
                             packing.cu_seqlens if packing else None)
-    return y.view(B, T, -1), tail
+    return y.view(B, T, -1), tail, x
 
 
 def run_delta_rule(layer: MegatronModule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
@@ -208,14 +214,19 @@ def run_delta_rule(layer: MegatronModule, q: torch.Tensor, k: torch.Tensor, v: t
         o, state = step(q[:, 0], k[:, 0], v[:, 0], *(t[:, 0] for t in gate), beta[:, 0], state)
         request.cache.layers[number] = DeltaNetCache(state, conv_tail)
         return o[:, None]  # [N, 1, H, V]
-    packed = (lambda t: t.reshape(1, B * T, *t.shape[2:])) if packing else (lambda t: t)  # noqa: E731
-    kw = dict(chunk_size=layer.config.delta_rule_chunk_size, cu_seqlens=packing.cu_seqlens if packing else None)
-    if isinstance(request, ContinueRequest):
-        kw["initial_state"] = cache.state if cache else None
     branching, prefill = isinstance(request, BranchRequest), isinstance(request, PrefillRequest)
-    rule = delta_rule if g is None else gated_delta_rule
-    o, final_state, *states_after = rule(*map(packed, (q, k, v, *gate, beta)), output_final_state=prefill,
-                                         output_states_after=branching, **kw)
+    if packing is not None and packing.first_positions is not None:  # a context-parallel piece
+        o, _, *states_after = context_parallel_delta_rule(
+            q, k, v, beta, g=g, group=parallel_state.get_context_parallel_group(), cu_seqlens=packing.cu_seqlens,
+            continues=packing.continues, chunk_size=layer.config.delta_rule_chunk_size, output_states_after=branching)
+    else:
+        packed = (lambda t: t.reshape(1, B * T, *t.shape[2:])) if packing else (lambda t: t)  # noqa: E731
+        kw = dict(chunk_size=layer.config.delta_rule_chunk_size, cu_seqlens=packing.cu_seqlens if packing else None)
+        if isinstance(request, ContinueRequest):
+            kw["initial_state"] = cache.state if cache else None
+        rule = delta_rule if g is None else gated_delta_rule
+        o, final_state, *states_after = rule(*map(packed, (q, k, v, *gate, beta)), output_final_state=prefill,
+                                             output_states_after=branching, **kw)
     if branching or prefill:
         read = states_after[0] if branching else functools.partial(_at_sequence_ends, final_state)
         request.readers[number] = functools.partial(_cache_after, read, conv_inputs, packing, conv_size)
@@ -224,9 +235,15 @@ def run_delta_rule(layer: MegatronModule, q: torch.Tensor, k: torch.Tensor, v: t
 
 def _cache_after(states_after, conv_inputs: torch.Tensor | None, packing: Packing | None, conv_size: int,
                  positions: torch.Tensor) -> DeltaNetCache:
-    """A layer's decoding cache after positions [B, P] (B * P rows), read from its training forward."""
+    """A layer's decoding cache after positions [B, P] (B * P rows), read from its training forward. conv_inputs
+    [B, T + extra, channels]: `short_conv`'s window inputs, whose first `extra` steps precede the rows' first token (the
+    previous context-parallel piece's)."""
     starts = packing.document_starts(positions) if packing else None
-    tails = None if conv_inputs is None else gather_window(conv_inputs, positions, conv_size - 1, starts)[0]
+    tails = None
+    if conv_inputs is not None:
+        extra = conv_inputs.shape[1] - packing.length if packing else 0
+        tails = gather_window(conv_inputs, positions + extra, conv_size - 1,
+                              None if starts is None else starts + extra)[0]
     return DeltaNetCache(states_after(packing.flat(positions) if packing else positions).flatten(0, 1), tails)
 
 
@@ -324,4 +341,6 @@ MIXER = MixerSpec(
     config_fields=DeltaNetFields,
     presets=PRESETS,
     fla_layer="DeltaNet",
+    state_heads=lambda c: (c.num_attention_heads, c.key_dim // c.num_attention_heads,
+                           c.value_dim // c.num_attention_heads),
 )

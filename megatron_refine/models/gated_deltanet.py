@@ -125,8 +125,7 @@ class GatedDeltaNetMixer(MegatronModule):
         B, T = x.shape[:2]
         qkv, z, beta, alpha = x.split([self.conv_channels, self.num_v_heads * self.head_v_dim,
                                        self.num_v_heads, self.num_v_heads], dim=-1)
-        conv_inputs = qkv  # [B, T, conv channels / t]: what branch caches read their conv tails from
-        qkv, conv_tail = short_conv(self.conv1d, qkv, packing, cache)
+        qkv, conv_tail, conv_inputs = short_conv(self.conv1d, qkv, packing, cache)
         q, k, v = F.silu(qkv).split(self.qkv_sizes, dim=-1)
         q = l2_norm(q.reshape(B, T, self.num_k_heads, self.head_k_dim))
         k = l2_norm(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
@@ -243,4 +242,5 @@ MIXER = MixerSpec(
     config_fields=GatedDeltaNetFields,
     presets=PRESETS,
     fla_layer="GatedDeltaNet",
+    state_heads=lambda c: (c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim),  # q, k repeated
 )

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from megatron_refine.models.context_parallel import context_parallel_size, forward_packing
 from megatron_refine.models.packing import Packing
 
 
@@ -93,16 +94,21 @@ class ContinueRequest:
     cache: InferenceCache
 
 
-def request_inputs(layer: torch.nn.Module, packed_seq_params, batch: int, length: int) -> tuple[Packing | None, Any]:
+def request_inputs(layer: torch.nn.Module, packed_seq_params, batch: int, length: int, device: torch.device
+                   ) -> tuple[Packing | None, Any]:
     """What a mixer's request gives its call over [batch, length] tokens: the documents packed in the rows (none when
-    decoding: the rows are sequences) and its layer's cache when decoding or continuing one (None before the first
-    token)."""
+    decoding: the rows are sequences; under context parallelism, this rank's piece of the micro-batch, always a
+    `Packing`) and its layer's cache when decoding or continuing one (None before the first token)."""
     request = layer.request
-    packing = None if isinstance(request, DecodeRequest) else Packing.from_params(packed_seq_params, batch, length)
-    if packing is not None and isinstance(request, ContinueRequest):
-        raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
-    cached = isinstance(request, (DecodeRequest, ContinueRequest))
-    return packing, request.cache.layers.get(layer.layer_number) if cached else None
+    if isinstance(request, DecodeRequest):
+        return None, request.cache.layers.get(layer.layer_number)
+    if isinstance(request, ContinueRequest):
+        if packed_seq_params is not None:
+            raise ValueError("a continuation from a cache runs one sequence per row: pass no packed_seq_params")
+        return None, request.cache.layers.get(layer.layer_number)
+    if isinstance(request, PrefillRequest) and context_parallel_size() > 1:
+        raise ValueError("prefill (generation, evaluation) runs whole sequences: use context_parallel_size=1")
+    return forward_packing(packed_seq_params, batch, length, device), None
 
 
 def token_positions(request, packing: Packing | None, batch: int, length: int, device: torch.device) -> torch.Tensor:

@@ -211,7 +211,7 @@ class LaCTMixer(MegatronModule):
         acc = compute_dtype(q)
         biases = self.rate_bias.split(self.local_sizes[1:])
         rates = {name: r.to(acc) + b.to(acc) for (name, _), r, b in zip(self.projections[1:], rates, biases)}
-        packing, cache = request_inputs(self, packed_seq_params, B, T)
+        packing, cache = request_inputs(self, packed_seq_params, B, T, x.device)
         packed = (lambda t: t.reshape(1, B * T, *t.shape[2:])) if packing else (lambda t: t)  # noqa: E731
         if isinstance(request, (DecodeRequest, ContinueRequest)):
             cache = cache or self._empty_cache(B, q)
@@ -380,4 +380,8 @@ MIXER = MixerSpec(
     presets=PRESETS,
     parameter_order_changed=True,  # four input projections, fused into in_proj since
     uses_muon=lambda config: config.use_muon,
+    context_parallel_refusal=(
+        "LaCT's fast-weight update (SwiGLU weights trained by gradient steps, with Muon's Newton-Schulz) is not affine "
+        "in the state it starts from, so a piece's effect cannot be computed before the state arrives: the ranks "
+        "would run one after another (memory split, no speedup)"),
 )

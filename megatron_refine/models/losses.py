@@ -56,11 +56,26 @@ def mean_loss(per_token: torch.Tensor, mask: torch.Tensor | None = None, tokens:
     """Per-token losses [B, T] under weights [B, T] (all ones when None): this rank's mean, or given `tokens`, the
     step's counted tokens on every DP rank divided by its micro-batches, this micro-batch's share of the mean over
     all of them (Megatron's schedule averages micro-batches, DDP averages DP ranks): rows of unequal lengths, such
-    as prompts and answers, then weigh by their tokens however they are split into micro-batches and ranks."""
+    as prompts and answers, then weigh by their tokens however they are split into micro-batches and ranks.
+    Under context parallelism per_token and mask are this rank's piece of the rows, and the result its piece's share
+    of the rows' mean (without `tokens`, of the micro-batch's: its count summed over CP): Megatron's schedule
+    multiplies the loss by the CP size, and DDP averages over the CP ranks too."""
+    if tokens is None and parallel_state.get_context_parallel_world_size() > 1:
+        tokens = (torch.ones_like(per_token) if mask is None else mask).sum().float()
+        torch.distributed.all_reduce(tokens, group=parallel_state.get_context_parallel_group())
+        return (per_token.float() * (1 if mask is None else mask)).sum() / tokens.clamp(min=1)
     if tokens is None:
         return masked_mean(per_token, mask)
     weights = torch.ones_like(per_token) if mask is None else mask
     return (per_token.float() * weights).sum() * parallel_state.get_data_parallel_world_size() / tokens.clamp(min=1)
+
+
+def context_parallel_sum(share: torch.Tensor) -> torch.Tensor:
+    """A loss share of this rank's piece of the rows (`mean_loss`) -> of the whole rows, the same on every CP rank:
+    what a metric reports. In place."""
+    if parallel_state.get_context_parallel_world_size() > 1:
+        torch.distributed.all_reduce(share, group=parallel_state.get_context_parallel_group())
+    return share
 
 
 def ntp_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
@@ -69,4 +84,4 @@ def ntp_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
     return mean_loss(-vocab_parallel_log_probs(logits, labels), loss_mask, tokens)
 
 
-__all__ = ["masked_mean", "mean_loss", "ntp_loss", "vocab_parallel_entropy", "vocab_parallel_log_probs"]
+__all__ = ["context_parallel_sum", "masked_mean", "mean_loss", "ntp_loss", "vocab_parallel_entropy", "vocab_parallel_log_probs"]

@@ -60,6 +60,11 @@ class MixerSpec:
     # (config, context, k) -> bytes one REFINE branch row's scoring forward over k tokens keeps for its backward that
     # grow with the prefix it reads (attention's probabilities over it); 0 for a fixed state (`state_values` counts).
     branch_row_bytes: Callable[[FastWeightConfig, int, int], float] = lambda config, context, k: 0.0
+    # Why it cannot run split over a context-parallel group (README, Context parallelism); None: it can.
+    context_parallel_refusal: str | None = None
+    # A (gated) delta-rule mixer's kernel heads (H, K, V) at TP=1, which its context-parallel state passing scales
+    # with (the estimator's); None: not a delta rule.
+    state_heads: Callable[[FastWeightConfig], tuple[int, int, int]] | None = None
 
 
 def get_mixer(name: str) -> MixerSpec:

@@ -33,6 +33,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 from megatron_refine.models.config import FastWeightConfig
+from megatron_refine.models.context_parallel import forward_packing
 from megatron_refine.models.inference import (
     BranchRequest,
     ContinueRequest,
@@ -147,7 +148,7 @@ class FastWeightGPTModel(GPTModel):
                             "the states with `out.states_after(positions)`")
         with self._request(BranchRequest()) as request:
             logits, hidden = self._whole_model_forward(input_ids, packed_seq_params)
-        packing = Packing.from_params(packed_seq_params, *input_ids.shape)
+        packing = forward_packing(packed_seq_params, *input_ids.shape, input_ids.device)
         return BranchOutput(logits.transpose(0, 1), hidden.transpose(0, 1), request.readers, packing)
 
     @torch.no_grad()

@@ -24,6 +24,9 @@ class Packing:
     cu_seqlens: torch.Tensor  # [N + 1] over the B * T tokens, row starts included
     batch: int
     length: int
+    # [B]: a context-parallel piece's (models/context_parallel.py), the position inside its document of each row's
+    # first token (> 0: the document began on an earlier rank); None: the rows hold whole documents.
+    first_positions: torch.Tensor | None = None
 
     @classmethod
     def from_params(cls, params: PackedSeqParams | None, batch: int, length: int) -> "Packing | None":
@@ -56,7 +59,17 @@ class Packing:
     @cached_property
     def position_ids(self) -> torch.Tensor:
         """[B, T]: each token's position inside its document."""
-        return prepare_position_ids(self.cu_seqlens, self.batch * self.length).view(self.batch, self.length)
+        local = prepare_position_ids(self.cu_seqlens, self.batch * self.length).view(self.batch, self.length)
+        if self.first_positions is None:
+            return local
+        first_document = self.sequence_ids == self.sequence_ids[:, :1]
+        return local + self.first_positions[:, None] * first_document
+
+    @property
+    def continues(self) -> torch.Tensor | None:
+        """[B] bool, a context-parallel piece's: whether each row's first token continues a document of the previous
+        rank's piece."""
+        return None if self.first_positions is None else self.first_positions > 0
 
     @cached_property
     def sequence_ids(self) -> torch.Tensor:
@@ -80,7 +93,8 @@ class Packing:
         return self._last_flat[1]
 
     def document_starts(self, positions: torch.Tensor) -> torch.Tensor:
-        """Positions [B, P] -> the row index where each position's document starts, [B, P]."""
+        """Positions [B, P] -> the row index where each position's document starts, [B, P] (a context-parallel piece's:
+        negative where it started on an earlier rank)."""
         b = torch.arange(positions.shape[0], device=positions.device)[:, None]
         return positions - self.position_ids[b, positions]
 

@@ -27,11 +27,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_refine.models.attention import TorchDotProductAttention, apply_rope, rope_cos_sin
+from megatron_refine.models.attention import (
+    TorchDotProductAttention, apply_rope, causal_attention_after, rope_cos_sin)
+from megatron_refine.models.context_parallel import gather_pieces
 from megatron_refine.models.inference import (
     BranchRequest, ContinueRequest, DecodeRequest, PrefillRequest, request_inputs, token_positions)
 from megatron_refine.models.mixers import MixerSpec
@@ -163,7 +166,7 @@ class AttentionMixer(SelfAttention):
         # [s, b, heads / t, D] each; decoding: [N, 1, .] already has the rows first
         q, k, v = (t if decoding else t.transpose(0, 1) for t in (q, k, v))  # [B, T, ., D]
         B, T = q.shape[:2]
-        packing, cache = request_inputs(self, packed_seq_params, B, T)
+        packing, cache = request_inputs(self, packed_seq_params, B, T, q.device)
         continuing = isinstance(request, ContinueRequest)
         positions = token_positions(request, packing, B, T, q.device)
         cos, sin = rope_cos_sin(positions, self.rotary_dim, cfg.rotary_base)  # [B, T, 1, rotary dims]
@@ -176,9 +179,15 @@ class AttentionMixer(SelfAttention):
                 request.cache.layers[self.layer_number] = cache.appended(k, v)
             o = o.reshape(B, T, -1) if decoding else o.transpose(0, 1).reshape(T, B, -1)
         else:
-            o = self._core_attention(q, k, v, packing, packed_seq_params)  # [T, B, heads / t * D]
+            first = 0
+            if packing is not None and packing.first_positions is not None:  # a context-parallel piece
+                first = parallel_state.get_context_parallel_rank() * T
+                k, v = (gather_pieces(t) for t in (k, v))  # [B, c T, G/t, D]: every piece's
+                o = causal_attention_after(q, k, v, first, packing.position_ids).transpose(0, 1).reshape(T, B, -1)
+            else:
+                o = self._core_attention(q, k, v, packing, packed_seq_params)  # [T, B, heads / t * D]
             if isinstance(request, (BranchRequest, PrefillRequest)):
-                request.readers[self.layer_number] = functools.partial(_cache_after, k, v, packing)
+                request.readers[self.layer_number] = functools.partial(_cache_after, k, v, packing, first)
         if gate:  # megatron-core's output gate, its math (its `_apply_output_gate` is torch.compile'd: a recompile
             # for every new decoding shape)
             o = (o * torch.sigmoid(gate[0].reshape(o.shape).float())).to(o.dtype)
@@ -207,15 +216,17 @@ class AttentionMixer(SelfAttention):
         return o.view(B, T, -1).transpose(0, 1)
 
 
-def _cache_after(k: torch.Tensor, v: torch.Tensor, packing: Packing | None, positions: torch.Tensor) -> AttentionCache:
+def _cache_after(k: torch.Tensor, v: torch.Tensor, packing: Packing | None, first: int, positions: torch.Tensor
+                 ) -> AttentionCache:
     """An attention layer's decoding cache after positions [B, P] (B * P rows, ordered (b, p)), read from its
-    training forward: its keys (after RoPE) and values [B, T, G/t, D] themselves, each branch seeing the slots of its
-    position's document up to the position."""
+    training forward: its keys (after RoPE) and values [B, S, G/t, D] themselves, each branch seeing the slots of its
+    position's document up to the position. Under context parallelism k and v are every piece's and the positions
+    this rank's piece's, which starts at slot `first`."""
     B, P = positions.shape
     starts = packing.document_starts(positions) if packing else torch.zeros_like(positions)
     source = torch.arange(B, device=positions.device).repeat_interleave(P)
     none = k.new_zeros(B * P, 0, *k.shape[2:])
-    return AttentionCache(k, v, source, starts.flatten(), (positions + 1).flatten(), none, none, P)
+    return AttentionCache(k, v, source, (first + starts).flatten(), (first + positions + 1).flatten(), none, none, P)
 
 
 # The config checks run before TransformerConfig.__post_init__ fills kv_channels and num_query_groups in: their

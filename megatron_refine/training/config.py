@@ -20,7 +20,7 @@ PROMPT_UPDATES = ("refine", "ntp", "none")
 DEVICES = (None, "cuda", "cpu")
 AT_LEAST_ONE = ("train_steps", "max_skipped_steps", "data.seq_length", "data.micro_batch_size",
                 "data.global_batch_size", "logging.log_interval", "parallel.tensor_model_parallel_size",
-                "parallel.pipeline_model_parallel_size")
+                "parallel.pipeline_model_parallel_size", "parallel.context_parallel_size")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 
 
@@ -139,6 +139,9 @@ class ParallelArgs:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    # Each sequence split into contiguous pieces over this many ranks (megatron-core's CP group); the fast-weight
+    # state is passed between them (README, Context parallelism). DeltaNet, Gated DeltaNet and hybrids' attention.
+    context_parallel_size: int = 1
 
 
 @dataclass
@@ -210,6 +213,15 @@ class TrainConfig:
                 "recompute_granularity): each layer leaves its branch states beside its output, and a recomputed layer "
                 "would detach them, dropping the policy gradient through the prefix. Leave it unset and raise "
                 "parallel.tensor_model_parallel_size (with sequence_parallel) to fit memory")
+        cp = self.parallel.context_parallel_size
+        if cp > 1 and self.stage in PROMPT_STAGES:
+            raise ValueError(f"parallel.context_parallel_size={cp} with stage {self.stage}: prompt / answer stages run "
+                             "short prompts and are not tested under context parallelism; use context_parallel_size=1 "
+                             "(stages pretrain and refine-mid take it)")
+        if cp > 1 and self.parallel.pipeline_model_parallel_size > 1:
+            raise ValueError(f"parallel.context_parallel_size={cp} with pipeline_model_parallel_size="
+                             f"{self.parallel.pipeline_model_parallel_size}: the two together are not tested here; use "
+                             "tensor and data parallelism beside context parallelism")
         if self.stage == "refine-post" and self.refine.mini_batches > 1:
             raise ValueError(f"stage refine-post takes one on-policy prompt update a batch (refine.mini_batches=1, got "
                              f"{self.refine.mini_batches}); test-time training (stage ttt) takes mini-batches")
@@ -277,6 +289,12 @@ NAMED_CONFIGS: dict[str, dict] = {
     # Gated DeltaNet at fla's 1.3B layout, under the paper's DeltaNet protocol (the paper has no GDN run)
     "refine-mid-gated-deltanet-1p3b": {"model": {"config": "gated_deltanet_1p3b"}, **_PAPER_MID, **_REFINE_MID},
     "ntp-mid-gated-deltanet-1p3b": {"model": {"config": "gated_deltanet_1p3b"}, **_PAPER_MID},
+    # Long context (issue 31): the same protocol on 65,536-token documents, 8 a step (the paper's 524,288 tokens a
+    # step, 32 documents a rollout round), each split over context-parallel ranks (recipes/, docs/scaling.md)
+    **{f"{name}-mid-gated-deltanet-1p3b-64k": {"model": {"config": "gated_deltanet_1p3b"}, **_PAPER_MID, **stage,
+                                               "data": {**_PAPER_MID["data"], "seq_length": 65536,
+                                                        "global_batch_size": 8}}
+       for name, stage in (("refine", _REFINE_MID), ("ntp", {}))},
     # Hybrids: a tiny one for a CPU, and the paper's mid-training protocol on Qwen3.5's text models (from their
     # converted checkpoints: convert-from-hf)
     "tiny-hybrid": {"model": {"config": "hybrid_tiny"}},

@@ -34,14 +34,28 @@ what grows with T is the scoring forward's attention probabilities over that pre
 n rows, `branch_row_bytes`: `branch_rows_bytes`). An evaluation's decoding caches grow with its context
 (`decoding_cache_bytes`); a fast-weight layer's state does not.
 
+Context parallelism (`context_parallel_size` c) splits every row into c contiguous pieces (rank r holds tokens
+[r T / c, (r + 1) T / c); not load-balanced). What is counted per token (the MLP, norms, logits, the mixers'
+activations, REFINE's per-token branch bytes) is divided by c, and so are REFINE's branch rows: each position's
+rollouts decode on the rank that holds it (n_chunks a multiple of c). Weights and gradients are not sharded by CP;
+the distributed optimizer's 12 bytes a parameter are (over DP x CP, as megatron-core's). A (gated) delta-rule layer
+runs its kernel once per rank on values [0 | v] (`kernels/delta_rule/context_parallel.py`): what it keeps that
+scales with the value width (v, the kernel's output, the chunk-start states; REFINE's chained copy of v) grows
+from V to K + V a head, and it keeps the fp32 all-gather of every piece's transition, c x rows x H x K x (K + V)
+values (`context_parallel_bytes`). An attention layer all-gathers keys and values: each rank keeps the whole
+sequence's (bf16, not divided by c) for its backward. The same gathers are the communication per layer and
+micro-batch (`context_parallel_comm_bytes`; the backward reduces as much). A mixer whose update is not affine in
+its state (`context_parallel_refusal`: LaCT) has no CP layout: the estimate raises its reason.
+
 The step time is 6 P FLOPs a token (forward + backward; the fast-weight kernels and the logits add a
 few percent) at a given MFU of the GPU's dense bf16 peak.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from megatron_refine.kernels.delta_rule.context_parallel import context_parallel_bytes
 from megatron_refine.models.config import FastWeightConfig
 from megatron_refine.models.deltanet import deltanet_branch_bytes, deltanet_reference_bytes  # named in docs/scaling.md
 from megatron_refine.models.mixers import get_mixer
@@ -114,10 +128,57 @@ class Layout:
     n_chunks: int = 8
     rollouts: int = 1
     k: int = 5  # rollout tokens
+    context_parallel_size: int = 1
 
     @property
     def data_parallel_size(self) -> int:
-        return self.gpus // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+        return self.gpus // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                             * self.context_parallel_size)
+
+
+def check_context_parallel(config: FastWeightConfig, layout: Layout) -> None:
+    """Raises ValueError naming the fix when `layout`'s context parallelism cannot run `config`."""
+    c = layout.context_parallel_size
+    if c == 1:
+        return
+    for name in config.mixers:
+        refusal = get_mixer(name).context_parallel_refusal
+        if refusal:
+            raise ValueError(f"context_parallel_size {c}: {name} has no context parallelism. {refusal}")
+    if layout.seq_length % c:
+        raise ValueError(f"seq_length {layout.seq_length} does not split into context_parallel_size {c} equal pieces")
+    if layout.refine and layout.n_chunks % c:
+        raise ValueError(f"REFINE's n_chunks {layout.n_chunks} is not a multiple of context_parallel_size {c}: each "
+                         "rank decodes the positions it holds, the same number on every rank")
+
+
+def context_parallel_layer_bytes(config: FastWeightConfig, layout: Layout) -> tuple[tuple[float, float, float], ...]:
+    """Each layer's context-parallel terms per GPU at `layout`: (bytes its activations grow by per token, at TP=1 as
+    `layer_activation_bytes`; bytes REFINE's branch path grows by per token; bytes its backward keeps from the
+    gather of the other pieces, per micro-batch). Zeros at CP 1."""
+    c, tp, rows, T = (layout.context_parallel_size, layout.tensor_model_parallel_size, layout.micro_batch_size,
+                      layout.seq_length)
+    terms = []
+    for name in config.layer_mixers:
+        if c == 1:
+            terms.append((0.0, 0.0, 0.0))
+        elif get_mixer(name).state_heads is not None:
+            H, K, V = get_mixer(name).state_heads(config)
+            # bf16 v and the kernel's output widened by K a head, the chunk-start states from K x V to K x (K + V)
+            widened = 2 * (2 * H * K + H * K * K / config.delta_rule_chunk_size)
+            terms.append((widened, 2 * H * K, context_parallel_bytes(c, rows, H // tp, K, V)))
+        else:  # attention: bf16 keys and values of the whole sequence
+            terms.append((0.0, 0.0, 2 * rows * T * get_mixer(name).cache_values(config) / tp))
+    return tuple(terms)
+
+
+def context_parallel_comm_bytes(config: FastWeightConfig, layout: Layout) -> tuple[float, ...]:
+    """Bytes each rank receives per layer and micro-batch in the forward's context-parallel gathers (the backward
+    reduces as much): a (gated) delta-rule layer's all-gather of every piece's transition (`context_parallel_bytes`,
+    its own included), an attention layer's keys and values of the other c - 1 pieces."""
+    c = layout.context_parallel_size
+    return tuple(kept if get_mixer(name).state_heads is not None else kept * (c - 1) / c
+                 for name, (_, _, kept) in zip(config.layer_mixers, context_parallel_layer_bytes(config, layout)))
 
 
 def _stages(values: tuple[float, ...], pp: int) -> float:
@@ -129,34 +190,44 @@ def _stages(values: tuple[float, ...], pp: int) -> float:
 def estimate(config: FastWeightConfig, vocab_size: int, layout: Layout, mfu: float = 0.4,
              peak_flops: float = H100_BF16_FLOPS) -> dict[str, float]:
     """Per-GPU memory (GiB) of each part, its total, tokens per step and the step time at `mfu`; `branch_rows` is the
-    part of `refine` that grows with the length per branch row (`branch_rows_bytes`)."""
+    part of `refine` that grows with the length per branch row (`branch_rows_bytes`); `cp_comm_bytes` what a rank
+    receives per micro-batch forward in context-parallel gathers, over all layers (`context_parallel_comm_bytes`)."""
+    check_context_parallel(config, layout)
     tp, pp, dp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.data_parallel_size
+    cp = layout.context_parallel_size
     counts = parameter_count(config, vocab_size)
     # The fullest pipeline stage: its share of the layers and the embedding or the output layer.
     layers = -(-config.num_layers // pp)
     params = (_stages(layer_parameter_counts(config), pp) + max(counts["embedding"], counts["output_layer"])
               * (1 if pp > 1 else 2)) / tp
-    tokens = layout.micro_batch_size * layout.seq_length
+    tokens = layout.micro_batch_size * layout.seq_length // cp  # this rank's piece of each row
     split = tp if layout.sequence_parallel else 1
-    activations = layer_activation_bytes(config, layout.seq_length)
+    cp_terms = context_parallel_layer_bytes(config, layout)
+    activations = tuple(a + widened for a, (widened, _, _) in
+                        zip(layer_activation_bytes(config, layout.seq_length), cp_terms))
+    gathered = tuple(kept for _, _, kept in cp_terms)
     if layout.recompute:
-        kept = layers * 2 * config.hidden_size * tokens / split + max(activations) * tokens / split
+        kept = (layers * 2 * config.hidden_size * tokens / split + max(activations) * tokens / split
+                + max(gathered))
     else:
-        kept = _stages(activations, pp) * tokens / split
+        kept = _stages(tuple(a * tokens / split + g for a, g in zip(activations, gathered)), pp)
     logits = 6 * vocab_size / tp * tokens  # bf16 logits, fp32 softmax
     out = {
         "parameters": counts["total"],
         "weights": 2 * params / GIB,
         "gradients": 4 * params / GIB,
-        "optimizer": 12 * params / dp / GIB,
+        "optimizer": 12 * params / (dp * cp) / GIB,
         "activations": (kept + logits) / GIB,
         "refine": 0.0,
         "branch_rows": 0.0,
+        "cp_comm_bytes": sum(context_parallel_comm_bytes(config, layout)),
     }
     if layout.refine:
         mixers = [get_mixer(name) for name in config.layer_mixers]
-        branch = tuple(tokens * m.branch_bytes(config) / tp for m in mixers)  # the chain over (about) the whole row
-        rows = layout.micro_batch_size * layout.n_chunks * layout.rollouts
+        # the chain over (about) the whole piece
+        branch = tuple(tokens * (m.branch_bytes(config) + widened) / tp
+                       for m, (_, widened, _) in zip(mixers, cp_terms))
+        rows = layout.micro_batch_size * layout.n_chunks * layout.rollouts // cp  # the positions this rank holds
         decode = tuple(rows * m.state_values(config) * 4 / tp for m in mixers)
         grows = tuple(b / tp for b in branch_rows_bytes(config, rows, layout.seq_length, layout.k))
         out["branch_rows"] = _stages(grows, pp) / GIB
@@ -167,6 +238,40 @@ def estimate(config: FastWeightConfig, vocab_size: int, layout: Layout, mfu: flo
     return out
 
 
+def longest_document(config: FastWeightConfig, vocab_size: int, gpus: int = 8, refine: bool = False,
+                     fit_gib: float = FIT_GIB, lengths: tuple[int, ...] = tuple(4096 << i for i in range(9))
+                     ) -> tuple[int, Layout, dict[str, float]] | None:
+    """The longest of `lengths` (4K to 1M tokens) whose estimate, one document a micro-batch, fits `fit_gib` a GPU
+    on `gpus` GPUs, with its layout and estimate; None if not even the shortest fits. The layout: TP among 1, 2, 4, 8
+    that the heads allow (+ SP), CP among 1, 2, 4, 8 (1 for a mixer that refuses it), TP x CP dividing `gpus`; the
+    smallest TP x CP that fits, then the smaller TP (CP's traffic per delta-rule layer is a fixed-size state, TP's
+    grows with the tokens)."""
+    tps = []
+    for tp in (1, 2, 4, 8):
+        try:
+            replace(config, tensor_model_parallel_size=tp, sequence_parallel=tp > 1)
+        except ValueError:  # the heads do not divide by tp
+            continue
+        tps.append(tp)
+    refused = any(get_mixer(name).context_parallel_refusal for name in config.mixers)
+    cps = (1,) if refused else (1, 2, 4, 8)
+    candidates = sorted(((tp, cp) for tp in tps for cp in cps if gpus % (tp * cp) == 0),
+                        key=lambda tp_cp: (tp_cp[0] * tp_cp[1], tp_cp[0]))
+    best = None
+    for length in lengths:
+        for tp, cp in candidates:
+            layout = Layout(gpus=gpus, tensor_model_parallel_size=tp, sequence_parallel=tp > 1, micro_batch_size=1,
+                            seq_length=length, refine=refine, context_parallel_size=cp)
+            e = estimate(config, vocab_size, layout)
+            if e["total"] <= fit_gib:
+                best = (length, layout, e)
+                break
+        else:  # memory grows with the length: no longer one fits either
+            return best
+    return best
+
+
 __all__ = ["FIT_GIB", "GIB", "H100_BF16_FLOPS", "H100_MEMORY_GIB", "Layout", "branch_rows_bytes",
+           "check_context_parallel", "context_parallel_comm_bytes", "context_parallel_layer_bytes",
            "decoding_cache_bytes", "deltanet_branch_bytes", "deltanet_reference_bytes", "estimate",
-           "layer_activation_bytes", "layer_parameter_counts", "parameter_count"]
+           "layer_activation_bytes", "layer_parameter_counts", "longest_document", "parameter_count"]

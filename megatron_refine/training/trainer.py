@@ -33,7 +33,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_refine.data import Batch, DocumentLoader, PackedLoader, ShardedDataset
 from megatron_refine.data.prompt_answer import PromptAnswerDataset, PromptAnswerLoader
 from megatron_refine.models import FastWeightGPTModel, build_model, frozen_copy, get_config, packed_seq_params
-from megatron_refine.models.losses import mean_loss
+from megatron_refine.models.losses import context_parallel_sum, mean_loss
 from megatron_refine.refine import (
     STEP_PHASES, StoredRollouts, check_logprob_parity, min_sequence_length, ppo_update_loss, refine_loss, rollout_round)
 from megatron_refine.runtime import Runtime, initialize, set_deterministic
@@ -103,7 +103,8 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswe
     par, data, opt = cfg.parallel, cfg.data, cfg.optimizer
     if cfg.deterministic:
         set_deterministic()
-    rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.seed,
+    rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size,
+                               seed=cfg.seed,
                                device=cfg.device)
     if cfg.checkpoint.save:  # before anything reads it: a second run into the folder, or a read-only one, stops here
         lock_save_folder(cfg.checkpoint.save)
@@ -159,13 +160,19 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswe
             )
     if par.sequence_parallel and data.seq_length % par.tensor_model_parallel_size != 0:
         raise ValueError(f"with sequence parallelism seq_length ({data.seq_length}) must be divisible by TP")
+    cp = par.context_parallel_size
+    piece = cp * (par.tensor_model_parallel_size if par.sequence_parallel else 1)
+    if data.seq_length % piece != 0:
+        raise ValueError(f"context_parallel_size {cp} splits every row into {cp} pieces"
+                         f"{' of whole TP shards' if piece > cp else ''}: data.seq_length ({data.seq_length}) must be "
+                         f"divisible by {piece}")
     cuda = rt.device.type == "cuda"
     bf16 = cuda if cfg.bf16 is None else cfg.bf16
     dtype = dict(params_dtype=torch.bfloat16, bf16=True) if bf16 else dict(params_dtype=torch.float32)
     model_config = get_config(
         cfg.model.config, tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size, sequence_parallel=par.sequence_parallel,
-        use_cpu_initialization=not cuda, deterministic_mode=cfg.deterministic, **dtype, **cfg.model.overrides,
+        context_parallel_size=par.context_parallel_size, use_cpu_initialization=not cuda, deterministic_mode=cfg.deterministic, **dtype, **cfg.model.overrides,
     )
     module = build_model(model_config, dataset.vocab_size)
     if cuda:
@@ -263,7 +270,7 @@ def startup_summary(trainer: Trainer, model_config, dataset, bf16: bool, start: 
         ("model", f"{c.architecture} {cfg.model.config}, {c.num_layers} layers, hidden {c.hidden_size}, "
                   f"{c.num_attention_heads} heads: {params:,d} parameters"),
         ("layout", f"TP {par.tensor_model_parallel_size}, PP {par.pipeline_model_parallel_size}, "
-                   f"DP {rt.layout.data_parallel_size}, SP {'on' if par.sequence_parallel else 'off'}; "
+                   f"CP {par.context_parallel_size}, DP {rt.layout.data_parallel_size}, SP {'on' if par.sequence_parallel else 'off'}; "
                    f"{torch.distributed.get_backend()} on {rt.device.type}, {'bf16' if bf16 else 'fp32'}"),
         ("data", f"{data.path or dataset.path} ({data.layout}): {content}"),
         ("step", f"{data.global_batch_size} x {data.seq_length} = {data.global_batch_size * data.seq_length:,d} tokens "
@@ -332,6 +339,7 @@ def _ntp_forward_step(trainer: Trainer, answers: bool = False):
     answer labels (`loss_mask`) given the prompt, a mean over the step's answer labels."""
     def forward_step(data_iterator, model):
         batch = next(data_iterator).to(next(model.parameters()).device)
+        batch = batch.piece(parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank())
         output = model(batch.tokens, None, None, labels=batch.labels, packed_seq_params=_packing(batch))
 
         def loss_func(per_token_loss):  # called on the last pipeline stage only
@@ -339,7 +347,7 @@ def _ntp_forward_step(trainer: Trainer, answers: bool = False):
             loss = (mean_loss(per_token_loss, b.loss_mask, b.loss_tokens) if answers else
                     mean_loss(per_token_loss, b.update_loss_mask, b.update_tokens))
             # A copy: the schedule divides the returned loss in place by the number of micro-batches.
-            return loss, {"lm loss": loss.detach().clone()}
+            return loss, {"lm loss": context_parallel_sum(loss.detach().clone())}
 
         return output, loss_func
 

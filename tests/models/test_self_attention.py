@@ -45,7 +45,7 @@ def test_cached_attention_from_shared_prefix_keys_equals_attention_over_each_seq
     B, T, H, G, D, L = 2, 10, 4, 2, 8, 3
     k, v = (torch.randn(B, T, G, D, dtype=torch.float64, generator=g) for _ in range(2))
     positions = torch.tensor([[2, 7], [0, 9]])
-    cache = _cache_after(k, v, None, positions)  # 4 rows, 2 per prefix row
+    cache = _cache_after(k, v, None, 0, positions)  # 4 rows, 2 per prefix row
     n = 2
     cache = InferenceCache(positions.flatten() + 1, {1: cache}).repeat_interleave(n).layers[1]  # rollouts
     assert cache.rows_per_source == 4
@@ -63,7 +63,7 @@ def test_cached_attention_from_shared_prefix_keys_equals_attention_over_each_seq
         want = causal_attention(queries, keys, values)[0, p + 1 :]
         torch.testing.assert_close(grouped[r], want, rtol=1e-12, atol=1e-12)
     # One prefix row (packed documents): every row reads it, selected or not.
-    one = InferenceCache(positions[:1].flatten() + 1, {1: _cache_after(k[:1], v[:1], None, positions[:1])})
+    one = InferenceCache(positions[:1].flatten() + 1, {1: _cache_after(k[:1], v[:1], None, 0, positions[:1])})
     one = one.repeat_interleave(n).layers[1]
     rows_one = positions.shape[1] * n
     torch.testing.assert_close(cached_attention(q_new[:rows_one], k_new[:rows_one], v_new[:rows_one],

@@ -76,7 +76,19 @@ HYBRID = "model.config=hybrid_tiny"
     # A hybrid (Gated DeltaNet and attention layers): its rollouts branch from both kinds of layer.
     (["parallel.tensor_model_parallel_size=1"], 2, [*REFINE, HYBRID]),
     (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2, [*REFINE_SAMPLED, HYBRID]),
-], ids=["dp2", "tp2", "tp2-sp", "pp2", "refine-dp2", "refine-tp2-sp", "refine-dp2-hybrid", "refine-tp2-sp-hybrid"])
+    # Each row in two pieces (its documents cross the boundary): the fast-weight state, the short convolutions and
+    # attention's keys and values pass between the CP ranks.
+    (["parallel.context_parallel_size=2"], 2, []),  # CP=2
+    (["parallel.context_parallel_size=2"], 2, [HYBRID]),
+    (["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+     4, [HYBRID]),  # CP=2 x TP=2 + SP
+    # REFINE: positions drawn over the whole rows, each rolled out on the rank that holds it.
+    (["parallel.context_parallel_size=2"], 2, REFINE_SAMPLED),
+    (["parallel.context_parallel_size=2"], 2, [*REFINE_SAMPLED, HYBRID]),
+    (["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+     4, [*REFINE_SAMPLED, HYBRID]),
+], ids=["dp2", "tp2", "tp2-sp", "pp2", "refine-dp2", "refine-tp2-sp", "refine-dp2-hybrid", "refine-tp2-sp-hybrid",
+        "cp2", "cp2-hybrid", "cp2-tp2-sp-hybrid", "refine-cp2", "refine-cp2-hybrid", "refine-cp2-tp2-sp-hybrid"])
 def test_parallel_training_steps_match_one_rank(corpus, tmp_path, layout, nproc, common):
     (reference,) = spawn(_steps, 1, corpus, common, tmp_path)
     for steps in spawn(_steps, nproc, corpus, [*common, *layout], tmp_path, str(tmp_path)):

@@ -1,0 +1,60 @@
+"""REFINE under context parallelism (CP 2, gloo, fp64) equals one rank: the positions drawn over the whole rows, each
+rolled out on the rank that holds it (a chunk straddles the piece boundary, so the ranks hold unequal shares), the
+sampled rollouts, rewards, every metric, the loss and every gradient, with the KL to a frozen reference; DeltaNet and
+the hybrid, rows and packed documents."""
+
+import pytest
+import torch
+from megatron.core import parallel_state
+from megatron_modules import tiny_fast_weight_model, token_batch
+
+from megatron_refine.models import frozen_copy
+from megatron_refine.models.packing import packed_seq_params
+from megatron_refine.refine import RefineConfig, refine_loss
+from megatron_refine.runtime import initialize, spawn
+
+B, T = 2, 48  # pieces of 24
+CFG = RefineConfig(n_chunks=3, k=3, margin=4, n=2, selection="entropy", temperature=1.0, kl_coef=0.1)
+CU_SEQLENS = [0, 20, 48, 60, 96]  # row 0: a document crossing the boundary at 24; row 1: one starting inside piece 0
+
+
+def _step(model, cu):
+    ids = token_batch(B, T + 1, seed=6)
+    params = None if cu is None else packed_seq_params(torch.tensor(cu))
+    loss, metrics = refine_loss(model, ids[:, :-1], ids[:, 1:], CFG, torch.Generator().manual_seed(4),
+                                ref_model=frozen_copy(model), packed_seq_params=params)
+    loss.backward()
+    metrics = {name: v.item() for name, v in metrics.items() if not name.startswith("time_")}
+    return loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]
+
+
+def _reference(name, cu):
+    initialize(seed=8, device="cpu")
+    model = tiny_fast_weight_model(name, params_dtype=torch.float64)
+    state = model.state_dict()  # the weights: a backward does not change them
+    return state, *_step(model, cu)
+
+
+def _context_parallel(name, cu, reference):
+    state, loss_ref, metrics_ref, grads_ref = reference
+    initialize(cp=2, seed=8, device="cpu")
+    model = tiny_fast_weight_model(name, params_dtype=torch.float64, context_parallel_size=2)
+    model.load_state_dict(state)
+    loss, metrics, grads = _step(model, cu)
+    group = parallel_state.get_context_parallel_group()
+    torch.distributed.all_reduce(loss, group=group)  # each rank's share of the rows' loss
+    torch.testing.assert_close(loss, loss_ref)
+    assert metrics.keys() == metrics_ref.keys()  # fp32 where the losses are (mean_loss sums in fp32)
+    for name, value in metrics.items():
+        assert value == pytest.approx(metrics_ref[name], rel=1e-6, abs=1e-7), (name, value, metrics_ref[name])
+    assert metrics["rollout_tokens"] == B * CFG.n_chunks * CFG.n * CFG.k
+    for (n, _), g, g_ref in zip(model.named_parameters(), grads, grads_ref):
+        torch.distributed.all_reduce(g, group=group)  # DDP's sum over CP (Megatron scales the loss by CP)
+        torch.testing.assert_close(g, g_ref, msg=lambda m: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("cu", [None, CU_SEQLENS], ids=["rows", "packed"])
+@pytest.mark.parametrize("name", ["deltanet_tiny", "hybrid_tiny"])
+def test_refine_at_cp2_equals_one_rank(name, cu):
+    (reference,) = spawn(_reference, 1, name, cu)
+    spawn(_context_parallel, 2, name, cu, reference)
