@@ -1,7 +1,7 @@
 """REFINE under context parallelism (CP 2, gloo, fp64) equals one rank: the positions drawn over the whole rows, each
 rolled out on the rank that holds it (a chunk straddles the piece boundary, so the ranks hold unequal shares), the
 sampled rollouts, rewards, every metric, the loss and every gradient, with the KL to a frozen reference; DeltaNet and
-the hybrid, rows and packed documents."""
+the hybrid, rows and packed documents; and a rollout round with a PPO update on its stored rollouts."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from megatron_modules import tiny_fast_weight_model, token_batch
 
 from megatron_refine.models import frozen_copy
 from megatron_refine.models.packing import packed_seq_params
-from megatron_refine.refine import RefineConfig, refine_loss
+from megatron_refine.refine import RefineConfig, ppo_update_loss, refine_loss, rollout_round
 from megatron_refine.runtime import initialize, spawn
 
 B, T = 2, 48  # pieces of 24
@@ -18,29 +18,40 @@ CFG = RefineConfig(n_chunks=3, k=3, margin=4, n=2, selection="entropy", temperat
 CU_SEQLENS = [0, 20, 48, 60, 96]  # row 0: a document crossing the boundary at 24; row 1: one starting inside piece 0
 
 
-def _step(model, cu):
+def _step(model, cu, rounds):
+    """An on-policy REFINE step, or (rounds) a rollout round's rollouts and a PPO update on them; backpropagated."""
     ids = token_batch(B, T + 1, seed=6)
     params = None if cu is None else packed_seq_params(torch.tensor(cu))
-    loss, metrics = refine_loss(model, ids[:, :-1], ids[:, 1:], CFG, torch.Generator().manual_seed(4),
-                                ref_model=frozen_copy(model), packed_seq_params=params)
+    generator, reference = torch.Generator().manual_seed(4), frozen_copy(model)
+    stored = None
+    if rounds:
+        stored = rollout_round(model, ids[:, :-1], ids[:, 1:], CFG, generator, params)
+        loss, metrics = ppo_update_loss(model, ids[:, :-1], ids[:, 1:], stored, CFG, reference, params)
+        stored = (stored.positions, stored.tokens, stored.old_log_probs, stored.advantages, stored.mask)
+    else:
+        loss, metrics = refine_loss(model, ids[:, :-1], ids[:, 1:], CFG, generator, ref_model=reference,
+                                    packed_seq_params=params)
     loss.backward()
     metrics = {name: v.item() for name, v in metrics.items() if not name.startswith("time_")}
-    return loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]
+    return loss.detach(), metrics, [p.grad.clone() for p in model.parameters()], stored
 
 
-def _reference(name, cu):
+def _reference(name, cu, rounds):
     initialize(seed=8, device="cpu")
     model = tiny_fast_weight_model(name, params_dtype=torch.float64)
     state = model.state_dict()  # the weights: a backward does not change them
-    return state, *_step(model, cu)
+    return state, *_step(model, cu, rounds)
 
 
-def _context_parallel(name, cu, reference):
-    state, loss_ref, metrics_ref, grads_ref = reference
+def _context_parallel(name, cu, rounds, reference):
+    state, loss_ref, metrics_ref, grads_ref, stored_ref = reference
     initialize(cp=2, seed=8, device="cpu")
     model = tiny_fast_weight_model(name, params_dtype=torch.float64, context_parallel_size=2)
     model.load_state_dict(state)
-    loss, metrics, grads = _step(model, cu)
+    loss, metrics, grads, stored = _step(model, cu, rounds)
+    if rounds:  # every CP rank stores the round's R rows, as one rank does
+        for x, x_ref in zip(stored, stored_ref):
+            torch.testing.assert_close(x, x_ref)
     group = parallel_state.get_context_parallel_group()
     torch.distributed.all_reduce(loss, group=group)  # each rank's share of the rows' loss
     torch.testing.assert_close(loss, loss_ref)
@@ -56,5 +67,12 @@ def _context_parallel(name, cu, reference):
 @pytest.mark.parametrize("cu", [None, CU_SEQLENS], ids=["rows", "packed"])
 @pytest.mark.parametrize("name", ["deltanet_tiny", "hybrid_tiny"])
 def test_refine_at_cp2_equals_one_rank(name, cu):
-    (reference,) = spawn(_reference, 1, name, cu)
-    spawn(_context_parallel, 2, name, cu, reference)
+    (reference,) = spawn(_reference, 1, name, cu, False)
+    spawn(_context_parallel, 2, name, cu, False, reference)
+
+
+def test_rollout_round_and_ppo_update_at_cp2_equal_one_rank():
+    """refine.mini_batches > 1: the round's stored rollouts (positions, tokens, old log-probs, advantages, mask) and a
+    PPO update on them, packed documents of the hybrid."""
+    (reference,) = spawn(_reference, 1, "hybrid_tiny", CU_SEQLENS, True)
+    spawn(_context_parallel, 2, "hybrid_tiny", CU_SEQLENS, True, reference)
