@@ -194,12 +194,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence
 
 
 def causal_attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, since: torch.Tensor,
-                           block: int = 1024) -> torch.Tensor:
+                           *, use_reference: bool = False) -> torch.Tensor:
     """Causal softmax attention of queries q [B, L, H, D] at positions first .. first + L - 1 of rows whose keys and
     values k, v [B, S, G, D] (S >= first + L, grouped as `causal_attention`'s) start at position 0: a context-parallel
     piece's queries over every piece's keys. since [B, L]: each query's position inside its document, so it sees the
-    keys from its document's start to itself. SDPA under a boolean mask in blocks of `block` queries, each against the
-    keys up to its last query: memory O(block x S)."""
+    keys from its document's start to itself.
+
+    FlexAttention under a block mask where `flex_available` (CUDA: only the key blocks a query can see are visited,
+    memory O(S)), else `causal_attention_after_dense`, the reference (`use_reference` forces it)."""
+    if not use_reference and flex_available(q):
+        return causal_attention_after_flex(q, k, v, first, since)
+    return causal_attention_after_dense(q, k, v, first, since)
+
+
+def causal_attention_after_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, since: torch.Tensor,
+                                 block: int = 1024) -> torch.Tensor:
+    """`causal_attention_after` by SDPA under a boolean mask, in blocks of `block` queries, each against the keys up to
+    its last query. Its backward keeps each block's mask (as fp32 on a CPU): O(L x S) for the piece, fine at the CPU
+    tests' lengths, not at a long document's (the FlexAttention path's is O(S))."""
     group = q.shape[2] // k.shape[2]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
@@ -213,6 +225,41 @@ def causal_attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fi
         out.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, : first + end], v[:, :, : first + end],
                                                   attn_mask=allowed[:, None]))
     return torch.cat(out, dim=2).transpose(1, 2)
+
+
+def causal_attention_after_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, since: torch.Tensor
+                                ) -> torch.Tensor:
+    """`causal_attention_after` by FlexAttention (compiled on CUDA; eager elsewhere, forward only: the CPU tests)."""
+    B, L = q.shape[:2]
+    S = first + L
+    block_mask = _causal_after_block_mask(first, since, B, L, S, q.device)
+    attend = _flex_attention_compiled if q.is_cuda else flex_attention
+    o = attend(q.transpose(1, 2), k[:, :S].transpose(1, 2), v[:, :S].transpose(1, 2), block_mask=block_mask,
+               enable_gqa=q.shape[2] != k.shape[2])  # [B, H, L, D]
+    return o.transpose(1, 2)
+
+
+_last_causal_after_mask: tuple = (None, None)  # (key, BlockMask) of the last call
+
+
+def _causal_after_block_mask(first: int, since: torch.Tensor, batch: int, length: int, keys: int,
+                             device: torch.device) -> BlockMask:
+    """The BlockMask of `causal_attention_after`, built once per forward: every layer passes the same `since` tensor
+    (the piece's `Packing.position_ids`), so the last mask is reused while that very object and the sizes match."""
+    global _last_causal_after_mask
+    key = (since, first, batch, length, keys, device)
+    last_key, block_mask = _last_causal_after_mask
+    if last_key is not None and last_key[0] is since and last_key[1:] == key[1:]:
+        return block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        position = q_idx + first
+        return (kv_idx <= position) & (kv_idx >= position - since[b, q_idx])
+
+    build = _create_block_mask_compiled if device.type == "cuda" else create_block_mask
+    block_mask = build(mask_mod, batch, None, length, keys, device=device)
+    _last_causal_after_mask = key, block_mask
+    return block_mask
 
 
 class TorchDotProductAttention(torch.nn.Module):

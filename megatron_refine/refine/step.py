@@ -25,7 +25,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_refine.models.generation import same_on_tp_ranks, sample_tokens, sampling_logits
 from megatron_refine.models.context_parallel import whole_rows
-from megatron_refine.models.losses import context_parallel_sum, ntp_loss, vocab_parallel_entropy, vocab_parallel_log_probs
+from megatron_refine.models.losses import (
+    context_parallel_sum, ntp_loss, vocab_parallel_entropy, vocab_parallel_log_probs)
 from megatron_refine.models.model import BranchOutput
 from megatron_refine.models.packing import Packing
 from megatron_refine.refine.config import RefineConfig
@@ -36,7 +37,9 @@ from megatron_refine.refine.selection import chunks_with_candidates, eligible_po
 
 @dataclass
 class Rollouts:
-    positions: torch.Tensor  # [B, P]
+    """This rank's rollouts: all R of them, or under context parallelism its `Placement`'s R_own rows."""
+
+    positions: torch.Tensor  # [B, P]: the branch positions (the placement's: in this rank's piece)
     tokens: torch.Tensor  # [R, k], R = B * P * n, rows ordered (b, p, sample)
     log_probs: torch.Tensor  # [R, k], the training forward's, differentiable through the branch states
     sampler_log_probs: torch.Tensor  # [R, k], the decoder's, as it sampled them (no graph)
@@ -48,8 +51,8 @@ def select(logits: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
            packed_seq_params: PackedSeqParams | None = None, lengths: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward's logits [B, T, V/t] (detached; under context parallelism this rank's piece [B, T / c, V/t], the
-    entropy then gathered: every rank draws the same positions) -> next-token entropy [B, T] -> positions [B, n_chunks], their
-    entropies, and which of them are valid [B, n_chunks] (with packed documents or short rows a chunk may hold no
+    entropy then gathered: every rank draws the same positions) -> next-token entropy [B, T] -> positions
+    [B, n_chunks], their entropies, and which of them are valid [B, n_chunks] (with packed documents or short rows a chunk may hold no
     position whose rollout fits). lengths [B]: each row's real labels (a padded document, a post-training prompt;
     the rest is padding or an answer): the chunks split that part only, and every rollout and its truth (and
     `margin` tokens more) stay in it."""
@@ -71,18 +74,21 @@ def select(logits: torch.Tensor, cfg: RefineConfig, generator: torch.Generator,
 class Placement:
     """Which of a micro-batch's R = B x P x n rollout rows this rank reads, decodes and scores. Under context
     parallelism a position's rollouts run on the rank whose piece holds it, where its branch state is read; with
-    n_chunks a multiple of CP the ranks hold about equal shares. Without CP, every row."""
+    n_chunks a multiple of CP the ranks hold equal shares. Each rank's rows are [B, P'] positions (P' the most a row
+    has here) times n: a row with fewer is padded with copies of a position of its own, decoded and thrown away, so
+    the branch caches keep one forward row per P' x n rows (attention reads its prefix once for them). Without CP,
+    every row."""
 
-    positions: torch.Tensor  # [B, P']: the positions in this rank's piece (P' = P without CP; padding: not kept)
-    kept: torch.Tensor | None  # [B * P'] bool: which of them are real; None: all (no CP)
-    rows: torch.Tensor  # [R_own]: this rank's rollout rows, as indices into the R rows ordered (b, p, sample)
+    positions: torch.Tensor  # [B, P']: the positions in this rank's piece (P' = P without CP)
+    rows: torch.Tensor  # [B P' n]: each of this rank's rows' index into the R rows ordered (b, p, sample); -1: padding
     total: int  # R
+    split: bool = False  # over context-parallel ranks: the rows are gathered from every rank's share
 
     @classmethod
     def whole(cls, positions: torch.Tensor, n: int) -> Placement:
         """Every rollout of positions [B, P] on this rank."""
         rows = positions.numel() * n
-        return cls(positions, None, torch.arange(rows, device=positions.device), rows)
+        return cls(positions, torch.arange(rows, device=positions.device), rows)
 
     @classmethod
     def of(cls, positions: torch.Tensor, n: int, piece: int) -> Placement:
@@ -94,58 +100,62 @@ class Placement:
         first = parallel_state.get_context_parallel_rank() * piece
         own = (positions >= first) & (positions < first + piece)  # [B, P]
         count = own.sum(1)
-        width = int(count.max())  # a host read, once per micro-batch
+        # A host read, once per micro-batch. At least one: a rank whose piece holds no position decodes a padding
+        # row, so every CP rank builds the same graph and its backward enters the same collectives in the same order.
+        width = max(int(count.max()), 1)
         order = torch.argsort((~own).to(torch.int8), dim=1, stable=True)[:, :width]  # own positions first, in order
         kept = torch.arange(width, device=device) < count[:, None]  # [B, width]
+        order = torch.where(kept, order, order[:, :1])  # padding: the row's first own position (or any, if none)
         local = (positions.gather(1, order) - first).clamp(0, piece - 1)
-        index = (torch.arange(B, device=device)[:, None] * P + order)[kept]  # [own positions]: into the B x P
-        rows = (index[:, None] * n + torch.arange(n, device=device)).flatten()
-        return cls(local, kept.flatten(), rows, B * P * n)
+        index = torch.where(kept, torch.arange(B, device=device)[:, None] * P + order, -1)  # into the B x P
+        rows = torch.where(index[..., None] >= 0, index[..., None] * n + torch.arange(n, device=device), -1)
+        return cls(local, rows.flatten(), B * P * n, split=True)
 
     @property
     def count(self) -> int:
+        """How many rows this rank decodes (padding included)."""
         return self.rows.numel()
 
     def spread(self, own: torch.Tensor) -> torch.Tensor:
-        """This rank's rows' values [R_own, ...] in place among all R rows (zeros elsewhere) [R, ...]."""
-        if self.kept is None:
+        """This rank's rows' values [count, ...] in place among all R rows (zeros elsewhere) [R, ...]."""
+        if not self.split:
             return own
-        return own.new_zeros(self.total, *own.shape[1:]).index_copy(0, self.rows, own)
+        real = self.rows >= 0
+        return own.new_zeros(self.total, *own.shape[1:]).index_copy(0, self.rows[real], own[real])
 
     def gather(self, own: torch.Tensor) -> torch.Tensor:
-        """Every rank's rows' values [R, ...] from each rank's own [R_own, ...], the same on every CP rank, without a
+        """Every rank's rows' values [R, ...] from each rank's own [count, ...], the same on every CP rank, without a
         graph: what the rewards, the advantages and the statistics read."""
-        if self.kept is None:
+        if not self.split:
             return own
         every = self.spread(own.detach())
         torch.distributed.all_reduce(every, group=parallel_state.get_context_parallel_group())
         return every
 
     def mine(self, every: torch.Tensor) -> torch.Tensor:
-        """Rows [R, ...] -> this rank's [R_own, ...]."""
-        return every if self.kept is None else every[self.rows]
+        """Rows [R, ...] -> this rank's [count, ...]; zeros (False) in the padding rows."""
+        if not self.split:
+            return every
+        real = (self.rows >= 0).view(-1, *[1] * (every.dim() - 1))
+        return torch.where(real, every[self.rows.clamp(min=0)], torch.zeros((), dtype=every.dtype, device=every.device))
 
 
 def branch_starts(out: BranchOutput, where: Placement | torch.Tensor, n: int):
     """Where every rollout of this rank starts (`where`: a placement, or positions [B, P] all here): the logits at
     each position (predicting its first token) and the decoding state after it, each repeated for the n rollouts of
     a position -> (logits [R_own, V/t], cache of R_own rows)."""
-    placement = where if isinstance(where, Placement) else Placement.whole(where, n)
-    positions = placement.positions
+    positions = where.positions if isinstance(where, Placement) else where
     b = torch.arange(positions.shape[0], device=positions.device)[:, None]
-    logits = out.logits[b, positions].flatten(0, 1)
+    logits = out.logits[b, positions].flatten(0, 1).repeat_interleave(n, dim=0)
     cache = out.states_after(positions)
-    if placement.kept is not None:
-        kept = placement.kept.nonzero()[:, 0]
-        logits, cache = logits[kept], cache.select(kept)
-    return logits.repeat_interleave(n, dim=0), (cache.repeat_interleave(n) if n > 1 else cache)
+    return logits, (cache.repeat_interleave(n) if n > 1 else cache)
 
 
 def roll_out(model, out: BranchOutput, where: Placement | torch.Tensor, cfg: RefineConfig,
              generator: torch.Generator, eos_id: int | None = None) -> Rollouts:
     """k tokens from every branch state of this rank (n samples each): sampled by the decoder, scored by the training
-    forward (`where`: a placement, or positions [B, P] all here). eos_id: never sampled (every rollout has k tokens, as the release's min_new_tokens = k); None bans
-    nothing. Each draw is made over all R rows (zeros in the other CP ranks' rows), so it is the one a single rank
+    forward (`where`: a placement, or positions [B, P] all here). eos_id: never sampled (every rollout has k tokens,
+    as the release's min_new_tokens = k); None bans nothing. Each draw is made over all R rows (zeros in the other CP ranks' rows), so it is the one a single rank
     would make: the sampler's random numbers depend only on the generator and the shape.
     Rollouts.seconds: host time of reading the branch states, of the decoding and of the scoring forward."""
     placement = where if isinstance(where, Placement) else Placement.whole(where, cfg.n)
@@ -158,13 +168,13 @@ def roll_out(model, out: BranchOutput, where: Placement | torch.Tensor, cfg: Ref
     with torch.no_grad():
         logits, decoding = first_logits.detach(), cache.detach()
         step = _decoder(model, decoding, placement.count)
-        for j in range(cfg.k):  # every CP rank draws (the same numbers), its own rows or none
+        for j in range(cfg.k):  # every CP rank draws the same numbers, for all R rows
             full = sampling_logits(placement.spread(logits), model.tokenizer_vocab_size, banned=eos_id)
             drawn = sample_tokens(full, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
             token = placement.mine(same_on_tp_ranks(drawn))
             tokens.append(token)
             sampler_log_probs.append(vocab_parallel_log_probs(logits, token))
-            if j < cfg.k - 1 and placement.count:
+            if j < cfg.k - 1:
                 logits = step(token)
     tokens = torch.stack(tokens, 1)  # [R_own, k]
     t2 = time.perf_counter()
@@ -177,9 +187,10 @@ def _decoder(model, cache, rows: int):
     """token [rows] -> the logits after it [rows, V/t], decoding on from `cache`. Under sequence parallelism the
     decoder's rows must be a multiple of TP: a context-parallel rank's share is padded with copies of its first row."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    pad = (-rows) % tp if model.config.sequence_parallel and rows else 0
+    pad = (-rows) % tp if model.config.sequence_parallel else 0
     if pad:
-        cache = cache.select(torch.cat([torch.arange(rows), torch.zeros(pad, dtype=torch.long)]).to(cache.positions.device))
+        rows_padded = torch.arange(rows + pad, device=cache.positions.device)
+        cache = cache.select(torch.where(rows_padded < rows, rows_padded, 0))
 
     def step(token: torch.Tensor) -> torch.Tensor:
         logits, _ = model.step(torch.cat([token, token[:1].expand(pad)]) if pad else token, cache)
@@ -192,8 +203,6 @@ def rollout_log_probs(model, first_logits: torch.Tensor, cache, tokens: torch.Te
     """The training forward's log-probs [R, k] of rollout tokens [R, k] from their branch starts (the logits
     predicting the first token, the states after the prefix), differentiable through both, and the hidden
     states [R, k, h] after each token (`forward_from_cache`: the chunked kernels from the branch states)."""
-    if tokens.shape[0] == 0:  # a context-parallel rank whose piece holds no position
-        return first_logits.new_zeros(tokens.shape), first_logits.new_zeros(*tokens.shape, model.config.hidden_size)
     logits, hidden = model.forward_from_cache(tokens, cache)  # [R, k, V/t]: predictions after each rollout token
     log_probs = torch.cat([vocab_parallel_log_probs(first_logits, tokens[:, 0])[:, None],
                            vocab_parallel_log_probs(logits[:, :-1], tokens[:, 1:])], dim=1)
@@ -249,7 +258,8 @@ def group_advantages(cfg: RefineConfig, positions: torch.Tensor, valid: torch.Te
     b = torch.arange(B, device=labels.device)[:, None, None]
     steps = positions[..., None] + torch.arange(k, device=labels.device)  # [B, P, k]
     truth = labels[b, steps].flatten(0, 1).repeat_interleave(cfg.n, dim=0)  # x_{p+1..p+k}
-    truth_hidden = hidden_at(truth_hidden_states, steps + 1).flatten(0, 1).repeat_interleave(cfg.n, dim=0)  # after x_{p+j}
+    truth_hidden = hidden_at(truth_hidden_states, steps + 1)  # [B, P, k, h]: after x_{p+j}
+    truth_hidden = truth_hidden.flatten(0, 1).repeat_interleave(cfg.n, dim=0)
     if placement is not None:
         rollout_tokens, rollout_hidden = placement.gather(rollout_tokens), placement.gather(rollout_hidden)
     R = rollout_tokens.shape[0]
@@ -422,7 +432,8 @@ def rollout_round(model, tokens: torch.Tensor, labels: torch.Tensor, cfg: Refine
                                                      rollouts.hidden, placement)
     metrics = _rollout_metrics(rewards, mask, selected_entropy, valid, rollouts, placement, t1 - t0, t2 - t1)
     return StoredRollouts(positions, placement.gather(rollouts.tokens), placement.gather(rollouts.log_probs),
-                          advantages.contiguous(), mask, {name: v.float().to(tokens.device) for name, v in metrics.items()})
+                          advantages.contiguous(), mask,
+                          {name: v.float().to(tokens.device) for name, v in metrics.items()})
 
 
 def ppo_update_loss(model, tokens: torch.Tensor, labels: torch.Tensor, stored: StoredRollouts, cfg: RefineConfig,

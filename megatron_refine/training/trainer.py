@@ -103,9 +103,8 @@ def setup(cfg: TrainConfig, runtime: Runtime | None = None, dataset: PromptAnswe
     par, data, opt = cfg.parallel, cfg.data, cfg.optimizer
     if cfg.deterministic:
         set_deterministic()
-    rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size,
-                               seed=cfg.seed,
-                               device=cfg.device)
+    rt = runtime or initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                               par.context_parallel_size, seed=cfg.seed, device=cfg.device)
     if cfg.checkpoint.save:  # before anything reads it: a second run into the folder, or a read-only one, stops here
         lock_save_folder(cfg.checkpoint.save)
     start = checkpoint_start(cfg.checkpoint, rt.is_main)
@@ -339,7 +338,8 @@ def _ntp_forward_step(trainer: Trainer, answers: bool = False):
     answer labels (`loss_mask`) given the prompt, a mean over the step's answer labels."""
     def forward_step(data_iterator, model):
         batch = next(data_iterator).to(next(model.parameters()).device)
-        batch = batch.piece(parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank())
+        batch = batch.piece(parallel_state.get_context_parallel_world_size(),
+                            parallel_state.get_context_parallel_rank())
         output = model(batch.tokens, None, None, labels=batch.labels, packed_seq_params=_packing(batch))
 
         def loss_func(per_token_loss):  # called on the last pipeline stage only

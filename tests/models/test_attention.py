@@ -1,4 +1,5 @@
-"""LaCT's sliding-window attention: the FlexAttention path against the dense reference.
+"""LaCT's sliding-window attention, and a context-parallel piece's causal attention over gathered keys: the
+FlexAttention paths against the dense references.
 
 On CPU FlexAttention runs eagerly and forward only (no CPU backward), so the CPU tests compare outputs in
 fp32; the compiled kernel, bf16, gradients and memory are checked on CUDA.
@@ -10,6 +11,10 @@ import pytest
 import torch
 
 from megatron_refine.models.attention import (
+    causal_attention,
+    causal_attention_after,
+    causal_attention_after_dense,
+    causal_attention_after_flex,
     sliding_window_attention,
     sliding_window_attention_dense,
     sliding_window_attention_flex,
@@ -145,3 +150,44 @@ def test_dense_reference_in_query_blocks_is_attention_by_definition(block):
         expected = _attention_by_definition(q, k, v, 9, sequence_ids, past)
         got = sliding_window_attention_dense(q, k, v, 9, sequence_ids, past, block=block)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def _piece(lengths_per_row, first, L):
+    """Each token's position inside its document [B, T] from the rows' document lengths, and its piece
+    [first, first + L)'s."""
+    positions = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in lengths_per_row])
+    return positions, positions[:, first:first + L]
+
+
+@pytest.mark.parametrize("first", [0, 96, 200])
+def test_causal_attention_after_equals_whole_row_attention(first):
+    """The piece's queries over the whole rows' grouped keys: the rows' causal attention, packed documents (one
+    running into the piece from before it, length-1 ones) included; FlexAttention's (eager, forward) too."""
+    L, lengths = 100, [[120, 1, 179], [300]]
+    sequence_ids = _sequence_ids(lengths)
+    positions, since = _piece(lengths, first, L)
+    q, _, _ = _qkv(2, 300, H=4, seed=2)
+    _, k, v = _qkv(2, 300, H=2, seed=3)
+    whole = causal_attention(q, k, v, sequence_ids)[:, first:first + L]
+    dense = causal_attention_after_dense(q[:, first:first + L], k, v, first, since, block=64)
+    torch.testing.assert_close(dense, whole, atol=1e-5, rtol=1e-5)
+    flex = causal_attention_after_flex(q[:, first:first + L], k, v, first, since)
+    torch.testing.assert_close(flex, whole, atol=1e-5, rtol=1e-5)
+
+
+@cuda
+@pytest.mark.cuda
+def test_causal_attention_after_flex_matches_dense_on_cuda_in_bf16():
+    first, L, lengths = 2048, 2048, [[1000, 1, 3095], [4096]]
+    _, since = _piece(lengths, first, L)
+    since = since.cuda()
+    q = _qkv(2, L, H=4, D=64, dtype=torch.bfloat16, device="cuda")[0].requires_grad_()
+    k, v = (x.requires_grad_() for x in _qkv(2, 4096, H=2, D=64, dtype=torch.bfloat16, device="cuda", seed=1)[1:])
+    o = causal_attention_after(q, k, v, first, since)  # dispatches to the compiled flex path
+    o_ref = causal_attention_after(q, k, v, first, since, use_reference=True)
+    torch.testing.assert_close(o.float(), o_ref.float(), atol=2e-2, rtol=2e-2)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(g.float(), g_ref.float(), atol=5e-2, rtol=5e-2, msg=lambda m: f"d{name}: {m}")

@@ -13,7 +13,8 @@ from megatron_refine.models.packing import packed_seq_params
 from megatron_refine.runtime import initialize, spawn
 
 B, T = 2, 32  # pieces of 16 at CP 2
-# row 0: [0, 5), [5, 17) (crosses the boundary at 16), [17, 32); row 1: [32, 48) (ends at its boundary), [48, 50), [50, 64)
+# row 0: [0, 5), [5, 17) (crosses the boundary at 16), [17, 32);
+# row 1: [32, 48) (ends at its boundary), [48, 50), [50, 64)
 CU_SEQLENS = [0, 5, 17, 32, 48, 50, 64]
 OFFSETS = [1, 15]  # positions in each piece: a conv window reaching into the previous piece, the piece's last token
 

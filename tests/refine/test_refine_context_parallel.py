@@ -18,8 +18,9 @@ CFG = RefineConfig(n_chunks=3, k=3, margin=4, n=2, selection="entropy", temperat
 CU_SEQLENS = [0, 20, 48, 60, 96]  # row 0: a document crossing the boundary at 24; row 1: one starting inside piece 0
 
 
-def _step(model, cu, rounds):
-    """An on-policy REFINE step, or (rounds) a rollout round's rollouts and a PPO update on them; backpropagated."""
+def _step(model, cu, rounds, lengths=None):
+    """An on-policy REFINE step, or (rounds) a rollout round's rollouts and a PPO update on them; backpropagated.
+    lengths [B]: where positions may lie (`refine_loss`'s)."""
     ids = token_batch(B, T + 1, seed=6)
     params = None if cu is None else packed_seq_params(torch.tensor(cu))
     generator, reference = torch.Generator().manual_seed(4), frozen_copy(model)
@@ -30,25 +31,25 @@ def _step(model, cu, rounds):
         stored = (stored.positions, stored.tokens, stored.old_log_probs, stored.advantages, stored.mask)
     else:
         loss, metrics = refine_loss(model, ids[:, :-1], ids[:, 1:], CFG, generator, ref_model=reference,
-                                    packed_seq_params=params)
+                                    packed_seq_params=params, lengths=lengths)
     loss.backward()
     metrics = {name: v.item() for name, v in metrics.items() if not name.startswith("time_")}
     return loss.detach(), metrics, [p.grad.clone() for p in model.parameters()], stored
 
 
-def _reference(name, cu, rounds):
+def _reference(name, cu, rounds, lengths=None):
     initialize(seed=8, device="cpu")
     model = tiny_fast_weight_model(name, params_dtype=torch.float64)
     state = model.state_dict()  # the weights: a backward does not change them
-    return state, *_step(model, cu, rounds)
+    return state, *_step(model, cu, rounds, lengths)
 
 
-def _context_parallel(name, cu, rounds, reference):
+def _context_parallel(name, cu, rounds, reference, lengths=None):
     state, loss_ref, metrics_ref, grads_ref, stored_ref = reference
     initialize(cp=2, seed=8, device="cpu")
     model = tiny_fast_weight_model(name, params_dtype=torch.float64, context_parallel_size=2)
     model.load_state_dict(state)
-    loss, metrics, grads, stored = _step(model, cu, rounds)
+    loss, metrics, grads, stored = _step(model, cu, rounds, lengths)
     if rounds:  # every CP rank stores the round's R rows, as one rank does
         for x, x_ref in zip(stored, stored_ref):
             torch.testing.assert_close(x, x_ref)
@@ -58,7 +59,7 @@ def _context_parallel(name, cu, rounds, reference):
     assert metrics.keys() == metrics_ref.keys()  # fp32 where the losses are (mean_loss sums in fp32)
     for name, value in metrics.items():
         assert value == pytest.approx(metrics_ref[name], rel=1e-6, abs=1e-7), (name, value, metrics_ref[name])
-    assert metrics["rollout_tokens"] == B * CFG.n_chunks * CFG.n * CFG.k
+    assert metrics["rollout_tokens"] == metrics_ref["rollout_tokens"]
     for (n, _), g, g_ref in zip(model.named_parameters(), grads, grads_ref):
         torch.distributed.all_reduce(g, group=group)  # DDP's sum over CP (Megatron scales the loss by CP)
         torch.testing.assert_close(g, g_ref, msg=lambda m: f"grad {n}: {m}")
@@ -76,3 +77,11 @@ def test_rollout_round_and_ppo_update_at_cp2_equal_one_rank():
     PPO update on them, packed documents of the hybrid."""
     (reference,) = spawn(_reference, 1, "hybrid_tiny", CU_SEQLENS, True)
     spawn(_context_parallel, 2, "hybrid_tiny", CU_SEQLENS, True, reference)
+
+
+def test_a_rank_whose_piece_holds_no_position_still_takes_the_step():
+    """Rows whose real labels end inside the first piece (`lengths`): every position lies on rank 0; rank 1 decodes
+    nothing, still draws the same numbers, and the step equals one rank's."""
+    lengths = torch.tensor([20, 22])
+    (reference,) = spawn(_reference, 1, "hybrid_tiny", None, False, lengths)
+    spawn(_context_parallel, 2, "hybrid_tiny", None, False, reference, lengths)
