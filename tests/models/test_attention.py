@@ -97,11 +97,15 @@ def test_flex_matches_dense_on_cuda_in_bf16(packed):
     q, k, v = (x.requires_grad_() for x in _qkv(2, T, H=4, D=64, dtype=torch.bfloat16, device="cuda"))
     sequence_ids = _sequence_ids([[1000, 1, 3095], [4096]], "cuda") if packed else None
     o = sliding_window_attention(q, k, v, window, sequence_ids)  # dispatches to the compiled flex path
-    o_ref = sliding_window_attention(q, k, v, window, sequence_ids, use_reference=True)
+    _assert_bf16_close(o, sliding_window_attention(q, k, v, window, sequence_ids, use_reference=True), (q, k, v))
+
+
+def _assert_bf16_close(o, o_ref, inputs):
+    """bf16 outputs and their gradients w.r.t. inputs (q, k, v) equal to bf16's tolerance."""
     torch.testing.assert_close(o.float(), o_ref.float(), atol=2e-2, rtol=2e-2)
     do = torch.randn_like(o)
-    grads = torch.autograd.grad(o, (q, k, v), do)
-    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do)
+    grads = torch.autograd.grad(o, inputs, do)
+    grads_ref = torch.autograd.grad(o_ref, inputs, do)
     for name, g, g_ref in zip("qkv", grads, grads_ref):
         torch.testing.assert_close(g.float(), g_ref.float(), atol=5e-2, rtol=5e-2, msg=lambda m: f"d{name}: {m}")
 
@@ -184,10 +188,4 @@ def test_causal_attention_after_flex_matches_dense_on_cuda_in_bf16():
     q = _qkv(2, L, H=4, D=64, dtype=torch.bfloat16, device="cuda")[0].requires_grad_()
     k, v = (x.requires_grad_() for x in _qkv(2, 4096, H=2, D=64, dtype=torch.bfloat16, device="cuda", seed=1)[1:])
     o = causal_attention_after(q, k, v, first, since)  # dispatches to the compiled flex path
-    o_ref = causal_attention_after(q, k, v, first, since, use_reference=True)
-    torch.testing.assert_close(o.float(), o_ref.float(), atol=2e-2, rtol=2e-2)
-    do = torch.randn_like(o)
-    grads = torch.autograd.grad(o, (q, k, v), do)
-    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do)
-    for name, g, g_ref in zip("qkv", grads, grads_ref):
-        torch.testing.assert_close(g.float(), g_ref.float(), atol=5e-2, rtol=5e-2, msg=lambda m: f"d{name}: {m}")
+    _assert_bf16_close(o, causal_attention_after(q, k, v, first, since, use_reference=True), (q, k, v))
