@@ -47,7 +47,7 @@ def _megatron_greedy(model, prompts, n):
     return generate(model, prompts, n, greedy=True)
 
 
-def _assert_hf_matches(hf_dir, model, vocab):
+def _assert_hf_matches(hf_dir, model, vocab, atol=1e-4):
     """The shipped code's logits equal the Megatron model's (lengths across chunk and window edges), and greedy
     generation through transformers, cached and uncached, equals the Megatron cached decoder's."""
     hf = _hf_model(hf_dir)
@@ -56,7 +56,7 @@ def _assert_hf_matches(hf_dir, model, vocab):
         tokens = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(T))
         with torch.no_grad():
             expected = hf(tokens, use_cache=False).logits
-        torch.testing.assert_close(_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_logits(model, tokens), expected, atol=atol, rtol=1e-4)
     prompts = torch.randint(0, vocab, (2, 13), generator=torch.Generator().manual_seed(1))
     new = 24  # decoding crosses chunk boundaries (16, 32) and slides the window
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -139,14 +139,18 @@ def _authors_checkpoint_imports_and_finetunes(corpus, tmp):
         (tmp / "authors" / name).write_text((lact.REMOTE_CODE / name).read_text())
     config = json.loads((tmp / "authors" / "config.json").read_text())
     (tmp / "authors" / "config.json").write_text(json.dumps({**config, "auto_map": lact.AUTO_MAP}))
-    _assert_hf_matches(tmp / "authors", imported, 257)
+    # Random weights with Muon, chunks of 8 tokens under a head dim of 24: each update is rank-deficient, and
+    # Newton-Schulz brings its rounding noise up to full size (docs/benchmarks.md, LaCT's Newton-Schulz precision).
+    # The two fp32 implementations then differ by up to 2e-4 on some CPUs (their matmul kernels round differently),
+    # where the trained checkpoints above agree to 1e-5.
+    _assert_hf_matches(tmp / "authors", imported, 257, atol=1e-3)
 
     finetune_and_export(corpus, tmp)
     exported = json.loads((tmp / "exported" / "config.json").read_text())
     for key in ("hidden_size", "num_attn_heads", "num_lact_heads", "lact_chunk_size", "window_size",
                 "w0_w2_low_rank", "use_muon", "rope_theta", "eos_token_id", "bos_token_id", "pad_token_id"):
         assert exported[key] == AUTHORS_CONFIG[key], key
-    _assert_hf_matches(tmp / "exported", _megatron_model(tmp / "tuned"), 257)
+    _assert_hf_matches(tmp / "exported", _megatron_model(tmp / "tuned"), 257, atol=1e-3)  # fine-tuned a little: as above
 
 
 def test_authors_checkpoint_imports_finetunes_and_exports(corpus, tmp_path):
