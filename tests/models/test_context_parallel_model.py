@@ -1,4 +1,4 @@
-"""The models under context parallelism (CP 2, gloo, fp64) equal one rank running whole rows: logits, the states
+"""The models under context parallelism (CP 2, and CP 4 for the packed hybrid; gloo, fp64) equal one rank running whole rows: logits, the states
 read after positions anywhere in a piece (a decoding step from them), and every gradient, for DeltaNet, Gated DeltaNet
 and the hybrid (attention's keys and values gathered); batched rows, and packed documents that cross a piece boundary,
 start at one or lie inside a piece. LaCT refuses CP."""
@@ -12,11 +12,15 @@ from megatron_refine.models import get_config
 from megatron_refine.models.packing import packed_seq_params
 from megatron_refine.runtime import initialize, spawn
 
-B, T = 2, 32  # pieces of 16 at CP 2
-# row 0: [0, 5), [5, 17) (crosses the boundary at 16), [17, 32);
-# row 1: [32, 48) (ends at its boundary), [48, 50), [50, 64)
+B, T = 2, 32  # pieces of 16 at CP 2, of 8 at CP 4
+# row 0: [0, 5), [5, 17) (crosses the boundaries at 8 and 16), [17, 32) (crosses 24);
+# row 1: [32, 48) (ends at a boundary), [48, 50), [50, 64)
 CU_SEQLENS = [0, 5, 17, 32, 48, 50, 64]
-OFFSETS = [1, 15]  # positions in each piece: a conv window reaching into the previous piece, the piece's last token
+
+
+def _offsets(cp):
+    """Positions in each piece: a conv window reaching into the previous piece, the piece's last token."""
+    return [1, T // cp - 1]
 
 
 def _run(model, ids, cu, positions, weights):
@@ -33,31 +37,32 @@ def _run(model, ids, cu, positions, weights):
     return out.logits.detach(), step_logits.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-def _weights(vocab, seed=5):
+def _weights(vocab, cp, seed=5):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, T, vocab, generator=g, dtype=torch.float64),
-            torch.randn(B, 2, len(OFFSETS), vocab, generator=g, dtype=torch.float64))
+            torch.randn(B, cp, len(_offsets(cp)), vocab, generator=g, dtype=torch.float64))
 
 
-def _reference(name, cu):
+def _reference(name, cu, cp):
     initialize(seed=3, device="cpu")
     model = tiny_fast_weight_model(name, params_dtype=torch.float64)
     ids = token_batch(B, T, seed=2)
-    positions = torch.tensor([[r * T // 2 + o for r in range(2) for o in OFFSETS]] * B)  # [B, 2 P]: both pieces'
-    w_logits, w_step = _weights(model.vocab_size)
+    # [B, cp P]: every piece's positions
+    positions = torch.tensor([[r * T // cp + o for r in range(cp) for o in _offsets(cp)]] * B)
+    w_logits, w_step = _weights(model.vocab_size, cp)
     logits, step, grads = _run(model, ids, cu, positions, (w_logits, w_step.flatten(0, 2)))
-    return model.state_dict(), logits, step.view(B, 2, len(OFFSETS), -1), grads
+    return model.state_dict(), logits, step.view(B, cp, len(_offsets(cp)), -1), grads
 
 
-def _context_parallel(name, cu, reference):
+def _context_parallel(name, cu, cp, reference):
     state, logits_ref, step_ref, grads_ref = reference
-    initialize(cp=2, seed=3, device="cpu")
-    model = tiny_fast_weight_model(name, params_dtype=torch.float64, context_parallel_size=2)
+    initialize(cp=cp, seed=3, device="cpu")
+    model = tiny_fast_weight_model(name, params_dtype=torch.float64, context_parallel_size=cp)
     model.load_state_dict(state)
-    r, L = parallel_state.get_context_parallel_rank(), T // 2
+    r, L = parallel_state.get_context_parallel_rank(), T // cp
     ids = token_batch(B, T, seed=2)[:, r * L:(r + 1) * L]
-    positions = torch.tensor([OFFSETS] * B)  # this piece's
-    w_logits, w_step = _weights(model.vocab_size)
+    positions = torch.tensor([_offsets(cp)] * B)  # this piece's
+    w_logits, w_step = _weights(model.vocab_size, cp)
     logits, step, grads = _run(model, ids, cu, positions, (w_logits[:, r * L:(r + 1) * L], w_step[:, r].flatten(0, 1)))
     torch.testing.assert_close(logits, logits_ref[:, r * L:(r + 1) * L])
     torch.testing.assert_close(step, step_ref[:, r].flatten(0, 1))
@@ -69,8 +74,14 @@ def _context_parallel(name, cu, reference):
 @pytest.mark.parametrize("cu", [None, CU_SEQLENS], ids=["rows", "packed"])
 @pytest.mark.parametrize("name", ["deltanet_tiny", "gated_deltanet_tiny", "hybrid_tiny"])
 def test_cp2_equals_one_rank(name, cu):
-    (reference,) = spawn(_reference, 1, name, cu)
-    spawn(_context_parallel, 2, name, cu, reference)
+    (reference,) = spawn(_reference, 1, name, cu, 2)
+    spawn(_context_parallel, 2, name, cu, 2, reference)
+
+
+def test_cp4_equals_one_rank():
+    """Four pieces of 8: the state passes through two middle ranks, documents cross several boundaries."""
+    (reference,) = spawn(_reference, 1, "hybrid_tiny", CU_SEQLENS, 4)
+    spawn(_context_parallel, 4, "hybrid_tiny", CU_SEQLENS, 4, reference)
 
 
 def test_lact_refuses_context_parallelism():

@@ -1,4 +1,4 @@
-"""REFINE under context parallelism (CP 2, gloo, fp64) equals one rank: the positions drawn over the whole rows, each
+"""REFINE under context parallelism (CP 2, and CP 4 for the packed hybrid; gloo, fp64) equals one rank: the positions drawn over the whole rows, each
 rolled out on the rank that holds it (a chunk straddles the piece boundary, so the ranks hold unequal shares), the
 sampled rollouts, rewards, every metric, the loss and every gradient, with the KL to a frozen reference; DeltaNet and
 the hybrid, rows and packed documents; and a rollout round with a PPO update on its stored rollouts."""
@@ -44,10 +44,10 @@ def _reference(name, cu, rounds, lengths=None):
     return state, *_step(model, cu, rounds, lengths)
 
 
-def _context_parallel(name, cu, rounds, reference, lengths=None):
+def _context_parallel(name, cu, rounds, reference, lengths=None, cp=2):
     state, loss_ref, metrics_ref, grads_ref, stored_ref = reference
-    initialize(cp=2, seed=8, device="cpu")
-    model = tiny_fast_weight_model(name, params_dtype=torch.float64, context_parallel_size=2)
+    initialize(cp=cp, seed=8, device="cpu")
+    model = tiny_fast_weight_model(name, params_dtype=torch.float64, context_parallel_size=cp)
     model.load_state_dict(state)
     loss, metrics, grads, stored = _step(model, cu, rounds, lengths)
     if rounds:  # every CP rank stores the round's R rows, as one rank does
@@ -85,3 +85,9 @@ def test_a_rank_whose_piece_holds_no_position_still_takes_the_step():
     lengths = torch.tensor([20, 22])
     (reference,) = spawn(_reference, 1, "hybrid_tiny", None, False, lengths)
     spawn(_context_parallel, 2, "hybrid_tiny", None, False, reference, lengths)
+
+
+def test_refine_at_cp4_equals_one_rank():
+    """Four pieces of 12, three positions: some rank holds none, documents cross several boundaries."""
+    (reference,) = spawn(_reference, 1, "hybrid_tiny", CU_SEQLENS, False)
+    spawn(_context_parallel, 4, "hybrid_tiny", CU_SEQLENS, False, reference, None, 4)
