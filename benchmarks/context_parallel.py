@@ -18,8 +18,9 @@ holds tokens [r T / c, (r + 1) T / c) (models/context_parallel.py).
 - comm: in the same forward, the bytes each rank's all-gathers deliver (`torch.distributed.all_gather` and
   megatron-core's gather, every rank's piece, its own included) per layer, by what they carry: a delta-rule layer's
   fp32 transitions [P | N] of every piece (beside `kernels.context_parallel_bytes`) and its short convolutions' last
-  W - 1 inputs, an attention layer's keys and values (beside the estimator's, `context_parallel_comm_bytes`, which
-  counts the other c - 1 pieces only, in bf16). The backward reduces as much again (not counted).
+  W - 1 inputs (beside the estimator's `context_parallel_halo_bytes`, in bf16), an attention layer's keys and values
+  (beside the estimator's, `context_parallel_comm_bytes`, which counts the other c - 1 pieces only, in bf16). The
+  backward reduces as much again (not counted).
 - drift: one no-grad forward over one row of `--drift-length` tokens in bf16 (the same weights at every c: the fp32
   model's, cast) at each CP size, against the same forward at c = 1 in fp32 (at c = 1: bf16's own error, the scale)
   and in bf16: max and mean absolute difference of the logits and of the log-probabilities of the true next tokens
@@ -210,7 +211,7 @@ def main() -> None:
         if args.length % (64 * c) or args.drift_length % (64 * c):
             parser.error(f"--length and --drift-length must split into {c} pieces of whole 64-token chunks")
     from megatron_refine.kernels import context_parallel_bytes
-    from megatron_refine.training.estimate import Layout, context_parallel_comm_bytes
+    from megatron_refine.training.estimate import Layout, context_parallel_comm_bytes, context_parallel_halo_bytes
 
     print(f"CPU, gloo ranks, PyTorch chunked kernels (chunk 64), hidden {args.hidden}, {args.layers} layers, "
           f"{args.heads} heads, vocab {VOCAB}, one row, threads {torch.get_num_threads()}")
@@ -238,19 +239,21 @@ def main() -> None:
     if "comm" in args.parts:
         print(f"\ncommunication per layer and forward, T {args.length}, fp32: bytes each rank's all-gathers deliver "
               "(KiB, every piece, its own included); predicted: kernels.context_parallel_bytes (transitions), the "
-              "estimator's context_parallel_comm_bytes (keys, values; its other c - 1 pieces in bf16, scaled to c "
-              "pieces in fp32)")
+              "estimator's context_parallel_halo_bytes (conv windows, in bf16, scaled to fp32) and "
+              "context_parallel_comm_bytes (keys, values; its other c - 1 pieces in bf16, scaled to c pieces in fp32)")
         print(f"{'mixer':>15} {'c':>2} {'layer':>15} {'carries':>20} {'gathered':>10} {'predicted':>10}")
         for mixer in args.mixers:
             for c in args.cp[1:]:
                 config = _config(args, mixer, c)
-                predicted = context_parallel_comm_bytes(config, Layout(gpus=c, seq_length=args.length,
-                                                                       context_parallel_size=c))
+                layout = Layout(gpus=c, seq_length=args.length, context_parallel_size=c)
+                predicted = context_parallel_comm_bytes(config, layout)
+                halo = context_parallel_halo_bytes(config, layout)
                 received = runs[mixer, c][0][1]  # every rank's gathers deliver the same
                 for (layer, what), nbytes in sorted(received.items()):
                     per_layer = nbytes / config.layer_mixers.count(layer)
                     expected = {"transitions [P | N]": context_parallel_bytes(
                                     c, 1, args.heads, args.hidden // args.heads, args.hidden // args.heads),
+                                "conv windows": halo[config.layer_mixers.index(layer)] * 2,
                                 "keys, values": predicted[config.layer_mixers.index(layer)] * 2 * c / (c - 1)
                                 }.get(what)
                     shown = "-" if expected is None else f"{expected / 1024:.1f}"

@@ -343,4 +343,5 @@ MIXER = MixerSpec(
     fla_layer="DeltaNet",
     state_heads=lambda c: (c.num_attention_heads, c.key_dim // c.num_attention_heads,
                            c.value_dim // c.num_attention_heads),
+    short_conv=lambda c: (2 * c.key_dim + c.value_dim, c.conv_size) if c.use_short_conv else None,  # q, k, v
 )

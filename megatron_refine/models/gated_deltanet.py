@@ -243,4 +243,6 @@ MIXER = MixerSpec(
     presets=PRESETS,
     fla_layer="GatedDeltaNet",
     state_heads=lambda c: (c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim),  # q, k repeated
+    short_conv=lambda c: (2 * c.linear_num_key_heads * c.linear_key_head_dim
+                          + c.linear_num_value_heads * c.linear_value_head_dim, c.linear_conv_kernel_dim),  # q, k, v
 )

@@ -65,6 +65,9 @@ class MixerSpec:
     # A (gated) delta-rule mixer's kernel heads (H, K, V) at TP=1, which its context-parallel state passing scales
     # with (the estimator's); None: not a delta rule.
     state_heads: Callable[[FastWeightConfig], tuple[int, int, int]] | None = None
+    # (channels at TP=1, kernel width) of the short causal convolution on the mixer's inputs, whose window a
+    # context-parallel piece reads from the previous piece (the estimator's); None: the layer has none.
+    short_conv: Callable[[FastWeightConfig], tuple[int, int] | None] = lambda config: None
 
 
 def get_mixer(name: str) -> MixerSpec:

@@ -43,8 +43,9 @@ runs its kernel once per rank on values [0 | v] (`kernels/delta_rule/context_par
 scales with the value width (v, the kernel's output, the chunk-start states; REFINE's chained copy of v) grows
 from V to K + V a head, and it keeps the fp32 all-gather of every piece's transition, c x rows x H x K x (K + V)
 values (`context_parallel_bytes`). An attention layer all-gathers keys and values: each rank keeps the whole
-sequence's (bf16, not divided by c) for its backward. The same gathers are the communication per layer and
-micro-batch (`context_parallel_comm_bytes`; the backward reduces as much). A mixer whose update is not affine in
+sequence's (bf16, not divided by c) for its backward. The same gathers, and the short convolutions' windows (each
+piece's last W - 1 inputs, `context_parallel_halo_bytes`), are the communication per layer and micro-batch
+(`context_parallel_comm_bytes`; the backward reduces as much). A mixer whose update is not affine in
 its state (`context_parallel_refusal`: LaCT) has no CP layout: the estimate raises its reason.
 
 The step time is 6 P FLOPs a token (forward + backward; the fast-weight kernels and the logits add a
@@ -172,13 +173,23 @@ def context_parallel_layer_bytes(config: FastWeightConfig, layout: Layout) -> tu
     return tuple(terms)
 
 
+def context_parallel_halo_bytes(config: FastWeightConfig, layout: Layout) -> tuple[float, ...]:
+    """Each layer's all-gather of every piece's last W - 1 short-convolution inputs (bf16, its own included; the next
+    piece reads them), per rank and micro-batch; zero at CP 1 and for a layer without a short convolution."""
+    c, tp, rows = layout.context_parallel_size, layout.tensor_model_parallel_size, layout.micro_batch_size
+    convs = (get_mixer(name).short_conv(config) for name in config.layer_mixers)
+    return tuple(2 * c * rows * (conv[1] - 1) * conv[0] / tp if c > 1 and conv else 0.0 for conv in convs)
+
+
 def context_parallel_comm_bytes(config: FastWeightConfig, layout: Layout) -> tuple[float, ...]:
     """Bytes each rank receives per layer and micro-batch in the forward's context-parallel gathers (the backward
     reduces as much): a (gated) delta-rule layer's all-gather of every piece's transition (`context_parallel_bytes`,
-    its own included), an attention layer's keys and values of the other c - 1 pieces."""
+    its own included) and of every piece's short-convolution window (`context_parallel_halo_bytes`), an attention
+    layer's keys and values of the other c - 1 pieces."""
     c = layout.context_parallel_size
-    return tuple(kept if get_mixer(name).state_heads is not None else kept * (c - 1) / c
-                 for name, (_, _, kept) in zip(config.layer_mixers, context_parallel_layer_bytes(config, layout)))
+    return tuple((kept if get_mixer(name).state_heads is not None else kept * (c - 1) / c) + halo
+                 for name, (_, _, kept), halo in zip(config.layer_mixers, context_parallel_layer_bytes(config, layout),
+                                                     context_parallel_halo_bytes(config, layout)))
 
 
 def _stages(values: tuple[float, ...], pp: int) -> float:
@@ -272,6 +283,6 @@ def longest_document(config: FastWeightConfig, vocab_size: int, gpus: int = 8, r
 
 
 __all__ = ["FIT_GIB", "GIB", "H100_BF16_FLOPS", "H100_MEMORY_GIB", "Layout", "branch_rows_bytes",
-           "check_context_parallel", "context_parallel_comm_bytes", "context_parallel_layer_bytes",
-           "decoding_cache_bytes", "deltanet_branch_bytes", "deltanet_reference_bytes", "estimate",
-           "layer_activation_bytes", "layer_parameter_counts", "longest_document", "parameter_count"]
+           "check_context_parallel", "context_parallel_comm_bytes", "context_parallel_halo_bytes",
+           "context_parallel_layer_bytes", "decoding_cache_bytes", "deltanet_branch_bytes", "deltanet_reference_bytes",
+           "estimate", "layer_activation_bytes", "layer_parameter_counts", "longest_document", "parameter_count"]

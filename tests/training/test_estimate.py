@@ -9,9 +9,9 @@ from megatron_refine.kernels.delta_rule.context_parallel import context_parallel
 from megatron_refine.models import get_config
 from megatron_refine.models.mixers import get_mixer
 from megatron_refine.training.estimate import (
-    FIT_GIB, GIB, Layout, branch_rows_bytes, context_parallel_comm_bytes, context_parallel_layer_bytes,
-    decoding_cache_bytes, estimate, layer_activation_bytes, layer_parameter_counts, longest_document,
-    parameter_count)
+    FIT_GIB, GIB, Layout, branch_rows_bytes, context_parallel_comm_bytes, context_parallel_halo_bytes,
+    context_parallel_layer_bytes, decoding_cache_bytes, estimate, layer_activation_bytes, layer_parameter_counts,
+    longest_document, parameter_count)
 
 
 def test_a_hybrid_is_the_sum_of_its_layers():
@@ -88,9 +88,10 @@ def test_context_parallelism_divides_what_is_counted_per_token():
     assert two["refine"] * GIB == pytest.approx(one["refine"] * GIB / 2 + 24 * 2 * H * K * 2 * T / 2, rel=1e-12)
 
 
-@pytest.mark.parametrize("name, heads, K, V", [("deltanet_1p3b", 16, 128, 128),
-                                               ("gated_deltanet_1p3b", 6, 256, 512)])  # GDN: its value heads
-def test_a_delta_rule_layer_widens_to_k_plus_v_and_gathers_what_its_kernel_op_sends(name, heads, K, V):
+@pytest.mark.parametrize("name, heads, K, V, conv", [("deltanet_1p3b", 16, 128, 128, 3 * 2048),
+                                                     ("gated_deltanet_1p3b", 6, 256, 512, 2 * 6 * 256 + 6 * 512)])
+def test_a_delta_rule_layer_widens_to_k_plus_v_and_gathers_what_its_kernel_op_sends(name, heads, K, V, conv):
+    """GDN's heads: its value heads (q, k repeated to them); conv: q, k and v's channels at TP 1, kernel width 4."""
     config = get_config(name, tensor_model_parallel_size=2)
     layout = _layout(tensor_model_parallel_size=2, context_parallel_size=4)
     widened, branch, kept = context_parallel_layer_bytes(config, layout)[0]
@@ -99,9 +100,12 @@ def test_a_delta_rule_layer_widens_to_k_plus_v_and_gathers_what_its_kernel_op_se
     assert widened == 2 * heads * K * 2 + chunk_states(K + V) - chunk_states(V)
     assert branch == 2 * heads * K
     assert kept == context_parallel_bytes(4, 2, heads // 2, K, V)  # the heads over TP 2, the rows of a micro-batch
-    assert context_parallel_comm_bytes(config, layout) == (kept,) * config.num_layers
-    assert estimate(config, 32000, layout)["cp_comm_bytes"] == kept * config.num_layers
+    halo = 2 * 4 * 2 * 3 * conv / 2  # bf16 last 3 inputs of every piece (4) and row (2), channels over TP 2
+    assert context_parallel_halo_bytes(config, layout) == (halo,) * config.num_layers
+    assert context_parallel_comm_bytes(config, layout) == (kept + halo,) * config.num_layers
+    assert estimate(config, 32000, layout)["cp_comm_bytes"] == (kept + halo) * config.num_layers
     assert context_parallel_layer_bytes(config, _layout())[0] == (0, 0, 0)
+    assert context_parallel_halo_bytes(config, _layout()) == (0,) * config.num_layers
 
 
 def test_attention_keeps_the_whole_sequences_keys_and_values():
@@ -111,6 +115,8 @@ def test_attention_keeps_the_whole_sequences_keys_and_values():
         layout = _layout(context_parallel_size=cp)
         assert [kept for _, _, kept in context_parallel_layer_bytes(config, layout)][3::4] == [gathered] * 6
         assert context_parallel_comm_bytes(config, layout)[3::4] == (gathered * (cp - 1) / cp,) * 6
+        halo = context_parallel_halo_bytes(config, layout)  # Gated DeltaNet's 16 + 16 + 16 heads of 128, width 4
+        assert halo[3::4] == (0,) * 6 and set(halo) - {0} == {2 * cp * 2 * 3 * 3 * 16 * 128}
 
 
 def test_lact_refuses_context_parallelism_with_its_reason():
