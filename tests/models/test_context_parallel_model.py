@@ -1,7 +1,7 @@
-"""The models under context parallelism (CP 2, and CP 4 for the packed hybrid; gloo, fp64) equal one rank running whole rows: logits, the states
-read after positions anywhere in a piece (a decoding step from them), and every gradient, for DeltaNet, Gated DeltaNet
-and the hybrid (attention's keys and values gathered); batched rows, and packed documents that cross a piece boundary,
-start at one or lie inside a piece. LaCT refuses CP."""
+"""The models under context parallelism (CP 2, and CP 4 for the packed hybrid; gloo, fp64) equal one rank running
+whole rows: logits, the states read after positions anywhere in a piece (a decoding step from them), and every
+gradient, for DeltaNet, Gated DeltaNet and the hybrid (attention's keys and values gathered); batched rows, and packed
+documents that cross a piece boundary, start at one or lie inside a piece. LaCT refuses CP."""
 
 import pytest
 import torch

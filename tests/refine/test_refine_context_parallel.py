@@ -1,7 +1,8 @@
-"""REFINE under context parallelism (CP 2, and CP 4 for the packed hybrid; gloo, fp64) equals one rank: the positions drawn over the whole rows, each
-rolled out on the rank that holds it (a chunk straddles the piece boundary, so the ranks hold unequal shares), the
-sampled rollouts, rewards, every metric, the loss and every gradient, with the KL to a frozen reference; DeltaNet and
-the hybrid, rows and packed documents; and a rollout round with a PPO update on its stored rollouts."""
+"""REFINE under context parallelism (CP 2, and CP 4 for the packed hybrid; gloo, fp64) equals one rank: the positions
+drawn over the whole rows, each rolled out on the rank that holds it (a chunk straddles the piece boundary, so the
+ranks hold unequal shares), the sampled rollouts, rewards, every metric, the loss and every gradient, with the KL to a
+frozen reference; DeltaNet and the hybrid, rows and packed documents; and a rollout round with a PPO update on its
+stored rollouts."""
 
 import pytest
 import torch
@@ -90,4 +91,4 @@ def test_a_rank_whose_piece_holds_no_position_still_takes_the_step():
 def test_refine_at_cp4_equals_one_rank():
     """Four pieces of 12, three positions: some rank holds none, documents cross several boundaries."""
     (reference,) = spawn(_reference, 1, "hybrid_tiny", CU_SEQLENS, False)
-    spawn(_context_parallel, 4, "hybrid_tiny", CU_SEQLENS, False, reference, None, 4)
+    spawn(_context_parallel, 4, "hybrid_tiny", CU_SEQLENS, False, reference, cp=4)
