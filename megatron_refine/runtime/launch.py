@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import random
 import signal
 import socket
 import threading
@@ -71,10 +72,28 @@ def _qualified_name(cls: type) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
+EPHEMERAL_PORTS = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free local port for the ranks' rendezvous (rank 0's TCPStore binds it a moment later). Drawn below Linux's
+    ephemeral range: a port from there (what binding port 0 gives) can be taken in between by any outgoing connection,
+    such as the gloo pairs of a spawn running beside this one (pytest-xdist), and rank 0 then fails with EADDRINUSE.
+    Elsewhere, or when that range leaves no room below it, the kernel's pick."""
+    try:
+        with open(EPHEMERAL_PORTS) as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    candidates = [random.SystemRandom().randrange(10_000, low) for _ in range(64)] if low > 12_000 else []
+    for port in candidates + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free local TCP port for the ranks' rendezvous")  # port 0 failed too
 
 
 def preload_modules() -> tuple[str, ...]:

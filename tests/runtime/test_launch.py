@@ -42,6 +42,23 @@ def test_spawn_gives_each_rank_torchruns_environment():
     assert len({e["MASTER_PORT"] for e in envs}) == 1
 
 
+def test_the_rendezvous_port_is_free_and_outside_the_ephemeral_range():
+    """Ports of outgoing connections come from the ephemeral range: a rendezvous port there can be taken between
+    free_port and rank 0's bind (EADDRINUSE under pytest-xdist)."""
+    import socket
+
+    from megatron_refine.runtime.launch import EPHEMERAL_PORTS, free_port
+
+    low = int(Path(EPHEMERAL_PORTS).read_text().split()[0]) if Path(EPHEMERAL_PORTS).exists() else 0
+    if low <= 12_000:
+        pytest.skip("needs Linux's ephemeral port range above 12000")
+    for _ in range(20):
+        port = free_port()
+        assert 10_000 <= port < low
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
+
+
 def test_a_failing_rank_is_reported_with_its_traceback():
     with pytest.raises(RankFailed, match=r"(?s)rank 1 of _fail_on_rank_one.*KeyError: 'boom on rank one'"):
         spawn(_fail_on_rank_one, 2)
